@@ -1,0 +1,88 @@
+"""Attention back-ends behind one call signature.
+
+Every model calls ``fn(q, k, v, mask)`` with ``q, k, v`` shaped ``[batch, heads, tokens, head_dim]`` and an
+optional boolean ``mask`` broadcastable to ``[batch, heads, q_tokens, k_tokens]`` (True = attend). The scale
+is always ``1/sqrt(head_dim)``. Back-ends that cannot take a mask (SageAttention, flash-attn) fall back to
+SDPA for masked calls; in the DiT only cross-attention is masked, and it is short (at most 397 keys).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+BACKENDS = ("sdpa", "sageattention", "flash-attn", "math")
+
+
+class AttentionBackendUnavailable(RuntimeError):
+    pass
+
+
+def sdpa_attention(q, k, v, mask=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def math_attention(q, k, v, mask=None):
+    """Plain softmax(QK^T/sqrt(d))V in fp32: slow, obviously correct, used as the reference in tests."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
+
+
+def _sage_attention() -> AttentionFn:
+    from sageattention import sageattn
+
+    def sage(q, k, v, mask=None):
+        if mask is not None or q.device.type != "cuda":
+            return sdpa_attention(q, k, v, mask)
+        return sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+
+    return sage
+
+
+def _flash_attention() -> AttentionFn:
+    from flash_attn import flash_attn_func
+
+    def flash(q, k, v, mask=None):
+        if mask is not None or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+            return sdpa_attention(q, k, v, mask)
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+
+    return flash
+
+
+_INSTALL_HINTS = {
+    "sageattention": ("sageattention", "pip install sageattention (needs a CUDA GPU and triton)"),
+    "flash-attn": ("flash_attn", "pip install flash-attn --no-build-isolation (needs a CUDA GPU)"),
+}
+
+
+def is_available(name: str) -> bool:
+    if name in _INSTALL_HINTS:
+        return importlib.util.find_spec(_INSTALL_HINTS[name][0]) is not None
+    return name in BACKENDS
+
+
+def get_attention(name: str = "sdpa") -> AttentionFn:
+    """Return the attention function for ``name``; a clear error says how to install a missing back-end."""
+    if name == "sdpa":
+        return sdpa_attention
+    if name == "math":
+        return math_attention
+    if name not in _INSTALL_HINTS:
+        raise ValueError(f"Unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+    module, hint = _INSTALL_HINTS[name]
+    if importlib.util.find_spec(module) is None:
+        raise AttentionBackendUnavailable(
+            f"Attention backend {name!r} was chosen but the package {module!r} is not installed. "
+            f"Install it with: {hint}. Or choose 'sdpa', which needs nothing extra."
+        )
+    return _sage_attention() if name == "sageattention" else _flash_attention()

@@ -1,0 +1,382 @@
+"""The Step-Video-T2V diffusion transformer, with the official checkpoint's module names.
+
+Module and parameter names follow ``transformer/diffusion_pytorch_model-*.safetensors`` exactly, so the
+official shards load without any key conversion. Layers come from an injectable ``operations`` namespace
+(see ``ops.py``); attention is one pluggable function (see ``attention.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionFn, sdpa_attention
+from .loading import Checkpoint, CheckpointError, identify_foreign, load_streaming, strip_known_prefix
+from .ops import FP8_DTYPES, default_ops
+
+BLOCK_NORM_EPS = 1e-5  # block norm1/norm2; the model-level norm_eps applies only to caption_norm and norm_out
+QK_NORM_EPS = 1e-6
+TIMESTEP_CHANNELS = 256
+TIMESTEP_SCALE = 1000.0
+ROPE_THETA = 10000.0
+
+
+@dataclass
+class DiTConfig:
+    """Constructor fields of the official ``StepVideoModel``; defaults are the released 30B model."""
+
+    num_attention_heads: int = 48
+    attention_head_dim: int = 128
+    in_channels: int = 64
+    out_channels: int = 64
+    num_layers: int = 48
+    patch_size: int = 1
+    caption_channels: tuple[int, int] = (6144, 1024)
+    norm_eps: float = 1e-6
+    # Reproduce the reference's rounding through the compute dtype (bf16 in practice): the timestep is cast
+    # to it and multiplied by 1000 in it, RoPE angles are cast to it before cos/sin, and the text-mask sum
+    # is taken in it (so more than 256 valid keys round to bf16 precision). In fp32 all three are no-ops.
+    # Turning it off computes these in fp32, which differs from what the official pipeline feeds the weights.
+    reference_rounding: bool = True
+    # Low-memory path: run the feed-forward over at most this many tokens at a time (0 = all at once).
+    ff_chunk_size: int = 0
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """Channels of each head rotated by (frame, row, column): half, quarter, quarter (64/32/32 at 128)."""
+        d = self.attention_head_dim
+        return (d // 2, d // 4, d // 4)
+
+    @classmethod
+    def from_shapes(cls, shapes: dict[str, tuple[int, ...]], **overrides) -> DiTConfig:
+        """Infer the architecture from checkpoint tensor shapes (official key names)."""
+        try:
+            inner, in_ch, p, _ = shapes["pos_embed.proj.weight"]
+            head_dim = shapes["transformer_blocks.0.attn1.q_norm.weight"][0]
+            out_ch = shapes["proj_out.weight"][0] // (p * p)
+            caption = shapes["caption_projection.linear_1.weight"][1]
+            clip = shapes["clip_projection.weight"][1]
+        except KeyError as e:
+            raise ValueError(f"not a Step-Video DiT checkpoint: key {e.args[0]!r} is missing") from None
+        layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks."))
+        return cls(
+            num_attention_heads=inner // head_dim,
+            attention_head_dim=head_dim,
+            in_channels=in_ch,
+            out_channels=out_ch,
+            num_layers=layers,
+            patch_size=p,
+            caption_channels=(caption, clip),
+            **overrides,
+        )
+
+
+class RMSNorm(nn.Module):
+    """Normalises in fp32, casts back, then scales: the reference's order (kept local so it stays exact)."""
+
+    def __init__(self, dim: int, eps: float = QK_NORM_EPS, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return normed * self.weight.to(device=x.device, dtype=x.dtype)
+
+
+class Rope3D:
+    """Rotary tables for a (frames, rows, columns) token grid, built once per forward and shared by all blocks.
+
+    Each axis rotates its own slice of a head with the rotate-half (NeoX) form. Applying it is one fused
+    expression, ``x * cos + x[..., perm] * sin_signed``, where ``perm``/``sin_signed`` encode rotate-half for
+    all three slices at once.
+    """
+
+    def __init__(self, grid: tuple[int, int, int], split: tuple[int, int, int], dtype, device, reference_rounding: bool):
+        cos_parts, sin_parts, perm, sign = [], [], [], []
+        axes = torch.meshgrid(*[torch.arange(n, device=device) for n in grid], indexing="ij")
+        offset = 0
+        for chunk, pos in zip(split, axes):
+            half = chunk // 2
+            inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, chunk, 2, device=device).float() / chunk))
+            angles = pos.reshape(-1, 1).float() * inv_freq
+            if reference_rounding:
+                angles = angles.to(dtype)  # the reference takes cos/sin of angles already rounded to the activation dtype
+            angles = torch.cat([angles, angles], dim=-1)
+            cos_parts.append(angles.cos().to(dtype))
+            sin_parts.append(angles.sin().to(dtype))
+            perm += [offset + half + i for i in range(half)] + [offset + i for i in range(half)]
+            sign += [-1.0] * half + [1.0] * half
+            offset += chunk
+        self.cos = torch.cat(cos_parts, dim=-1)[None, :, None, :]
+        sign_t = torch.tensor(sign, device=device, dtype=dtype)
+        self.sin_signed = (torch.cat(sin_parts, dim=-1) * sign_t)[None, :, None, :]
+        self.perm = torch.tensor(perm, device=device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [b, tokens, heads, head_dim]"""
+        return x * self.cos + x[..., self.perm] * self.sin_signed
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, head_dim: int, operations, device=None, dtype=None):
+        super().__init__()
+        self.heads, self.head_dim = dim // head_dim, head_dim
+        # Fused projection, rows laid out per head as [q_h | k_h | v_h] (384 rows per head at head_dim 128).
+        self.wqkv = operations.Linear(dim, 3 * dim, bias=False, device=device, dtype=dtype)
+        self.wo = operations.Linear(dim, dim, bias=False, device=device, dtype=dtype)
+        self.q_norm = RMSNorm(head_dim, device=device, dtype=dtype)
+        self.k_norm = RMSNorm(head_dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, rope: Rope3D, attention: AttentionFn) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.wqkv(x).view(b, n, self.heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
+        q, k = rope(self.q_norm(q)), rope(self.k_norm(k))
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None)
+        return self.wo(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, head_dim: int, operations, device=None, dtype=None):
+        super().__init__()
+        self.heads, self.head_dim = dim // head_dim, head_dim
+        self.wq = operations.Linear(dim, dim, bias=False, device=device, dtype=dtype)
+        # Fused projection, rows laid out per head as [k_h | v_h].
+        self.wkv = operations.Linear(dim, 2 * dim, bias=False, device=device, dtype=dtype)
+        self.wo = operations.Linear(dim, dim, bias=False, device=device, dtype=dtype)
+        self.q_norm = RMSNorm(head_dim, device=device, dtype=dtype)
+        self.k_norm = RMSNorm(head_dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q_norm(self.wq(x).view(b, n, self.heads, self.head_dim))
+        k, v = self.wkv(text).view(b, text.shape[1], self.heads, 2 * self.head_dim).split(self.head_dim, dim=-1)
+        k = self.k_norm(k)
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        return self.wo(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class GELUProjection(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int, operations, device=None, dtype=None):
+        super().__init__()
+        self.proj = operations.Linear(dim_in, dim_out, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, operations, device=None, dtype=None):
+        super().__init__()
+        # Index 1 is a parameter-free slot in the official module list; keeping it keeps the key ``ff.net.2``.
+        self.net = nn.ModuleList(
+            [
+                GELUProjection(dim, 4 * dim, operations, device, dtype),
+                nn.Identity(),
+                operations.Linear(4 * dim, dim, bias=False, device=device, dtype=dtype),
+            ]
+        )
+
+    def forward(self, x: torch.Tensor, chunk_size: int = 0) -> torch.Tensor:
+        if chunk_size <= 0 or x.shape[1] <= chunk_size:
+            return self.net[2](self.net[0](x))
+        return torch.cat([self.net[2](self.net[0](part)) for part in x.split(chunk_size, dim=1)], dim=1)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, head_dim: int, operations, device=None, dtype=None):
+        super().__init__()
+        self.norm1 = operations.LayerNorm(dim, eps=BLOCK_NORM_EPS, device=device, dtype=dtype)
+        self.attn1 = SelfAttention(dim, head_dim, operations, device, dtype)
+        self.norm2 = operations.LayerNorm(dim, eps=BLOCK_NORM_EPS, device=device, dtype=dtype)
+        self.attn2 = CrossAttention(dim, head_dim, operations, device, dtype)
+        self.ff = FeedForward(dim, operations, device, dtype)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dim, device=device, dtype=dtype) / dim**0.5)
+
+    def forward(self, x, modulation, text, text_mask, rope, attention, ff_chunk_size=0):
+        table = self.scale_shift_table.to(device=x.device, dtype=x.dtype)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (table[None] + modulation).chunk(6, dim=1)
+        h = self.norm1(x) * (1 + scale_msa) + shift_msa
+        x = gate_msa * self.attn1(h, rope, attention) + x
+        # Cross-attention in Step-Video has no pre-norm, no modulation and no gate.
+        x = self.attn2(x, text, text_mask, attention) + x
+        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
+        return gate_mlp * self.ff(h, ff_chunk_size) + x
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch: int, in_channels: int, dim: int, operations, device=None, dtype=None):
+        super().__init__()
+        self.proj = operations.Conv2d(in_channels, dim, kernel_size=patch, stride=patch, bias=True, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int, operations, device=None, dtype=None):
+        super().__init__()
+        self.linear_1 = operations.Linear(TIMESTEP_CHANNELS, dim, device=device, dtype=dtype)
+        self.linear_2 = operations.Linear(dim, dim, device=device, dtype=dtype)
+
+    def forward(self, sinusoid: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(sinusoid)))
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dim: int, operations, device=None, dtype=None):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedder(dim, operations, device, dtype)
+
+
+class AdaLayerNormSingle(nn.Module):
+    def __init__(self, dim: int, operations, device=None, dtype=None):
+        super().__init__()
+        self.emb = TimestepEmbedding(dim, operations, device, dtype)
+        self.linear = operations.Linear(dim, 6 * dim, device=device, dtype=dtype)
+
+
+class CaptionProjection(nn.Module):
+    def __init__(self, in_features: int, dim: int, operations, device=None, dtype=None):
+        super().__init__()
+        self.linear_1 = operations.Linear(in_features, dim, device=device, dtype=dtype)
+        self.linear_2 = operations.Linear(dim, dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+def timestep_sinusoid(t_scaled: torch.Tensor, channels: int = TIMESTEP_CHANNELS) -> torch.Tensor:
+    """[cos | sin] of t * 10000^(-k/half): cos first, no frequency shift (the PixArt-alpha convention)."""
+    half = channels // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t_scaled.device, dtype=torch.float32) / half)
+    angles = t_scaled.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class StepVideoDiT(nn.Module):
+    def __init__(self, config: DiTConfig | None = None, operations=None, device=None, dtype=None):
+        super().__init__()
+        self.config = config = config or DiTConfig()
+        ops = operations or default_ops
+        dim = config.inner_dim
+        llm_channels, clip_channels = config.caption_channels
+        self.pos_embed = PatchEmbed(config.patch_size, config.in_channels, dim, ops, device, dtype)
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(dim, config.attention_head_dim, ops, device, dtype) for _ in range(config.num_layers)]
+        )
+        self.norm_out = ops.LayerNorm(dim, eps=config.norm_eps, elementwise_affine=False, device=device, dtype=dtype)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, dim, device=device, dtype=dtype) / dim**0.5)
+        self.proj_out = ops.Linear(dim, config.patch_size**2 * config.out_channels, device=device, dtype=dtype)
+        self.adaln_single = AdaLayerNormSingle(dim, ops, device, dtype)
+        self.clip_projection = ops.Linear(clip_channels, dim, device=device, dtype=dtype)
+        self.caption_norm = ops.LayerNorm(llm_channels, eps=config.norm_eps, elementwise_affine=False, device=device, dtype=dtype)
+        self.caption_projection = CaptionProjection(llm_channels, dim, ops, device, dtype)
+        self.attention: AttentionFn = sdpa_attention
+        self.compute_dtype: torch.dtype = dtype or torch.float32
+
+    def set_attention(self, fn: AttentionFn) -> None:
+        self.attention = fn
+
+    def embed_timestep(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (per-block modulation [b, 6, D], embedded timestep [b, D]) for t in [0, 1), 0 = noise."""
+        if self.config.reference_rounding:
+            t_scaled = timestep.to(dtype) * TIMESTEP_SCALE  # the pipeline casts t to the model dtype, x1000 happens in it
+        else:
+            t_scaled = timestep.float() * TIMESTEP_SCALE
+        embedded = self.adaln_single.emb.timestep_embedder(timestep_sinusoid(t_scaled).to(dtype))
+        modulation = self.adaln_single.linear(F.silu(embedded))
+        return modulation.view(-1, 6, self.config.inner_dim), embedded
+
+    def embed_text(self, llm_states, mask, clip_states, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project both encoders' states, CLIP first, and cut to the longest sample's key count.
+
+        As in the reference, a sample's key count is the sum of its 397-long mask and its valid keys are taken
+        to be that many leading positions.
+        """
+        text = self.caption_projection(self.caption_norm(llm_states.to(dtype)))
+        text = torch.cat([self.clip_projection(clip_states.to(dtype)), text], dim=1)
+        lengths = (mask.to(dtype) if self.config.reference_rounding else mask.float()).sum(dim=1).long()
+        max_len = int(lengths.max())
+        key_mask = torch.arange(max_len, device=text.device)[None, :] < lengths[:, None]
+        return text[:, :max_len], key_mask[:, None, None, :]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+        encoder_hidden_states_2: torch.Tensor,
+    ) -> torch.Tensor:
+        """Velocity for latents ``[b, F, C, h, w]`` at reference timesteps ``[b]`` (0 = noise, 1 = data)."""
+        cfg = self.config
+        dtype = self.compute_dtype
+        b, frames, _, height, width = hidden_states.shape
+        p = cfg.patch_size
+        if height % p or width % p:
+            raise ValueError(f"latent height/width ({height}x{width}) must be multiples of the patch size {p}")
+        gh, gw = height // p, width // p
+        timestep = timestep.reshape(-1).to(hidden_states.device)
+        if timestep.numel() == 1 and b > 1:
+            timestep = timestep.expand(b)
+
+        x = self.pos_embed(hidden_states.to(dtype).flatten(0, 1))  # [(b F), h*w, D]
+        x = x.reshape(b, frames * gh * gw, cfg.inner_dim)
+        modulation, embedded = self.embed_timestep(timestep, dtype)
+        text, text_mask = self.embed_text(encoder_hidden_states, encoder_attention_mask, encoder_hidden_states_2, dtype)
+        rope = Rope3D((frames, gh, gw), cfg.rope_split, dtype, x.device, cfg.reference_rounding)
+
+        for block in self.transformer_blocks:
+            x = block(x, modulation, text, text_mask, rope, self.attention, cfg.ff_chunk_size)
+
+        table = self.scale_shift_table.to(device=x.device, dtype=x.dtype)
+        shift, scale = (table[None] + embedded[:, None]).chunk(2, dim=1)
+        x = self.proj_out(self.norm_out(x) * (1 + scale) + shift)
+        x = x.reshape(b, frames, gh, gw, p, p, cfg.out_channels)
+        return x.permute(0, 1, 6, 2, 4, 3, 5).reshape(b, frames, cfg.out_channels, height, width)
+
+
+def load_dit(
+    path: str | Path,
+    weight_dtype: torch.dtype = torch.bfloat16,
+    compute_dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    operations=None,
+    **config_overrides,
+) -> StepVideoDiT:
+    """Load the official ``transformer/`` folder (shards + index) or a single ``.safetensors`` file.
+
+    The architecture is read from the tensor shapes, so reduced configs load the same way. The model is built
+    on the meta device and filled tensor by tensor. fp8 ``weight_dtype`` stores Linear/Conv weights in fp8
+    and computes in ``compute_dtype`` (bf16 by default), upcasting one layer at a time.
+    """
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if weight_dtype in FP8_DTYPES else weight_dtype
+    if compute_dtype in FP8_DTYPES:
+        raise ValueError("fp8 is a storage dtype; compute in bfloat16 or float16")
+    ckpt = Checkpoint(path)
+    key_map = strip_known_prefix(ckpt.keys(), {"pos_embed.proj.weight"})
+    shapes = {key_map(k): v for k, v in ckpt.shapes().items()}
+    try:
+        config = DiTConfig.from_shapes(shapes, **config_overrides)
+    except ValueError:
+        foreign = identify_foreign(shapes)
+        what = f"looks like {foreign}" if foreign else "is not"
+        raise CheckpointError(f"{ckpt.path} {what} a Step-Video-T2V DiT checkpoint (no 'pos_embed.proj.weight' / block keys).") from None
+    with torch.device("meta"):
+        model = StepVideoDiT(config, operations=operations)
+    load_streaming(model, ckpt, model_name="Step-Video DiT", weight_dtype=weight_dtype, compute_dtype=compute_dtype,
+                   device=device, key_map=key_map)
+    model.compute_dtype = compute_dtype
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,78 @@
+"""Layer classes that every model in this package is built from.
+
+Each model takes an ``operations`` namespace with ``Linear``, ``Conv2d``, ``Conv3d``, ``LayerNorm``,
+``GroupNorm`` and ``Embedding`` (the convention of ComfyUI's native models, whose ``comfy.ops`` classes can
+be passed straight in). The default namespace here casts a layer's weights to the input's dtype and device
+at call time. That single rule gives three things: fp8-stored weights compute in bf16/fp16 one layer at a
+time, weights left on the CPU can be streamed to the GPU layer by layer, and fp32 tests run unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def cast_to(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    if t is None or (t.dtype == like.dtype and t.device == like.device):
+        return t
+    return t.to(device=like.device, dtype=like.dtype, non_blocking=True)
+
+
+class Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, cast_to(self.weight, x), cast_to(self.bias, x))
+
+
+class Conv2d(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, cast_to(self.weight, x), cast_to(self.bias, x))
+
+
+class Conv3d(nn.Conv3d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, cast_to(self.weight, x), cast_to(self.bias, x))
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, cast_to(self.weight, x), cast_to(self.bias, x), self.eps)
+
+
+class GroupNorm(nn.GroupNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_groups, cast_to(self.weight, x), cast_to(self.bias, x), self.eps)
+
+
+class Embedding(nn.Embedding):
+    """Looks rows up in the stored dtype; fp8 tables are upcast to ``compute_dtype`` after the lookup."""
+
+    compute_dtype: torch.dtype | None = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(ids, self.weight.to(ids.device) if self.weight.device != ids.device else self.weight)
+        if out.dtype in FP8_DTYPES:
+            out = out.to(self.compute_dtype or torch.bfloat16)
+        return out
+
+
+class CastOps:
+    """The default ``operations`` namespace."""
+
+    Linear = Linear
+    Conv2d = Conv2d
+    Conv3d = Conv3d
+    LayerNorm = LayerNorm
+    GroupNorm = GroupNorm
+    Embedding = Embedding
+
+
+default_ops = CastOps
+
+
+def is_weight_layer(module: nn.Module) -> bool:
+    """Layers whose ``weight`` may be stored in a narrower dtype (fp8) than the compute dtype."""
+    return isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d, nn.Embedding))

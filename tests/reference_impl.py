@@ -1,0 +1,86 @@
+"""Import the official Step-Video-T2V code from a checkout outside this repository, for parity tests.
+
+Set ``STEPVIDEO_REFERENCE`` to the checkout's root (the folder that holds ``stepvideo/``). Its heavy,
+GPU-only or network dependencies (xfuser, diffusers' config machinery, imageio) are replaced by minimal
+stand-ins here; the model code itself is imported unmodified. Tests using it skip when the variable is unset.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+ENV_VAR = "STEPVIDEO_REFERENCE"
+
+
+def _stub(name: str, **attrs) -> types.ModuleType:
+    module = sys.modules.get(name) or types.ModuleType(name)
+    module.__dict__.update(attrs)
+    sys.modules[name] = module
+    return module
+
+
+def _register_to_config(init):
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        bound = inspect.signature(init).bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        values = {k: v for k, v in bound.arguments.items() if k != "self"}
+        object.__setattr__(self, "config", types.SimpleNamespace(**values))
+        return init(self, *args, **kwargs)
+
+    return wrapper
+
+
+class _ConfigMixin:
+    pass
+
+
+def _install_stubs(root: Path) -> None:
+    if "stepvideo" in sys.modules and getattr(sys.modules["stepvideo"], "__reference_root__", None) == str(root):
+        return
+    pkg = types.ModuleType("stepvideo")
+    pkg.__path__ = [str(root / "stepvideo")]  # a package without running its __init__ (which pulls in the pipeline)
+    pkg.__reference_root__ = str(root)
+    sys.modules["stepvideo"] = pkg
+    _stub("imageio")
+    _stub("xfuser")
+    _stub("diffusers")
+    _stub("diffusers.configuration_utils", ConfigMixin=_ConfigMixin, register_to_config=_register_to_config)
+    _stub("diffusers.models")
+    _stub("diffusers.models.modeling_utils", ModelMixin=nn.Module)
+    for name in ("xfuser.model_executor", "xfuser.model_executor.models", "xfuser.model_executor.models.customized",
+                 "xfuser.model_executor.models.customized.step_video_t2v"):
+        _stub(name)
+    # At HEAD the DiT imports its blocks from xfuser; the local copies in the checkout are numerically identical.
+    blocks = importlib.import_module("stepvideo.modules.blocks")
+    norms = importlib.import_module("stepvideo.modules.normalization")
+    sys.modules["xfuser.model_executor.models.customized.step_video_t2v.blocks"] = blocks
+    sys.modules["xfuser.model_executor.models.customized.step_video_t2v.normalization"] = norms
+
+
+def reference_root() -> Path:
+    root = os.environ.get(ENV_VAR)
+    if not root:
+        pytest.skip(f"{ENV_VAR} is not set (path to a Step-Video-T2V checkout)")
+    path = Path(root)
+    if not (path / "stepvideo").is_dir():
+        pytest.fail(f"{ENV_VAR}={root} does not contain a stepvideo/ package")
+    return path
+
+
+def import_reference(module: str) -> types.ModuleType:
+    """Import ``stepvideo.<module>`` from the reference checkout, e.g. ``import_reference('modules.model')``."""
+    root = reference_root()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    _install_stubs(root)
+    return importlib.import_module(f"stepvideo.{module}")
