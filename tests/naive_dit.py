@@ -1,0 +1,102 @@
+"""An independent, deliberately naive Step-Video DiT forward written from the spec, for cross-checking.
+
+Everything is recomputed from the state dict with explicit per-head loops, explicit rotation angles and
+explicit per-sample key counts, so a mistake in the model's fused-projection split, RoPE axis order or
+text mask shows up as a mismatch. fp32 only; small configs only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rms(x, w, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def rope_angle(pos: int, k: int, chunk: int) -> float:
+    return pos * 10000.0 ** (-2 * k / chunk)
+
+
+def rotate(vec: torch.Tensor, positions: tuple[int, int, int]) -> torch.Tensor:
+    """Rotate one head vector: channels [0, d/2) by frame, [d/2, 3d/4) by row, [3d/4, d) by column."""
+    d = vec.shape[0]
+    out = vec.clone()
+    offset = 0
+    for chunk, pos in zip((d // 2, d // 4, d // 4), positions):
+        half = chunk // 2
+        for k in range(half):
+            a = rope_angle(pos, k, chunk)
+            x1, x2 = vec[offset + k], vec[offset + half + k]
+            out[offset + k] = x1 * math.cos(a) - x2 * math.sin(a)
+            out[offset + half + k] = x2 * math.cos(a) + x1 * math.sin(a)
+        offset += chunk
+    return out
+
+
+def attend(q, k, v):
+    return torch.softmax(q @ k.T / math.sqrt(q.shape[-1]), dim=-1) @ v
+
+
+def naive_forward(sd: dict, heads: int, x, t, llm, mask, clip, norm_eps=1e-6):
+    b, frames, c, h, w = x.shape
+    dim = sd["pos_embed.proj.bias"].shape[0]
+    d = dim // heads
+    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+    out = torch.zeros(b, frames, sd["proj_out.bias"].shape[0], h, w)
+    positions = [(f, y, xx) for f in range(frames) for y in range(h) for xx in range(w)]
+    for i in range(b):
+        # tokens in frame-major, row, column order; patch size 1 means a per-pixel linear
+        tok = torch.stack([x[i, f, :, y, xx] for f, y, xx in positions]) @ sd["pos_embed.proj.weight"][:, :, 0, 0].T
+        tok = tok + sd["pos_embed.proj.bias"]
+        ts = t[i].item() * 1000
+        freqs = [math.exp(-math.log(10000) * k / 128) for k in range(128)]
+        sinus = torch.tensor([math.cos(ts * f) for f in freqs] + [math.sin(ts * f) for f in freqs])
+        e = F.silu(sinus @ sd["adaln_single.emb.timestep_embedder.linear_1.weight"].T + sd["adaln_single.emb.timestep_embedder.linear_1.bias"])
+        e = e @ sd["adaln_single.emb.timestep_embedder.linear_2.weight"].T + sd["adaln_single.emb.timestep_embedder.linear_2.bias"]
+        m = (F.silu(e) @ sd["adaln_single.linear.weight"].T + sd["adaln_single.linear.bias"]).view(6, dim)
+
+        cap = F.layer_norm(llm[i], (llm.shape[-1],), eps=norm_eps)
+        cap = F.gelu(cap @ sd["caption_projection.linear_1.weight"].T + sd["caption_projection.linear_1.bias"], approximate="tanh")
+        cap = cap @ sd["caption_projection.linear_2.weight"].T + sd["caption_projection.linear_2.bias"]
+        cl = clip[i] @ sd["clip_projection.weight"].T + sd["clip_projection.bias"]
+        text = torch.cat([cl, cap])[: int(mask[i].sum())]
+
+        for n in range(layers):
+            p = f"transformer_blocks.{n}."
+            shift1, scale1, gate1, shift2, scale2, gate2 = sd[p + "scale_shift_table"] + m
+            hdn = F.layer_norm(tok, (dim,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], 1e-5) * (1 + scale1) + shift1
+            wqkv = sd[p + "attn1.wqkv.weight"]
+            head_out = []
+            for hh in range(heads):
+                rows = wqkv[3 * d * hh: 3 * d * (hh + 1)]
+                q = rms(hdn @ rows[:d].T, sd[p + "attn1.q_norm.weight"])
+                k = rms(hdn @ rows[d: 2 * d].T, sd[p + "attn1.k_norm.weight"])
+                v = hdn @ rows[2 * d:].T
+                q = torch.stack([rotate(q[j], positions[j]) for j in range(len(positions))])
+                k = torch.stack([rotate(k[j], positions[j]) for j in range(len(positions))])
+                head_out.append(attend(q, k, v))
+            tok = tok + gate1 * (torch.cat(head_out, dim=-1) @ sd[p + "attn1.wo.weight"].T)
+
+            wkv = sd[p + "attn2.wkv.weight"]
+            head_out = []
+            for hh in range(heads):
+                q = rms(tok @ sd[p + "attn2.wq.weight"][d * hh: d * (hh + 1)].T, sd[p + "attn2.q_norm.weight"])
+                rows = wkv[2 * d * hh: 2 * d * (hh + 1)]
+                k = rms(text @ rows[:d].T, sd[p + "attn2.k_norm.weight"])
+                v = text @ rows[d:].T
+                head_out.append(attend(q, k, v))
+            tok = tok + torch.cat(head_out, dim=-1) @ sd[p + "attn2.wo.weight"].T
+
+            hdn = F.layer_norm(tok, (dim,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], 1e-5) * (1 + scale2) + shift2
+            ff = F.gelu(hdn @ sd[p + "ff.net.0.proj.weight"].T, approximate="tanh") @ sd[p + "ff.net.2.weight"].T
+            tok = tok + gate2 * ff
+
+        shift, scale = sd["scale_shift_table"] + e
+        y = (F.layer_norm(tok, (dim,), eps=norm_eps) * (1 + scale) + shift) @ sd["proj_out.weight"].T + sd["proj_out.bias"]
+        for j, (f, yy, xx) in enumerate(positions):
+            out[i, f, :, yy, xx] = y[j]
+    return out
