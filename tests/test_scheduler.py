@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from stepvideo_core.scheduler import (
+    PRESETS,
+    denoise_sigmas,
+    guided_velocity,
+    make_noise,
+    sample_euler,
+    step_video_sigmas,
+)
+
+
+def test_sigmas_match_the_reference_table():
+    s = step_video_sigmas(50, 13.0)
+    assert len(s) == 51 and s[0] == 0 and s[-1] == 1
+    torch.testing.assert_close(s[:6], torch.tensor([0, 0.001567, 0.003195, 0.004886, 0.006644, 0.008475]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(s[-4:], torch.tensor([0.546512, 0.648649, 0.790323, 1.0]), atol=1e-6, rtol=0)
+    s = step_video_sigmas(10, 17.0)
+    torch.testing.assert_close(s[:6], torch.tensor([0, 0.006494, 0.014493, 0.02459, 0.037736, 0.055556]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(s[-4:], torch.tensor([0.12069, 0.190476, 0.346154, 1.0]), atol=1e-6, rtol=0)
+    assert torch.all(s[1:] > s[:-1])
+
+
+def test_presets_are_the_official_settings():
+    assert (PRESETS["standard"].steps, PRESETS["standard"].cfg, PRESETS["standard"].shift) == (50, 9.0, 13.0)
+    assert 10 <= PRESETS["turbo"].steps <= 15 and (PRESETS["turbo"].cfg, PRESETS["turbo"].shift) == (5.0, 17.0)
+
+
+def test_denoise_takes_the_tail_of_a_longer_schedule():
+    full = step_video_sigmas(20, 13.0)
+    torch.testing.assert_close(denoise_sigmas(10, 13.0, 0.5), full[10:])
+    torch.testing.assert_close(denoise_sigmas(10, 13.0, 1.0), step_video_sigmas(10, 13.0))
+    with pytest.raises(ValueError):
+        denoise_sigmas(10, 13.0, 0.0)
+
+
+def test_euler_with_the_exact_velocity_field_lands_on_the_data():
+    """For one data point the true flow is v(x, s) = (data - x) / (1 - s); Euler is exact on straight paths."""
+    data = torch.randn(1, 3, 4, 2, 2)
+    noise = make_noise(data.shape, seed=3)
+    out = sample_euler(lambda x, t: (data - x) / (1 - t.view(-1, 1, 1, 1, 1)), noise, step_video_sigmas(7, 13.0))
+    torch.testing.assert_close(out, data, atol=1e-5, rtol=1e-5)
+
+
+def test_partial_denoise_starts_on_the_interpolation_path():
+    data, noise = torch.randn(1, 2, 3), torch.randn(1, 2, 3)
+    sigmas = denoise_sigmas(4, 13.0, 0.5)
+    seen = []
+
+    def v(x, t):
+        seen.append(x.clone())
+        return (data - x) / (1 - t.view(-1, 1, 1))
+
+    out = sample_euler(v, noise, sigmas, latents=data)
+    torch.testing.assert_close(seen[0], sigmas[0] * data + (1 - sigmas[0]) * noise)
+    torch.testing.assert_close(out, data, atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_batches_cond_and_uncond_in_one_call():
+    calls = []
+
+    def v(x, t):
+        calls.append(x.shape[0])
+        return torch.cat([torch.full_like(x[:1], 2.0), torch.full_like(x[1:], 0.5)])
+
+    out = guided_velocity(v, 9.0)(torch.zeros(1, 3), torch.zeros(1))
+    assert calls == [2]
+    torch.testing.assert_close(out, torch.full((1, 3), 0.5 + 9.0 * (2.0 - 0.5)))
+
+
+def test_seed_is_honoured():
+    assert torch.equal(make_noise((2, 3), 7), make_noise((2, 3), 7))
+    assert not torch.equal(make_noise((2, 3), 7), make_noise((2, 3), 8))
+
+
+def test_callback_reports_progress_and_can_cancel():
+    steps_called = []
+
+    def cb(done, total, x, denoised):
+        steps_called.append((done, total))
+        if done == 3:
+            raise KeyboardInterrupt
+
+    model_calls = []
+    with pytest.raises(KeyboardInterrupt):
+        sample_euler(lambda x, t: model_calls.append(1) or torch.zeros_like(x), torch.zeros(1, 2), step_video_sigmas(10, 13.0), callback=cb)
+    assert steps_called == [(1, 10), (2, 10), (3, 10)] and len(model_calls) == 3
+
+
+def test_nan_velocity_is_a_clear_error():
+    with pytest.raises(FloatingPointError, match="NaN"):
+        sample_euler(lambda x, t: torch.full_like(x, float("nan")), torch.zeros(1, 2), step_video_sigmas(3, 13.0))
