@@ -51,6 +51,16 @@ def _install_stubs(root: Path) -> None:
     pkg.__path__ = [str(root / "stepvideo")]  # a package without running its __init__ (which pulls in the pipeline)
     pkg.__reference_root__ = str(root)
     sys.modules["stepvideo"] = pkg
+    # Bare package: text_encoder/__init__.py parses sys.argv and tries to load the closed CUDA kernel.
+    text_pkg = types.ModuleType("stepvideo.text_encoder")
+    text_pkg.__path__ = [str(root / "stepvideo" / "text_encoder")]
+    sys.modules["stepvideo.text_encoder"] = text_pkg
+    import transformers.modeling_utils as hf_modeling  # transformers 5 no longer re-exports the config class here
+
+    if not hasattr(hf_modeling, "PretrainedConfig"):
+        import transformers
+
+        hf_modeling.PretrainedConfig = transformers.PretrainedConfig
     _stub("imageio")
     _stub("xfuser")
     _stub("diffusers")
