@@ -1,0 +1,153 @@
+"""Prompts -> what the DiT takes: Step-LLM states, CLIP states and the combined 397-long mask.
+
+Follows the official conditioning: the positive "magic" suffix is glued onto each prompt (no separator), the
+negative prompt defaults to the negative magic string, Step-LLM framing is BOS + up to 318 tokens + EOS padded
+to 320, and the combined mask is 77 ones (every CLIP position, its padding included) followed by the LLM mask.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .hunyuan_clip import HunyuanClip, load_hunyuan_clip
+from .step_llm import StepLLM, StepLLMTokenizer, load_step_llm
+
+POSITIVE_MAGIC = "超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、自然、生动、超细节、清晰。"
+NEGATIVE_MAGIC = "画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、模糊。"
+CLIP_TOKENS = 77
+LLM_TOKENS = 320
+
+
+@dataclass
+class TextConditioning:
+    """One batch of DiT text inputs: ``llm_states`` [b, 320, 6144], ``mask`` [b, 397], ``clip_states`` [b, 77, 1024]."""
+
+    llm_states: torch.Tensor
+    mask: torch.Tensor
+    clip_states: torch.Tensor
+
+    def to(self, device=None, dtype=None) -> TextConditioning:
+        return TextConditioning(self.llm_states.to(device=device, dtype=dtype), self.mask.to(device=device),
+                                self.clip_states.to(device=device, dtype=dtype))
+
+    def dit_kwargs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments for ``StepVideoDiT.forward``."""
+        return dict(encoder_hidden_states=self.llm_states, encoder_attention_mask=self.mask,
+                    encoder_hidden_states_2=self.clip_states)
+
+    @staticmethod
+    def cat(items: Sequence[TextConditioning]) -> TextConditioning:
+        """Stack along the batch, e.g. [positive, negative] for one guided DiT call."""
+        return TextConditioning(torch.cat([c.llm_states for c in items]), torch.cat([c.mask for c in items]),
+                                torch.cat([c.clip_states for c in items]))
+
+
+@dataclass
+class TextEncoders:
+    """The two encoders with the Step-LLM tokenizer; any of them may be released (set to None) after use."""
+
+    step_llm: StepLLM | None
+    tokenizer: StepLLMTokenizer
+    clip: HunyuanClip | None
+
+    def offload(self, device: torch.device | str = "cpu") -> None:
+        for model in (self.step_llm, self.clip):
+            if model is not None:
+                model.to(device)
+        _free_accelerator_cache()
+
+    def release(self) -> None:
+        """Drop the models (the caller must hold no other reference for the memory to return)."""
+        self.step_llm = None
+        self.clip = None
+        gc.collect()
+        _free_accelerator_cache()
+
+
+def load_text_encoders(step_llm_dir, hunyuan_clip_dir, weight_dtype: torch.dtype = torch.bfloat16,
+                       device: torch.device | str = "cpu", clip_dtype: torch.dtype = torch.float32,
+                       operations=None) -> TextEncoders:
+    """``step_llm/`` (weights + ``step1_chat_tokenizer.model``) and ``hunyuan_clip/`` from the official download."""
+    tokenizer = StepLLMTokenizer(step_llm_dir)
+    llm = load_step_llm(step_llm_dir, weight_dtype=weight_dtype, device=device, operations=operations)
+    return TextEncoders(llm, tokenizer, load_hunyuan_clip(hunyuan_clip_dir, dtype=clip_dtype, device=device))
+
+
+def _free_accelerator_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def build_prompts(prompts: str | Sequence[str], negative_prompt: str | None = None, *, positive_magic: bool = True,
+                  negative_magic: bool = True) -> tuple[list[str], list[str]]:
+    """Return (positive texts, negative texts), one negative per prompt.
+
+    With the switches on this is what the official pipeline feeds its encoders; a negative prompt given by the
+    user is followed by the negative magic string (the reference has no user negative, only the magic string).
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("at least one prompt is needed")
+    positives = [p + POSITIVE_MAGIC if positive_magic else p for p in prompts]
+    negative = (negative_prompt or "") + (NEGATIVE_MAGIC if negative_magic else "")
+    return positives, [negative] * len(prompts)
+
+
+def combined_mask(llm_mask: torch.Tensor) -> torch.Tensor:
+    """[b, 320] LLM mask -> [b, 397]: CLIP's 77 positions all count as valid, and come first."""
+    ones = torch.ones(llm_mask.shape[0], CLIP_TOKENS, dtype=llm_mask.dtype, device=llm_mask.device)
+    return torch.cat([ones, llm_mask], dim=1)
+
+
+@torch.no_grad()
+def encode_texts(encoders: TextEncoders, texts: Sequence[str], device: torch.device | str | None = None) -> TextConditioning:
+    if encoders.step_llm is None or encoders.clip is None:
+        raise RuntimeError("the text encoders were released; load them again to encode new prompts")
+    llm = encoders.step_llm
+    if device is None:
+        device = next(llm.parameters()).device
+    ids, llm_mask = encoders.tokenizer(list(texts))
+    # Weights may stay on the CPU while ids go to ``device``: the default operations stream each layer over.
+    llm_states = llm(ids.to(device), llm_mask.to(device))
+    clip_states = encoders.clip(list(texts))
+    return TextConditioning(llm_states, combined_mask(llm_mask).to(device), clip_states.to(device))
+
+
+def encode_prompts(
+    encoders: TextEncoders,
+    prompts: str | Sequence[str],
+    negative_prompt: str | None = None,
+    *,
+    positive_magic: bool = True,
+    negative_magic: bool = True,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    after: Literal["keep", "offload", "release"] = "offload",
+) -> tuple[TextConditioning, TextConditioning]:
+    """Encode prompts and their negative into (positive, negative) conditioning for the DiT.
+
+    ``dtype`` casts the states (the reference hands bf16 to the DiT; None keeps the encoders' own). ``after``
+    decides what happens to the encoders once done: "offload" moves them to the CPU, "release" drops them,
+    "keep" leaves them where they are; so the 39 GB model need not stay on the GPU while the DiT samples.
+    """
+    if after not in ("keep", "offload", "release"):
+        raise ValueError(f"after must be 'keep', 'offload' or 'release', not {after!r}")
+    positives, negatives = build_prompts(prompts, negative_prompt, positive_magic=positive_magic,
+                                         negative_magic=negative_magic)
+    both = encode_texts(encoders, positives + negatives[:1], device)
+    n = len(positives)
+    pos = TextConditioning(both.llm_states[:n], both.mask[:n], both.clip_states[:n])
+    neg_one = TextConditioning(both.llm_states[n:], both.mask[n:], both.clip_states[n:])
+    neg = TextConditioning.cat([neg_one] * n)
+    if dtype is not None:
+        pos, neg = pos.to(dtype=dtype), neg.to(dtype=dtype)
+    if after == "offload":
+        encoders.offload("cpu")
+    elif after == "release":
+        encoders.release()
+    return pos, neg
