@@ -103,38 +103,37 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(first + rest, dtype=torch.float64)
 
 
-def relative_distance(length: int, kind: str, device=None) -> torch.Tensor | None:
-    """[L, L] fp32 penalty base (sqrt(i-j) or i-j) with -inf above the diagonal; None for plain causal."""
-    if kind == "none":
-        return None
+def relative_distance(length: int, kind: str, device=None) -> torch.Tensor:
+    """[L, L] fp32 penalty base (sqrt(i-j), i-j, or 0 for plain causal) with +inf above the diagonal, so that
+    ``-slope * distance`` is the whole additive bias, causal mask included."""
     pos = torch.arange(length, device=device, dtype=torch.float32)
     dist = (pos[:, None] - pos[None, :]).clamp(min=0)
     if kind == "sqrt_alibi":
         dist = dist.sqrt()
+    elif kind == "none":
+        dist = torch.zeros_like(dist)
     return dist.masked_fill(torch.ones(length, length, dtype=torch.bool, device=device).triu(1), float("inf"))
 
 
 def grouped_causal_attention(q, k, v, distance, slopes) -> torch.Tensor:
     """Causal attention for q [b, H, L, d] and k, v [b, G, L, d], head h reading group h // (H // G).
 
-    The bias for one group's heads is built from the shared [L, L] distance inside the loop, so at most
-    [H // G, L, L] of bias exists at a time (2.4 MB at 320 tokens) instead of [H, L, L]. Scores are taken in
-    fp32 from the (bf16) inputs, which is what a flash-style kernel with an in-kernel bias accumulates in.
+    One group at a time: its heads are folded into the query rows, so K/V are never copied out per head, and
+    the bias for just those heads is built from the shared [L, L] distance, so at most [H // G, L, L] of bias
+    exists at once (2.4 MB at 320 tokens) instead of [H, L, L]. Scores and softmax are fp32 from the (bf16)
+    inputs, which is what a flash-style kernel with an in-kernel bias accumulates in.
     """
     b, heads, length, d = q.shape
     groups = k.shape[1]
     per = heads // groups
     out = torch.empty_like(q)
     for g in range(groups):
-        qg = q[:, g * per:(g + 1) * per].float()
-        kg = k[:, g:g + 1].float().expand(b, per, length, d)
-        vg = v[:, g:g + 1].float().expand(b, per, length, d)
-        if distance is None:
-            og = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
-        else:
-            bias = distance[None] * -slopes[g * per:(g + 1) * per, None, None]  # -inf stays -inf above the diagonal
-            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=bias)
-        out[:, g * per:(g + 1) * per] = og.to(q.dtype)
+        heads_g = slice(g * per, (g + 1) * per)
+        qg = q[:, heads_g].float().reshape(b, per * length, d)
+        scores = torch.bmm(qg, k[:, g].float().transpose(1, 2)).view(b, per, length, length)
+        scores.mul_(1.0 / math.sqrt(d)).sub_(distance * slopes[heads_g, None, None])  # +inf -> -inf: causal
+        probs = scores.softmax(dim=-1).view(b, per * length, length)
+        out[:, heads_g] = torch.bmm(probs, v[:, g].float()).view(b, per, length, d).to(q.dtype)
     return out
 
 
@@ -146,7 +145,7 @@ class Attention(nn.Module):
         self.wqkv = operations.Linear(cfg.hidden_size, cfg.hidden_size + kv_rows, bias=False, device=device, dtype=dtype)
         self.wo = operations.Linear(cfg.hidden_size, cfg.hidden_size, bias=False, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, distance: torch.Tensor | None, slopes: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, distance: torch.Tensor, slopes: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         b, length, _ = x.shape
         # wqkv rows: all query heads first, then per group its key rows followed by its value rows.

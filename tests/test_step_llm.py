@@ -171,16 +171,16 @@ def test_fused_wqkv_layout_and_head_to_group():
         att.wqkv.weight.normal_()
         att.wo.weight.copy_(torch.eye(48))
     x = torch.randn(1, 7, 48)
-    base = att(x, None, alibi_slopes(12).float())
+    base = att(x, relative_distance(7, "none"), alibi_slopes(12).float())
     original = att.wqkv.weight.detach().clone()
     with torch.no_grad():  # perturb only group 1's value rows
         att.wqkv.weight[48 + 2 * d + d: 48 + 4 * d] += 1.0
-    changed = (att(x, None, alibi_slopes(12).float()) - base).abs().view(7, 12, d).amax(dim=(0, 2)) > 1e-6
+    changed = (att(x, relative_distance(7, "none"), alibi_slopes(12).float()) - base).abs().view(7, 12, d).amax(dim=(0, 2)) > 1e-6
     assert changed.tolist() == [False] * 6 + [True] * 6
     with torch.no_grad():  # group 0's key rows: changes heads 0-5 only (beyond the first token)
         att.wqkv.weight.copy_(original)
         att.wqkv.weight[48: 48 + d] += 1.0
-    changed = (att(x, None, alibi_slopes(12).float()) - base).abs().view(7, 12, d).amax(dim=(0, 2)) > 1e-6
+    changed = (att(x, relative_distance(7, "none"), alibi_slopes(12).float()) - base).abs().view(7, 12, d).amax(dim=(0, 2)) > 1e-6
     assert changed.tolist() == [True] * 6 + [False] * 6
 
 
