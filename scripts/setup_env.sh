@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Creates .venv (once) with a CPU torch and the pack's requirements. Inside ComfyUI none of this is needed:
+# ComfyUI's own environment provides torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch, einops, safetensors, transformers, sentencepiece, cv2, pytest, ruff" 2>/dev/null; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q "torch==2.13.0" -r requirements.txt "pytest>=7" "ruff>=0.5"
+fi
