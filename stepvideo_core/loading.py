@@ -40,6 +40,7 @@ KNOWN_KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer
 
 # Key fragments that identify other models' checkpoints, checked in order; first match wins.
 FOREIGN_SIGNATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("the Step-Video DiT (load it with the Step-Video DiT loader)", ("pos_embed.proj.weight", "transformer_blocks.0.attn1.wqkv.weight")),
     ("the Step-Video VAE (load it with the Step-Video VAE loader)", ("decoder.conv_in.conv.weight", "encoder.conv_in.conv.weight")),
     ("the Step-LLM text encoder (load it with the Step-Video text encoder loader)", ("tok_embeddings.word_embeddings.weight",)),
     ("a Hunyuan-CLIP/BERT text encoder", ("bert.embeddings.word_embeddings.weight", "embeddings.word_embeddings.weight")),

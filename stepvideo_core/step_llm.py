@@ -242,8 +242,6 @@ def load_step_llm(
     shapes = {key_map(k): v for k, v in ckpt.shapes().items()}
     if EMBED_KEY not in shapes:
         foreign = identify_foreign(shapes)
-        if foreign is None and "pos_embed.proj.weight" in shapes:
-            foreign = "the Step-Video DiT (load it with the Step-Video model loader)"
         what = f"looks like {foreign}" if foreign else f"has no {EMBED_KEY!r}, so it is not"
         raise CheckpointError(f"{ckpt.path} {what}, not the Step-LLM text encoder (step_llm/ folder).")
     # config.json fixes what the shapes cannot (head count, eps); the shapes fix the rest, so reduced-depth
