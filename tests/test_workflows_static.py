@@ -1,0 +1,441 @@
+"""Static checks of the shipped workflows and locales (no ComfyUI needed; runs on CI).
+
+The node contract below is the pack's public interface as the workflows, the frontend extension and the locales use
+it: node id -> socket inputs, widget inputs (in order, with ranges) and outputs. ``tests/host/test_frontend.py``
+compares it with the live ``/object_info`` of a real ComfyUI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW_DIR = ROOT / "workflows"
+LOCALES = ROOT / "locales"
+WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
+
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+DTYPES_DIT = ["default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]
+DTYPES_LLM = ["bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]
+
+
+def combo(name, options=None):
+    """options None: the choices are files/folders on the user's disk (any non-empty string)."""
+    return {"name": name, "kind": "combo", "options": options}
+
+
+def int_(name, lo, hi, step=None, control=False):
+    return {"name": name, "kind": "int", "min": lo, "max": hi, "step": step, "control": control}
+
+
+def float_(name, lo, hi):
+    return {"name": name, "kind": "float", "min": lo, "max": hi}
+
+
+def bool_(name):
+    return {"name": name, "kind": "bool"}
+
+
+def str_(name):
+    return {"name": name, "kind": "string"}
+
+
+# node id -> sockets (name, type) in order, widgets in order, outputs (name, type) in order
+CONTRACT: dict[str, dict] = {
+    "StepVideoDiTLoader": {
+        "sockets": [],
+        "widgets": [combo("model_name"), combo("weight_dtype", DTYPES_DIT),
+                    combo("attention", ["comfy", "sdpa", "sageattention", "flash-attn"])],
+        "outputs": [("MODEL", "MODEL")],
+    },
+    "StepVideoTextEncoderLoader": {
+        "sockets": [],
+        "widgets": [combo("step_llm"), combo("hunyuan_clip"), combo("llm_dtype", DTYPES_LLM),
+                    combo("device", ["default", "cpu"])],
+        "outputs": [("STEPVIDEO_TEXT_ENCODERS", "STEPVIDEO_TEXT_ENCODERS")],
+    },
+    "StepVideoTextEncode": {
+        "sockets": [("text_encoders", "STEPVIDEO_TEXT_ENCODERS")],
+        "widgets": [str_("prompt"), str_("negative_prompt"), bool_("positive_magic"), bool_("negative_magic")],
+        "outputs": [("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+    },
+    "StepVideoVAELoader": {
+        "sockets": [],
+        "widgets": [combo("vae_name"), combo("dtype", ["bf16", "fp16", "fp32"])],
+        "outputs": [("STEPVIDEO_VAE", "STEPVIDEO_VAE")],
+    },
+    "StepVideoVAEDecode": {
+        "sockets": [("vae", "STEPVIDEO_VAE"), ("samples", "LATENT")],
+        "widgets": [int_("tile_size", 0, 512), int_("tile_overlap", 0, 256)],
+        "outputs": [("IMAGE", "IMAGE")],
+    },
+    "StepVideoVAEEncode": {
+        "sockets": [("vae", "STEPVIDEO_VAE"), ("image", "IMAGE")],
+        "widgets": [],
+        "outputs": [("LATENT", "LATENT")],
+    },
+    "StepVideoEmptyLatent": {
+        "sockets": [],
+        "widgets": [int_("width", 16, 4096, 16), int_("height", 16, 4096, 16), int_("frames", 17, 1700, 17),
+                    int_("batch_size", 1, 64)],
+        "outputs": [("LATENT", "LATENT")],
+    },
+    "StepVideoSampler": {
+        "sockets": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                    ("latent_image", "LATENT")],
+        "widgets": [combo("preset", ["standard", "turbo", "custom"]), int_("steps", 1, 10000),
+                    float_("cfg", 0.0, 100.0), float_("shift", 0.0, 100.0), int_("seed", 0, SEED_MAX, control=True),
+                    float_("denoise", 0.0, 1.0)],
+        "outputs": [("LATENT", "LATENT")],
+    },
+    "StepVideoLoraLoader": {
+        "sockets": [("model", "MODEL")],
+        "widgets": [combo("lora_name"), float_("strength", -4.0, 4.0)],
+        "outputs": [("MODEL", "MODEL")],
+    },
+}
+PACK_NODES = sorted(CONTRACT)
+
+# Core nodes the workflows may use, with the same contract shape (0.3.64).
+CORE_CONTRACT: dict[str, dict] = {
+    "CreateVideo": {
+        "sockets": [("images", "IMAGE"), ("audio", "AUDIO")],
+        "widgets": [float_("fps", 1.0, 120.0)],
+        "outputs": [("VIDEO", "VIDEO")],
+    },
+    "SaveVideo": {
+        "sockets": [("video", "VIDEO")],
+        "widgets": [str_("filename_prefix"), combo("format", ["auto", "mp4"]), combo("codec", ["auto", "h264"])],
+        "outputs": [],
+    },
+    "LoraLoaderModelOnly": {
+        "sockets": [("model", "MODEL")],
+        "widgets": [combo("lora_name"), float_("strength_model", -100.0, 100.0)],
+        "outputs": [("MODEL", "MODEL")],
+    },
+    "MarkdownNote": {"sockets": [], "widgets": [str_("text")], "outputs": []},
+    "Note": {"sockets": [], "widgets": [str_("text")], "outputs": []},
+}
+VIRTUAL_NODES = {"MarkdownNote", "Note"}
+LOADERS_WITH_MODELS = {"StepVideoDiTLoader", "StepVideoTextEncoderLoader", "StepVideoVAELoader"}
+MODEL_DIRECTORIES = {"stepvideo", "diffusion_models", "text_encoders", "vae", "loras"}
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+OFFICIAL_PREFIX = "stepvideo/"  # combo values of the official layout: stepvideo/<download>/<part> (nodes/logic.py)
+EXPECTED_WORKFLOWS = {"stepvideo_t2v_standard", "stepvideo_t2v_turbo", "stepvideo_t2v_low_memory",
+                      "stepvideo_t2v_lora_swap"}
+
+
+def spec(node_type: str) -> dict:
+    return CONTRACT.get(node_type) or CORE_CONTRACT[node_type]
+
+
+def widget_names_with_control(node_type: str) -> list[str]:
+    """widgets_values layout: a seed-like INT with control_after_generate is followed by its control value."""
+    names = []
+    for w in spec(node_type)["widgets"]:
+        names.append(w["name"])
+        if w.get("control"):
+            names.append(w["name"] + ".control_after_generate")
+    return names
+
+
+def load(path: Path) -> dict:
+    with path.open(encoding="utf-8") as f:
+        return json.load(f)
+
+
+def named_widgets(node: dict) -> dict:
+    return dict(zip(widget_names_with_control(node["type"]), node["widgets_values"], strict=True))
+
+
+def check_value(w: dict, value, where: str) -> None:
+    kind = w["kind"]
+    if kind == "combo":
+        assert isinstance(value, str) and value, f"{where}: combo value must be a non-empty string, got {value!r}"
+        if w["options"] is not None:
+            assert value in w["options"], f"{where}: {value!r} not in {w['options']}"
+    elif kind == "int":
+        assert isinstance(value, int) and not isinstance(value, bool), f"{where}: expected an int, got {value!r}"
+        assert w["min"] <= value <= w["max"], f"{where}: {value} outside [{w['min']}, {w['max']}]"
+        if w["step"]:
+            assert value % w["step"] == 0, f"{where}: {value} is not a multiple of {w['step']}"
+    elif kind == "float":
+        assert isinstance(value, int | float) and not isinstance(value, bool), f"{where}: expected a number"
+        assert math.isfinite(value) and w["min"] <= value <= w["max"], f"{where}: {value} out of range"
+    elif kind == "bool":
+        assert isinstance(value, bool), f"{where}: expected a boolean, got {value!r}"
+    elif kind == "string":
+        assert isinstance(value, str), f"{where}: expected a string, got {value!r}"
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_workflow_folder_layout():
+    assert not (ROOT / "example_workflows").exists(), "ship one workflow folder only (workflows/), see host doc §12"
+    for other in ("example", "examples", "workflow"):
+        assert not (ROOT / other).exists(), f"{other}/ would also be globbed as a template folder"
+    assert {p.stem for p in WORKFLOWS} >= EXPECTED_WORKFLOWS
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_structure_and_links(path: Path):
+    wf = load(path)
+    assert wf.get("version") == 0.4
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert len(nodes) == len(wf["nodes"]), "duplicate node ids"
+    assert wf["last_node_id"] >= max(nodes)
+    links = {}
+    for link in wf["links"]:
+        assert len(link) == 6, link
+        lid, src, sslot, dst, dslot, typ = link
+        assert lid not in links, f"duplicate link id {lid}"
+        links[lid] = link
+        assert src in nodes and dst in nodes, f"link {lid} points at a missing node"
+        out = nodes[src]["outputs"][sslot]
+        inp = nodes[dst]["inputs"][dslot]
+        assert out["type"] == typ == inp["type"], f"link {lid}: type mismatch {out['type']}/{typ}/{inp['type']}"
+        assert lid in (out.get("links") or []), f"link {lid} missing from node {src} output {sslot}"
+        assert inp.get("link") == lid, f"link {lid} missing from node {dst} input {dslot}"
+    assert wf["last_link_id"] >= max(links, default=0)
+    # and the other way: every link id a node mentions exists and points back at that node/slot
+    for node in nodes.values():
+        for slot, out in enumerate(node.get("outputs", [])):
+            for lid in out.get("links") or []:
+                assert links[lid][1:3] == [node["id"], slot], f"node {node['id']} output {slot} lists link {lid}"
+        for slot, inp in enumerate(node.get("inputs", [])):
+            if inp.get("link") is not None:
+                assert links[inp["link"]][3:5] == [node["id"], slot], f"node {node['id']} input {slot}"
+    # orders are a permutation and respect the links (a valid execution order)
+    orders = sorted(n["order"] for n in nodes.values())
+    assert orders == list(range(len(nodes)))
+    for _lid, src, _s, dst, _d, _t in wf["links"]:
+        assert nodes[src]["order"] < nodes[dst]["order"]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_nodes_match_contract(path: Path):
+    wf = load(path)
+    for node in wf["nodes"]:
+        t = node["type"]
+        where = f"{path.name} node {node['id']} ({t})"
+        assert t in CONTRACT or t in CORE_CONTRACT, f"{where}: unknown node type"
+        s = spec(t)
+        assert [(i["name"], i["type"]) for i in node.get("inputs", []) if "widget" not in i] == s["sockets"], where
+        assert [(o["name"], o["type"]) for o in node.get("outputs", [])] == s["outputs"], where
+        for i, o in enumerate(node.get("outputs", [])):
+            assert o.get("slot_index", i) == i, where
+        values = node.get("widgets_values", [])
+        assert len(values) == len(widget_names_with_control(t)), f"{where}: widgets_values {values!r}"
+        named = named_widgets(node)
+        for w in s["widgets"]:
+            check_value(w, named[w["name"]], f"{where}.{w['name']}")
+            if w.get("control"):
+                assert named[w["name"] + ".control_after_generate"] in CONTROL_VALUES, where
+        assert node.get("mode", 0) in (0, 2, 4), where
+        if t not in VIRTUAL_NODES:
+            props = node.get("properties", {})
+            assert props.get("Node name for S&R") == t, where
+            assert props.get("cnr_id") == ("comfyui-stepvideo" if t in CONTRACT else "comfy-core"), where
+        for sock in node.get("inputs", []):
+            if sock["name"] in {"model", "positive", "negative", "latent_image", "vae", "samples", "images", "video",
+                                "text_encoders"}:
+                assert sock.get("link") is not None, f"{where}: required input {sock['name']} is not connected"
+
+
+def _node_rules(node: dict, where: str) -> None:
+    """Step-Video's own rules on the values (beyond the widget ranges)."""
+    t, v = node["type"], named_widgets(node) if node["type"] in CONTRACT else {}
+    if t == "StepVideoEmptyLatent":
+        assert v["width"] % 16 == 0 and v["height"] % 16 == 0 and v["frames"] % 17 == 0, where
+        assert v["frames"] <= 204, f"{where}: more than the 204 frames the model was trained for"
+    if t == "StepVideoVAEDecode":
+        assert v["tile_size"] == 0 or 2 * v["tile_overlap"] <= v["tile_size"], f"{where}: overlap above half a tile"
+    if t == "StepVideoSampler":
+        if v["preset"] == "standard":
+            assert (v["steps"], v["cfg"], v["shift"]) == (50, 9.0, 13.0), where
+        if v["preset"] == "turbo":
+            assert 10 <= v["steps"] <= 15 and v["cfg"] == 5.0 and v["shift"] == 17.0, where
+    if t == "CreateVideo":
+        assert node["widgets_values"][0] == 25, f"{where}: Step-Video renders at 25 fps"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_values_follow_stepvideo_rules(path: Path):
+    wf = load(path)
+    for node in wf["nodes"]:
+        _node_rules(node, f"{path.name} node {node['id']}")
+    types = [n["type"] for n in wf["nodes"]]
+    assert "SaveVideo" in types and "CreateVideo" in types
+    assert any(t in VIRTUAL_NODES for t in types), "each workflow carries a note for the artist"
+    for n in wf["nodes"]:
+        if n["type"] in VIRTUAL_NODES:
+            assert len(n["widgets_values"][0]) > 200
+
+
+def test_each_workflow_has_its_purpose():
+    by = {p.stem: load(p) for p in WORKFLOWS}
+
+    def nodes(name, t):
+        return [named_widgets(n) for n in by[name]["nodes"] if n["type"] == t]
+
+    (s,) = nodes("stepvideo_t2v_standard", "StepVideoSampler")
+    assert (s["steps"], s["cfg"], s["shift"]) == (50, 9.0, 13.0)
+    (lat,) = nodes("stepvideo_t2v_standard", "StepVideoEmptyLatent")
+    assert {lat["width"], lat["height"]} == {544, 992} and lat["frames"] == 204
+    (dec,) = nodes("stepvideo_t2v_standard", "StepVideoVAEDecode")
+    assert dec["tile_size"] > 0
+
+    (s,) = nodes("stepvideo_t2v_turbo", "StepVideoSampler")
+    assert 10 <= s["steps"] <= 15 and s["cfg"] == 5.0 and s["shift"] == 17.0
+    (d,) = nodes("stepvideo_t2v_turbo", "StepVideoDiTLoader")
+    assert "turbo" in d["model_name"]
+    (d,) = [n for n in by["stepvideo_t2v_turbo"]["nodes"] if n["type"] == "StepVideoDiTLoader"]
+    assert all("stepfun-ai/stepvideo-t2v-turbo/" in m["url"] for m in d["properties"]["models"])
+
+    (d,) = nodes("stepvideo_t2v_low_memory", "StepVideoDiTLoader")
+    assert d["weight_dtype"].startswith("fp8")
+    (te,) = nodes("stepvideo_t2v_low_memory", "StepVideoTextEncoderLoader")
+    assert te["llm_dtype"].startswith("fp8") and te["device"] == "cpu"
+    (dec,) = nodes("stepvideo_t2v_low_memory", "StepVideoVAEDecode")
+    assert 0 < dec["tile_size"] < 16
+
+    wf = by["stepvideo_t2v_lora_swap"]
+    loras = [n for n in wf["nodes"] if n["type"] == "StepVideoLoraLoader"]
+    samplers = [named_widgets(n) for n in wf["nodes"] if n["type"] == "StepVideoSampler"]
+    assert len(loras) == 2 and len(samplers) == 2
+    a, b = (named_widgets(n) for n in loras)
+    assert (a["lora_name"], a["strength"]) != (b["lora_name"], b["strength"])
+    assert len({(s["seed"], s["steps"], s["cfg"], s["shift"], s["preset"]) for s in samplers}) == 1
+    # both LoRAs hang off the same (single) DiT loader: swapping never loads the base model twice
+    dit_ids = [n["id"] for n in wf["nodes"] if n["type"] == "StepVideoDiTLoader"]
+    assert len(dit_ids) == 1
+    links = {lk[0]: lk for lk in wf["links"]}
+    for n in loras:
+        assert links[n["inputs"][0]["link"]][1] == dit_ids[0]
+    # both samplers share one latent and one conditioning
+    for name in ("positive", "negative", "latent_image"):
+        srcs = {tuple(links[i["link"]][1:3]) for n in wf["nodes"] if n["type"] == "StepVideoSampler"
+                for i in n["inputs"] if i["name"] == name}
+        assert len(srcs) == 1, name
+    prefixes = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "SaveVideo"]
+    assert len(set(prefixes)) == 2
+
+
+HF_URL = re.compile(r"^https://huggingface\.co/stepfun-ai/stepvideo-t2v(-turbo)?/resolve/main/[\w./-]+$")
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_models_metadata(path: Path):
+    wf = load(path)
+    for node in wf["nodes"]:
+        models = node.get("properties", {}).get("models")
+        where = f"{path.name} node {node['id']} ({node['type']})"
+        if node["type"] in LOADERS_WITH_MODELS:
+            assert models, f"{where}: properties.models lists nothing to download"
+        if not models:
+            continue
+        names = set()
+        for m in models:
+            assert set(m) >= {"name", "url", "directory"}, where
+            assert m["url"].startswith("https://"), where
+            assert HF_URL.match(m["url"]), f"{where}: unexpected URL {m['url']}"
+            assert m["directory"] in MODEL_DIRECTORIES, where
+            assert m["name"] not in names, f"{where}: {m['name']} listed twice"
+            names.add(m["name"])
+            # the target path mirrors the repository layout under models/stepvideo/<repo>/
+            if m["directory"] == "stepvideo":
+                repo, rel = m["url"].split("stepfun-ai/")[1].split("/resolve/main/")
+                assert m["name"] == f"{repo}/{rel}", where
+        # The widget values name the official layout as stepvideo/<download>/<part>; the entries are the files of
+        # that part relative to models/stepvideo/. (They deliberately never equal a widget value: the frontend's
+        # missing-model dialog compares names with widget values and would otherwise always report them missing.)
+        w = {k: v[len(OFFICIAL_PREFIX):] for k, v in named_widgets(node).items()
+             if isinstance(v, str) and v.startswith(OFFICIAL_PREFIX)} if node["type"] in CONTRACT else {}
+        if node["type"] == "StepVideoDiTLoader":
+            assert w["model_name"].endswith("/transformer"), where
+            assert all(n.startswith(w["model_name"] + "/") for n in names), where
+            assert sum(n.endswith(".safetensors") for n in names) == 6, where
+        if node["type"] == "StepVideoTextEncoderLoader":
+            assert w["step_llm"].endswith("/step_llm") and w["hunyuan_clip"].endswith("/hunyuan_clip"), where
+            assert sum(n.startswith(w["step_llm"] + "/") for n in names) == 12, where
+            assert any(n.startswith(w["hunyuan_clip"] + "/clip_text_encoder/") for n in names), where
+            assert any(n == w["hunyuan_clip"] + "/tokenizer/vocab.txt" for n in names), where
+            assert any(n.endswith("step_llm/step1_chat_tokenizer.model") for n in names), where
+        if node["type"] == "StepVideoVAELoader":
+            assert w["vae_name"] in names and w["vae_name"].endswith("/vae/vae_v2.safetensors"), where
+        widget_strings = {v for v in node.get("widgets_values", []) if isinstance(v, str)}
+        assert not names & widget_strings, where
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# locales
+
+
+def _locale(lang: str) -> dict:
+    """What the server's /i18n merges for one language: main.json, with nodeDefs.json under "nodeDefs"."""
+    d = LOCALES / lang
+    data = load(d / "main.json")
+    if (d / "nodeDefs.json").exists():
+        data["nodeDefs"] = load(d / "nodeDefs.json")
+    return data
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_locales_cover_every_node(lang: str):
+    defs = _locale(lang)["nodeDefs"]
+    for node_id, s in CONTRACT.items():
+        assert node_id in defs, f"{lang}: {node_id} missing"
+        d = defs[node_id]
+        assert d.get("display_name", "").strip(), f"{lang}: {node_id} display_name"
+        assert d.get("description", "").strip(), f"{lang}: {node_id} description"
+        for name in [n for n, _ in s["sockets"]] + [w["name"] for w in s["widgets"]]:
+            entry = d.get("inputs", {}).get(name)
+            assert entry and entry.get("name", "").strip(), f"{lang}: {node_id}.inputs.{name}.name"
+            assert entry.get("tooltip", "").strip(), f"{lang}: {node_id}.inputs.{name}.tooltip"
+        outs = d.get("outputs", {})
+        for i in range(len(s["outputs"])):
+            assert outs.get(str(i), {}).get("name", "").strip(), f"{lang}: {node_id}.outputs.{i}"
+        extra = set(d.get("inputs", {})) - {n for n, _ in s["sockets"]} - {w["name"] for w in s["widgets"]}
+        assert not extra, f"{lang}: {node_id} translates unknown inputs {extra}"
+    assert set(defs) <= set(CONTRACT), f"{lang}: unknown node ids {set(defs) - set(CONTRACT)}"
+
+
+def test_chinese_locale_is_chinese():
+    zh = _locale("zh")["nodeDefs"]
+    cjk = re.compile(r"[\u4e00-\u9fff]")
+    for node_id, d in zh.items():
+        assert cjk.search(d["display_name"]), node_id
+        for name, entry in d["inputs"].items():
+            assert cjk.search(entry["tooltip"]), f"{node_id}.{name}"
+
+
+def test_locales_same_keys():
+    def keys(x, prefix=""):
+        if isinstance(x, dict):
+            return set().union(*(keys(v, f"{prefix}/{k}") for k, v in x.items())) | {prefix}
+        return {prefix}
+
+    assert keys(_locale("en")) == keys(_locale("zh"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# frontend extension (static part; the browser test is tests/host/test_frontend.py)
+
+
+def test_frontend_extension_static():
+    js = (ROOT / "js" / "stepvideo.js").read_text(encoding="utf-8")
+    assert "innerHTML" not in js and "outerHTML" not in js and "insertAdjacentHTML" not in js
+    assert "eval(" not in js and "new Function" not in js
+    assert "StepVideoEmptyLatent" in js
+    assert "serialize: false" in js and ".serialize = false" in js
+    init = (ROOT / "__init__.py")
+    if init.exists():
+        assert re.search(r"WEB_DIRECTORY\s*=\s*[\"']\./js[\"']", init.read_text(encoding="utf-8"))
