@@ -1,0 +1,42 @@
+"""Step-Video-T2V for ComfyUI (V3 nodes).
+
+Importing this package does nothing heavy and needs no ComfyUI: the node modules (which import ``comfy``) are
+imported inside ``comfy_entrypoint``, which ComfyUI calls when it loads the pack. So ``pytest`` in the
+repository root, where ComfyUI is absent, can import this file safely.
+"""
+
+WEB_DIRECTORY = "./js"
+
+
+def _node_list() -> list:
+    from .nodes.dit_nodes import StepVideoDiTLoader, StepVideoLoraLoader
+    from .nodes.latent_nodes import StepVideoEmptyLatent
+    from .nodes.paths import register_folders
+    from .nodes.sampler_nodes import StepVideoNoise, StepVideoSampler, StepVideoSigmas
+    from .nodes.text_nodes import StepVideoTextEncode, StepVideoTextEncoderLoader
+    from .nodes.vae_nodes import StepVideoVAEDecode, StepVideoVAEEncode, StepVideoVAELoader
+
+    register_folders()
+    return [
+        StepVideoDiTLoader,
+        StepVideoLoraLoader,
+        StepVideoTextEncoderLoader,
+        StepVideoTextEncode,
+        StepVideoVAELoader,
+        StepVideoVAEDecode,
+        StepVideoVAEEncode,
+        StepVideoEmptyLatent,
+        StepVideoSampler,
+        StepVideoSigmas,
+        StepVideoNoise,
+    ]
+
+
+async def comfy_entrypoint():
+    from comfy_api.latest import ComfyExtension
+
+    class StepVideoExtension(ComfyExtension):
+        async def get_node_list(self) -> list:
+            return _node_list()
+
+    return StepVideoExtension()

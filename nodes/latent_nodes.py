@@ -1,0 +1,38 @@
+"""StepVideoEmptyLatent."""
+
+from __future__ import annotations
+
+import comfy.model_management as mm
+import torch
+from comfy_api.latest import io
+
+from . import logic
+
+
+class StepVideoEmptyLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StepVideoEmptyLatent",
+            display_name="Step-Video Empty Latent",
+            category="StepVideo/latent",
+            description="An empty Step-Video latent [batch, 64, frames/17*3, height/16, width/16]. Official sizes: "
+                        "992x544 (and 544x992), 768x768; 204 frames at 25 fps.",
+            inputs=[
+                io.Int.Input("width", default=992, min=16, max=4096, step=16),
+                io.Int.Input("height", default=544, min=16, max=4096, step=16),
+                io.Int.Input("frames", default=204, min=17, max=1700, step=17,
+                             tooltip="Video frames: a multiple of 17 (17 frames -> 3 latent frames)."),
+                io.Int.Input("batch_size", default=1, min=1, max=64),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, width, height, frames, batch_size):
+        return logic.validate_video_request(width, height, frames, batch_size)
+
+    @classmethod
+    def execute(cls, width, height, frames, batch_size=1) -> io.NodeOutput:
+        shape = logic.empty_latent_shape(width, height, frames, batch_size)
+        return io.NodeOutput({"samples": torch.zeros(shape, device=mm.intermediate_device())})

@@ -1,0 +1,149 @@
+"""The Step-Video DiT as a native ComfyUI MODEL: a ``BaseModel`` subclass inside a ``ModelPatcher``.
+
+Flow sampling (``ModelType.FLOW``) with the Step-Video shift, so core samplers, ``ModelSamplingSD3`` and the
+core LoRA loaders work. See ``logic.py`` for the convention bridge (t = 1 - sigma, output = -velocity).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import comfy.conds
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.supported_models_base
+import torch
+
+from ..stepvideo_core.attention import sdpa_attention
+from ..stepvideo_core.dit import load_dit
+from ..stepvideo_core.ops import FP8_DTYPES
+from .logic import CLIP_KEY, LATENT_CHANNELS, MASK_KEY
+
+log = logging.getLogger("stepvideo")
+
+# How many times a DiT was read from disk in this process (tests and the log use it to prove LoRA swaps reuse it).
+LOAD_STATS = {"dit_loads": 0}
+
+
+def _placeholder_rgb_factors() -> list[list[float]]:
+    """An approximate latent -> RGB table for live previews.
+
+    Not fitted to the VAE: it projects the 64 channels with a fixed, seeded random matrix so previews show
+    structure and motion (not true colours). Replace with a least-squares fit on decoded frames when available.
+    """
+    g = torch.Generator().manual_seed(64)
+    return (torch.randn(LATENT_CHANNELS, 3, generator=g) * 0.08).tolist()
+
+
+class StepVideoLatentFormat(comfy.latent_formats.LatentFormat):
+    latent_channels = LATENT_CHANNELS
+    latent_dimensions = 3
+    scale_factor = 1.0  # the DiT consumes the VAE's latents as they are (no scale, no shift)
+    latent_rgb_factors = _placeholder_rgb_factors()
+    latent_rgb_factors_bias = [0.0, 0.0, 0.0]
+
+
+class StepVideoModelConfig(comfy.supported_models_base.BASE):
+    unet_config = {"disable_unet_model_creation": True}
+    unet_extra_config = {}
+    latent_format = StepVideoLatentFormat
+    sampling_settings = {"shift": 13.0, "multiplier": 1000}
+    memory_usage_factor = 2.0
+    supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
+
+
+class StepVideoModel(comfy.model_base.BaseModel):
+    """Wraps ``StepVideoDiT``; the DiT is ``self.diffusion_model`` so weights are ``diffusion_model.<official name>``."""
+
+    def __init__(self, model_config, dit, device=None):
+        super().__init__(model_config, model_type=comfy.model_base.ModelType.FLOW, device=device)
+        self.diffusion_model = dit
+
+    def get_dtype(self):
+        return self.diffusion_model.dtype
+
+    def extra_conds(self, **kwargs):
+        out = {}
+        cross = kwargs.get("cross_attn")
+        if cross is not None:
+            # CONDRegular, not CONDCrossAttn: the states are fixed length (320) and must never be repeat-padded.
+            out["c_crossattn"] = comfy.conds.CONDRegular(cross)
+        for key in (MASK_KEY, CLIP_KEY):
+            if kwargs.get(key) is not None:
+                out[key] = comfy.conds.CONDRegular(kwargs[key])
+        return out
+
+    def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
+        sigma = t
+        mask, clip = kwargs.get(MASK_KEY), kwargs.get(CLIP_KEY)
+        if c_crossattn is None or mask is None or clip is None:
+            raise ValueError("The Step-Video model needs conditioning from StepVideoTextEncode (Step-LLM + CLIP states "
+                             "and their mask); other text encoders' CONDITIONING does not fit it.")
+        dit = self.diffusion_model
+        dtype = dit.compute_dtype
+        xc = self.model_sampling.calculate_input(sigma, x)
+        device = xc.device
+        b = xc.shape[0]
+        t_ref = (1.0 - sigma.reshape(-1).float()).to(device)
+        if t_ref.numel() == 1 and b > 1:
+            t_ref = t_ref.expand(b)
+        v = dit(
+            xc.to(dtype).movedim(1, 2),  # [B, C, T, H, W] -> [B, T, C, H, W]
+            t_ref,
+            c_crossattn.to(device=device, dtype=dtype),
+            mask.to(device=device),
+            clip.to(device=device, dtype=dtype),
+        )
+        model_output = -v.movedim(2, 1).float()  # ComfyUI flow wants noise - x0; the DiT gives x0 - noise
+        return self.model_sampling.calculate_denoised(sigma, model_output, x)
+
+
+def comfy_attention():
+    """ComfyUI's optimized attention (honours --use-sage-attention, --use-flash-attention, ...) for unmasked calls;
+    masked (text cross-attention, at most 397 keys) calls use SDPA with the boolean mask."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    def fn(q, k, v, mask=None):
+        if mask is not None:
+            return sdpa_attention(q, k, v, mask)
+        return optimized_attention(q, k, v, q.shape[1], skip_reshape=True, skip_output_reshape=True)
+
+    return fn
+
+
+def choose_dtypes(weight_dtype: torch.dtype | None, load_device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(storage dtype, manual-cast compute dtype or None) the way ComfyUI picks them for its own DiTs."""
+    supported = [torch.bfloat16, torch.float32]
+    if weight_dtype is None:
+        weight_dtype = mm.unet_dtype(device=load_device, supported_dtypes=supported)
+    manual_cast = mm.unet_manual_cast(weight_dtype, load_device, supported)
+    if weight_dtype in FP8_DTYPES and manual_cast is None:
+        manual_cast = torch.bfloat16 if mm.should_use_bf16(load_device) else torch.float32
+    return weight_dtype, manual_cast
+
+
+def build_model_patcher(path: str, weight_dtype: torch.dtype | None, attention) -> comfy.model_patcher.ModelPatcher:
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    weight_dtype, manual_cast = choose_dtypes(weight_dtype, load_device)
+    compute_dtype = manual_cast or weight_dtype
+    operations = comfy.ops.pick_operations(weight_dtype, manual_cast, load_device=load_device)
+    LOAD_STATS["dit_loads"] += 1
+    log.info("StepVideo: loading DiT #%d from %s (weights %s, compute %s, ops %s)", LOAD_STATS["dit_loads"],
+             path, weight_dtype, compute_dtype, getattr(operations, "__name__", operations))
+    dit = load_dit(path, weight_dtype=weight_dtype, compute_dtype=compute_dtype, device=offload_device,
+                   operations=operations)
+    dit.dtype = weight_dtype  # BaseModel.get_dtype / ModelPatcher.model_dtype read this
+    dit.set_attention(attention)
+    config = StepVideoModelConfig(dict(StepVideoModelConfig.unet_config))
+    config.set_inference_dtype(weight_dtype, manual_cast)
+    model = StepVideoModel(config, dit, device=offload_device)
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def describe_file(path: str) -> str:
+    return os.path.basename(os.path.normpath(path))

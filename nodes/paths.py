@@ -1,0 +1,108 @@
+"""Model folders: the standard ComfyUI ones plus ``models/stepvideo/`` for the official multi-file download."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+from . import logic
+
+SAFETENSORS = {".safetensors", ".sft"}
+
+
+def register_folders() -> None:
+    """Make sure our folders exist in ComfyUI's registry with explicit extensions (idempotent)."""
+    for name in ("diffusion_models", "text_encoders", "vae", "loras"):
+        if name in folder_paths.folder_names_and_paths:
+            paths, exts = folder_paths.folder_names_and_paths[name]
+            exts = set(exts) | SAFETENSORS if exts else set(folder_paths.supported_pt_extensions)
+            folder_paths.folder_names_and_paths[name] = (paths, exts)
+        else:
+            path = os.path.join(folder_paths.models_dir, name)
+            folder_paths.folder_names_and_paths[name] = ([path], set(folder_paths.supported_pt_extensions))
+    if "stepvideo" not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths["stepvideo"] = ([os.path.join(folder_paths.models_dir, "stepvideo")],
+                                                            set(SAFETENSORS))
+
+
+def _roots(name: str) -> list[str]:
+    register_folders()
+    return folder_paths.get_folder_paths(name)
+
+
+def stepvideo_roots() -> list[str]:
+    return _roots("stepvideo")
+
+
+# ---- DiT -----------------------------------------------------------------------------------------------------
+
+DIT_WHERE = "models/diffusion_models or models/stepvideo/<download>/transformer"
+
+
+def dit_choices() -> list[str]:
+    files = [f for f in folder_paths.get_filename_list("diffusion_models") if f.endswith((".safetensors", ".sft"))]
+    return logic.list_official(stepvideo_roots(), "transformer") + sorted(files)
+
+
+def dit_path(name: str) -> str | None:
+    if name.startswith(logic.OFFICIAL_PREFIX):
+        found = logic.resolve_official(stepvideo_roots(), name)
+        if found:
+            return found
+    return folder_paths.get_full_path("diffusion_models", name)
+
+
+# ---- text encoders -----------------------------------------------------------------------------------------------
+
+STEP_LLM_WHERE = "models/text_encoders/<folder> (with step1_chat_tokenizer.model) or models/stepvideo/<download>/step_llm"
+CLIP_WHERE = "models/text_encoders/<folder> (with clip_text_encoder/) or models/stepvideo/<download>/hunyuan_clip"
+
+
+def step_llm_choices() -> list[str]:
+    return (logic.list_official(stepvideo_roots(), "step_llm")
+            + logic.list_subfolders(_roots("text_encoders"), logic.STEP_LLM_MARKER))
+
+
+def hunyuan_clip_choices() -> list[str]:
+    return (logic.list_official(stepvideo_roots(), "hunyuan_clip")
+            + logic.list_subfolders(_roots("text_encoders"), logic.HUNYUAN_CLIP_MARKER))
+
+
+def text_encoder_path(name: str) -> str | None:
+    if name.startswith(logic.OFFICIAL_PREFIX):
+        found = logic.resolve_official(stepvideo_roots(), name)
+        if found and os.path.isdir(found):
+            return found
+    return logic.resolve_subfolder(_roots("text_encoders"), name)
+
+
+# ---- VAE ----------------------------------------------------------------------------------------------------------
+
+VAE_WHERE = "models/vae or models/stepvideo/<download>/vae/vae_v2.safetensors"
+
+
+def vae_choices() -> list[str]:
+    files = [f for f in folder_paths.get_filename_list("vae") if f.endswith((".safetensors", ".sft"))]
+    return logic.list_official(stepvideo_roots(), "vae/vae_v2.safetensors", check=os.path.isfile) + sorted(files)
+
+
+def vae_path(name: str) -> str | None:
+    if name.startswith(logic.OFFICIAL_PREFIX):
+        found = logic.resolve_official(stepvideo_roots(), name)
+        if found:
+            return found
+    return folder_paths.get_full_path("vae", name)
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------------------------
+
+LORA_WHERE = "models/loras"
+
+
+def lora_choices() -> list[str]:
+    return folder_paths.get_filename_list("loras")
+
+
+def lora_path(name: str) -> str | None:
+    return folder_paths.get_full_path("loras", name)

@@ -1,0 +1,122 @@
+"""StepVideoSampler, plus StepVideoSigmas and StepVideoNoise for composing with SamplerCustomAdvanced."""
+
+from __future__ import annotations
+
+import comfy.model_management as mm
+import comfy.samplers
+import comfy.utils
+import latent_preview
+from comfy_api.latest import io
+
+from . import logic
+
+
+class StepVideoNoiseSource:
+    """A NOISE object (``seed`` + ``generate_noise``) drawing the core pipeline's noise for any latent."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def generate_noise(self, input_latent: dict):
+        return logic.noise_for(input_latent["samples"], self.seed)
+
+
+def sample(model, positive, negative, latent_image: dict, steps: int, cfg: float, shift: float, seed: int,
+           denoise: float = 1.0) -> dict:
+    """Euler on the reference schedule through ComfyUI's CFGGuider (model loading, lowvram, LoRA patches,
+    previews, progress and cancellation all come from the host)."""
+    latent = latent_image["samples"]
+    logic.to_core_latent(latent)  # shape check with a clear message
+    sigmas = logic.comfy_sigmas(steps, shift, denoise)
+    noise = StepVideoNoiseSource(seed).generate_noise(latent_image)
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    preview = latent_preview.prepare_callback(model, len(sigmas) - 1)
+
+    def callback(step, x0, x, total_steps):
+        preview(step, x0, x, total_steps)
+        mm.throw_exception_if_processing_interrupted()  # also without a server (the bar's hook does it under one)
+
+    samples = guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas,
+                            denoise_mask=latent_image.get("noise_mask"), callback=callback,
+                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=int(seed))
+    out = latent_image.copy()
+    out.pop("noise_mask", None)
+    out["samples"] = samples.to(mm.intermediate_device())
+    return out
+
+
+class StepVideoSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StepVideoSampler",
+            display_name="Step-Video Sampler",
+            category="StepVideo/sampling",
+            description="Flow-matching Euler with the reference Step-Video schedule and classifier-free guidance. "
+                        "Presets: standard (50 steps, cfg 9, shift 13), turbo (10 steps, cfg 5, shift 17); 'custom' "
+                        "uses the widgets below.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image"),
+                io.Combo.Input("preset", options=list(logic.SAMPLER_PRESETS), default="standard",
+                               tooltip="standard / turbo override steps, cfg and shift; custom uses them."),
+                io.Int.Input("steps", default=50, min=1, max=1000),
+                io.Float.Input("cfg", default=9.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Float.Input("shift", default=13.0, min=0.01, max=100.0, step=0.1, round=0.01),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, preset):
+        return logic.check_choice("preset", preset, logic.SAMPLER_PRESETS)
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, preset, steps, cfg, shift, seed, denoise) -> io.NodeOutput:
+        s = logic.resolve_preset(preset, steps, cfg, shift)
+        return io.NodeOutput(sample(model, positive, negative, latent_image, s.steps, s.cfg, s.shift, seed, denoise))
+
+
+class StepVideoSigmas(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StepVideoSigmas",
+            display_name="Step-Video Sigmas",
+            category="StepVideo/sampling",
+            description="The reference Step-Video noise schedule as SIGMAS for SamplerCustomAdvanced (euler matches "
+                        "StepVideoSampler).",
+            inputs=[
+                io.Int.Input("steps", default=50, min=1, max=1000),
+                io.Float.Input("shift", default=13.0, min=0.01, max=100.0, step=0.1, round=0.01),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01),
+            ],
+            outputs=[io.Sigmas.Output()],
+        )
+
+    @classmethod
+    def execute(cls, steps, shift, denoise=1.0) -> io.NodeOutput:
+        return io.NodeOutput(logic.comfy_sigmas(steps, shift, denoise))
+
+
+class StepVideoNoise(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="StepVideoNoise",
+            display_name="Step-Video Noise",
+            category="StepVideo/sampling",
+            description="Seeded noise as drawn by StepVideoSampler and the core pipeline, for SamplerCustomAdvanced.",
+            inputs=[io.Int.Input("noise_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True)],
+            outputs=[io.Noise.Output()],
+        )
+
+    @classmethod
+    def execute(cls, noise_seed) -> io.NodeOutput:
+        return io.NodeOutput(StepVideoNoiseSource(noise_seed))
