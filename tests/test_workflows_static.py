@@ -88,10 +88,20 @@ CONTRACT: dict[str, dict] = {
     "StepVideoSampler": {
         "sockets": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                     ("latent_image", "LATENT")],
-        "widgets": [combo("preset", ["standard", "turbo", "custom"]), int_("steps", 1, 10000),
-                    float_("cfg", 0.0, 100.0), float_("shift", 0.0, 100.0), int_("seed", 0, SEED_MAX, control=True),
-                    float_("denoise", 0.0, 1.0)],
+        "widgets": [combo("preset", ["standard", "turbo", "custom"]), int_("steps", 1, 1000),
+                    float_("cfg", 0.0, 100.0), float_("shift", 0.01, 100.0), int_("seed", 0, SEED_MAX, control=True),
+                    float_("denoise", 0.01, 1.0)],
         "outputs": [("LATENT", "LATENT")],
+    },
+    "StepVideoSigmas": {
+        "sockets": [],
+        "widgets": [int_("steps", 1, 1000), float_("shift", 0.01, 100.0), float_("denoise", 0.01, 1.0)],
+        "outputs": [("SIGMAS", "SIGMAS")],
+    },
+    "StepVideoNoise": {
+        "sockets": [],
+        "widgets": [int_("noise_seed", 0, SEED_MAX, control=True)],
+        "outputs": [("NOISE", "NOISE")],
     },
     "StepVideoLoraLoader": {
         "sockets": [("model", "MODEL")],
@@ -189,6 +199,8 @@ def test_workflow_folder_layout():
 def test_workflow_structure_and_links(path: Path):
     wf = load(path)
     assert wf.get("version") == 0.4
+    # the frontend's zod schema wants a UUID here ("Invalid uuid at 'id'" alert otherwise)
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", wf.get("id", "")), wf.get("id")
     nodes = {n["id"]: n for n in wf["nodes"]}
     assert len(nodes) == len(wf["nodes"]), "duplicate node ids"
     assert wf["last_node_id"] >= max(nodes)
