@@ -193,6 +193,9 @@ def test_workflow_folder_layout():
     for other in ("example", "examples", "workflow"):
         assert not (ROOT / other).exists(), f"{other}/ would also be globbed as a template folder"
     assert {p.stem for p in WORKFLOWS} >= EXPECTED_WORKFLOWS
+    for p in WORKFLOWS:  # the template browser shows <name>.jpg as the card's thumbnail
+        jpg = p.with_suffix(".jpg")
+        assert jpg.exists() and jpg.read_bytes()[:3] == b"\xff\xd8\xff", f"{jpg.name}: missing or not a JPEG"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
