@@ -176,6 +176,8 @@ def test_web_extension_and_templates_served(server):
     for path in WORKFLOWS:
         served = _get(f"{url}/api/workflow_templates/{PACK_FOLDER}/{path.name}")
         assert served == json.loads(path.read_text(encoding="utf-8"))
+        with urllib.request.urlopen(f"{url}/api/workflow_templates/{PACK_FOLDER}/{path.stem}.jpg", timeout=30) as r:
+            assert r.read() == path.with_suffix(".jpg").read_bytes()
 
 
 # --------------------------------------------------------------------------------------------------------------------
