@@ -18,6 +18,14 @@ log = logging.getLogger("stepvideo")
 VAEType = io.Custom("STEPVIDEO_VAE")
 
 
+class _VAEModule(torch.nn.Module):
+    """Holder for the core VAE: ModelPatcher sets ``.device`` on its model, which VideoVAE exposes read-only."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+
 class StepVideoVAEHandle:
     """What flows through a STEPVIDEO_VAE socket: the core VAE and its ModelPatcher."""
 
@@ -75,7 +83,7 @@ class StepVideoVAELoader(io.ComfyNode):
             torch_dtype = torch.float32
         log.info("StepVideo: loading VAE %s (%s)", path, torch_dtype)
         vae = load_vae(path, dtype=torch_dtype, device=offload_device)
-        patcher = comfy.model_patcher.ModelPatcher(vae, load_device=load_device, offload_device=offload_device)
+        patcher = comfy.model_patcher.ModelPatcher(_VAEModule(vae), load_device=load_device, offload_device=offload_device)
         return io.NodeOutput(StepVideoVAEHandle(vae, patcher))
 
 

@@ -1,0 +1,154 @@
+"""Fixtures for tests against a real ComfyUI (skipped unless COMFYUI_PATH is set).
+
+Run with ComfyUI's own Python, e.g.
+``COMFYUI_PATH=/work/comfyui /work/comfyui/.venv/bin/python -m pytest tests/host -q``.
+
+- ``base_dir``: a throw-away ComfyUI base directory (``--base-directory``) holding tiny official-layout models
+  and ``custom_nodes/comfyui-stepvideo`` -> this repository;
+- ``host``: ComfyUI imported in this process (``--cpu``) with the pack loaded by ComfyUI's own loader;
+- ``server``: ``main.py --cpu`` on a free loopback port using ``base_dir``; its log is kept for assertions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import types
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+REPO = Path(__file__).resolve().parents[2]
+
+if not COMFYUI_PATH:
+    collect_ignore_glob = ["test_*.py"]
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory) -> Path:
+    from .tiny_models import write_all
+
+    base = tmp_path_factory.mktemp("comfy_base")
+    write_all(base / "models")
+    for sub in ("custom_nodes", "input", "output", "temp", "user"):
+        (base / sub).mkdir(exist_ok=True)
+    (base / "custom_nodes" / "comfyui-stepvideo").symlink_to(REPO, target_is_directory=True)
+    return base
+
+
+@pytest.fixture(scope="session")
+def host(base_dir):
+    """ComfyUI in-process, CPU only, with core + extra nodes and this pack loaded through ``load_custom_node``."""
+    if COMFYUI_PATH not in sys.path:
+        sys.path.insert(0, COMFYUI_PATH)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import folder_paths
+
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    assert asyncio.run(nodes.load_custom_node(str(REPO))), "the pack failed to load"
+    models = base_dir / "models"
+    for name in ("loras", "vae", "diffusion_models", "text_encoders"):
+        folder_paths.add_model_folder_path(name, str(models / name))
+    folder_paths.add_model_folder_path("stepvideo", str(models / "stepvideo"))
+    pack_name = nodes.NODE_CLASS_MAPPINGS["StepVideoSampler"].__module__.rsplit(".nodes.", 1)[0]
+    pack = types.SimpleNamespace(
+        nodes=nodes,
+        classes={k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("StepVideo")},
+        model=sys.modules[f"{pack_name}.nodes.model"],
+        logic=sys.modules[f"{pack_name}.nodes.logic"],
+        tiny=base_dir / "models" / "stepvideo" / "tiny",
+        loras=base_dir / "models" / "loras",
+    )
+    return pack
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, log: Path, base: Path):
+        self.url, self.log, self.base = url, log, base
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=60) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, data: dict | None = None):
+        req = urllib.request.Request(self.url + path, data=json.dumps(data or {}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                body = r.read()
+                return r.status, (json.loads(body) if body else None)
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def queue(self, prompt: dict) -> str:
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "stepvideo-tests"})
+        assert status == 200, body
+        return body["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 240) -> dict:
+        end = time.time() + timeout
+        while time.time() < end:
+            hist = self.get(f"/history/{prompt_id}")
+            if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+                entry = hist[prompt_id]
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            time.sleep(0.3)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s; log tail:\n{self.log_text()[-3000:]}")
+
+    def run(self, prompt: dict, timeout: float = 240) -> dict:
+        entry = self.wait(self.queue(prompt), timeout)
+        assert entry["status"]["status_str"] == "success", (json.dumps(entry["status"])[-3000:], self.log_text()[-3000:])
+        return entry
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def server(base_dir, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "comfyui.log"
+    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+    cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base_dir),
+           "--preview-method", "latent2rgb", "--disable-auto-launch"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=COMFYUI_PATH, stdout=out, stderr=subprocess.STDOUT)
+    srv = Server(f"http://127.0.0.1:{port}", log, base_dir)
+    try:
+        end = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {proc.returncode}:\n{srv.log_text()[-3000:]}")
+            try:
+                srv.get("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.time() > end:
+                    raise
+                time.sleep(0.5)
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

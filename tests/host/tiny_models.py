@@ -1,0 +1,113 @@
+"""Tiny Step-Video models in the official download layout, written on the fly for host tests.
+
+``<models>/stepvideo/tiny/{transformer/, vae/vae_v2.safetensors, step_llm/, hunyuan_clip/}`` plus two LoRAs in
+``<models>/loras``: one in PEFT style with separate q/k/v, one in ComfyUI style.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from stepvideo_core.dit import DiTConfig, StepVideoDiT
+from stepvideo_core.step_llm import StepLLMTokenizer
+from stepvideo_core.vae import VAEConfig, VideoVAE
+
+from ..text_fixtures import (
+    random_step_llm,
+    small_llm_config,
+    write_hunyuan_clip,
+    write_sentencepiece,
+    write_step_llm_folder,
+)
+
+LLM_HIDDEN, CLIP_HIDDEN = 96, 32  # what text_fixtures' tiny encoders produce
+DIT_CONFIG = DiTConfig(num_attention_heads=2, attention_head_dim=16, in_channels=64, out_channels=64, num_layers=2,
+                       caption_channels=(LLM_HIDDEN, CLIP_HIDDEN))
+VAE_CONFIG = VAEConfig(z_channels=64, encoder_channels=32, encoder_channel_mult=(1, 1, 2, 8), encoder_num_res_blocks=1,
+                       decoder_channels=32, decoder_channel_mult=(1, 1, 2, 8), decoder_num_res_blocks=1)  # top width * 8 = 4 * 64 * 8
+
+
+def _randomize(model: torch.nn.Module, seed: int, scale: float = 1.0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim > 1:
+                val = torch.randn(p.shape, generator=g) * scale / math.sqrt(p[0].numel())
+            elif name.endswith("weight") and "norm" in name:
+                val = 1 + 0.1 * torch.randn(p.shape, generator=g)
+            else:
+                val = 0.05 * torch.randn(p.shape, generator=g)
+            p.copy_(val)
+
+
+def write_dit(folder: Path, seed: int = 0, shards: int = 2) -> StepVideoDiT:
+    torch.manual_seed(seed)
+    model = StepVideoDiT(DIT_CONFIG).eval()
+    _randomize(model, seed, scale=0.5)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    keys = list(state)
+    per = -(-len(keys) // shards)
+    weight_map = {}
+    for i in range(shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in keys[i * per:(i + 1) * per]}
+        save_file(part, str(folder / name))
+        weight_map.update(dict.fromkeys(part, name))
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return model
+
+
+def write_vae(path: Path, seed: int = 0) -> VideoVAE:
+    model = VideoVAE(VAE_CONFIG).eval()
+    _randomize(model, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k.replace("decoder.conv_out.conv.", "decoder.conv_out."): v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(path))
+    return model
+
+
+def write_loras(folder: Path, seed: int = 0) -> dict[str, Path]:
+    """``tiny_peft_qkv.safetensors`` (separate q/k/v on attn1, PEFT keys) and ``tiny_comfy.safetensors``
+    (ComfyUI keys on the fused layers), plus ``not_stepvideo.safetensors`` that matches nothing."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    dim, rank = DIT_CONFIG.inner_dim, 4
+    peft = {}
+    for block in range(DIT_CONFIG.num_layers):
+        for proj in ("to_q", "to_k", "to_v"):
+            base = f"base_model.model.transformer_blocks.{block}.attn1.{proj}"
+            peft[f"{base}.lora_A.weight"] = torch.randn(rank, dim, generator=g) * 0.3
+            peft[f"{base}.lora_B.weight"] = torch.randn(dim, rank, generator=g) * 0.3
+    comfy = {}
+    for block in range(DIT_CONFIG.num_layers):
+        base = f"diffusion_model.transformer_blocks.{block}.ff.net.2"
+        comfy[f"{base}.lora_down.weight"] = torch.randn(rank, 4 * dim, generator=g) * 0.3
+        comfy[f"{base}.lora_up.weight"] = torch.randn(dim, rank, generator=g) * 0.3
+        comfy[f"{base}.alpha"] = torch.tensor(2.0)
+    foreign = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4)}
+    paths = {"peft": folder / "tiny_peft_qkv.safetensors", "comfy": folder / "tiny_comfy.safetensors",
+             "foreign": folder / "not_stepvideo.safetensors"}
+    save_file(peft, str(paths["peft"]))
+    save_file(comfy, str(paths["comfy"]))
+    save_file(foreign, str(paths["foreign"]))
+    return paths
+
+
+def write_all(models: Path) -> Path:
+    """Write every tiny model under ``models``; returns the official download folder."""
+    root = models / "stepvideo" / "tiny"
+    write_dit(root / "transformer")
+    write_vae(root / "vae" / "vae_v2.safetensors")
+    write_sentencepiece(root / "step_llm")
+    n_vocab = StepLLMTokenizer(root / "step_llm").sp.get_piece_size()
+    write_step_llm_folder(root / "step_llm", random_step_llm(small_llm_config(n_vocab, num_layers=1)))
+    write_hunyuan_clip(root / "hunyuan_clip")
+    write_loras(models / "loras")
+    return root
