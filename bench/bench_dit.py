@@ -4,7 +4,7 @@
     python bench/bench_dit.py --device cuda --dtype bf16 --layers 4 --width 6144 --frames 3 --height 34 --width-latent 62
     python bench/bench_dit.py --device cuda --attention sdpa,sageattention  # backend ratio
 
-Each variant runs in its own process, alternated over rounds; time is the best round's median of 3 forwards; memory is the peak rise
+Memory: each variant in its own process. Time against the reference: both models in one process, forwards\ninterleaved, best of --rounds each; memory is the peak rise
 during the forward (CPU: resident memory sampled every ms; CUDA: torch's peak allocated bytes).
 """
 
@@ -36,21 +36,25 @@ def child(args) -> None:
     with torch.device("meta"):
         ours = StepVideoDiT(cfg)
     state = {k: torch.randn(v.shape, dtype=torch.float32).mul_(0.02).to(dtype) for k, v in ours.state_dict().items()}
-    if args.impl == "ours":
-        model = StepVideoDiT(cfg, device="meta")
-        model.load_state_dict(state, assign=True)
-        model.compute_dtype = dtype
-        model.set_attention(get_attention(args.attention))
-    else:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from tests.reference_impl import import_reference
 
-        ref_module = import_reference("modules.model")
-        model = ref_module.StepVideoModel(num_attention_heads=heads, attention_head_dim=128, num_layers=args.layers,
-                                          caption_channels=[args.caption, 1024], attention_type="torch")
-        model.load_state_dict(state)
-    model = model.to(args.device, dtype).eval()
-    del state
+    def build(impl):
+        if impl == "ours":
+            model = StepVideoDiT(cfg, device="meta")
+            model.load_state_dict(state, assign=True)
+            model.compute_dtype = dtype
+            model.set_attention(get_attention(args.attention))
+        else:
+            from tests.reference_impl import import_reference
+
+            ref_module = import_reference("modules.model")
+            model = ref_module.StepVideoModel(num_attention_heads=heads, attention_head_dim=128, num_layers=args.layers,
+                                              caption_channels=[args.caption, 1024], attention_type="torch")
+            model.load_state_dict(state)
+        return model.to(args.device, dtype).eval()
+
+    impls = ["ours", "reference"] if args.impl == "both" else [args.impl]
+    models = {impl: build(impl) for impl in impls}
+    state.clear()
     g = torch.Generator().manual_seed(1)
     b = 2  # one cond/uncond pair, as in guided sampling
     x = torch.randn(b, args.frames, 64, args.height, args.width_latent, generator=g).to(args.device, dtype)
@@ -60,9 +64,10 @@ def child(args) -> None:
     mask = torch.zeros(b, 397, device=args.device, dtype=dtype)
     mask[:, : 77 + 60] = 1
 
-    def run():
+    def run(impl):
+        model = models[impl]
         with torch.inference_mode():
-            if args.impl == "ours":
+            if impl == "ours":
                 out = model(x, t.to(dtype), llm, mask, clip)
             else:
                 out = model(x, encoder_hidden_states=llm, encoder_hidden_states_2=clip, timestep=t.to(dtype),
@@ -71,16 +76,26 @@ def child(args) -> None:
             torch.cuda.synchronize()
         return out
 
-    seconds = timed(run)
+    if args.impl == "both":
+        # Interleaved in one process: load from elsewhere on the machine slows both alike.
+        for impl in impls:
+            run(impl)
+        best = dict.fromkeys(impls, float("inf"))
+        for _ in range(args.rounds):
+            for impl in impls:
+                best[impl] = min(best[impl], timed(lambda i=impl: run(i), repeats=1, warmup=0))
+        return emit(best)
+    impl = impls[0]
+    seconds = timed(lambda: run(impl))
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        run()
+        run(impl)
         peak = torch.cuda.max_memory_allocated() - base
         total_peak = torch.cuda.max_memory_allocated()
     else:
         with PeakRSS() as meter:
-            run()
+            run(impl)
         peak, total_peak = meter.peak_delta, meter.peak
     emit({"seconds": seconds, "peak": peak, "total_peak": total_peak})
 
@@ -110,16 +125,14 @@ def main() -> None:
     print(f"DiT forward, batch 2 (cond+uncond), {args.layers} blocks x {args.width} wide, {tokens} tokens, "
           f"{args.dtype} on {args.device}")
     variants = {f"ours[{b}]": ["--impl", "ours", "--attention", b] for b in args.attention.split(",")}
-    if os.environ.get("STEPVIDEO_REFERENCE"):
+    has_ref = bool(os.environ.get("STEPVIDEO_REFERENCE"))
+    if has_ref:
         variants["reference"] = ["--impl", "reference"]
-    # Alternate the variants over several rounds and keep each one's best: other load on the machine then
-    # slows a round of every variant alike instead of skewing the ratio.
-    results = {}
-    for _ in range(args.rounds):
-        for name, extra in variants.items():
-            r = run_variant(__file__, *common, *extra)
-            best = results.setdefault(name, r)
-            results[name] = {k: min(best[k], r[k]) for k in r}
+    results = {name: run_variant(__file__, *common, *extra) for name, extra in variants.items()}
+    if has_ref:
+        both = run_variant(__file__, *common, "--impl", "both", "--rounds", str(args.rounds))
+        first = next(iter(results))
+        results[first]["seconds"], results["reference"]["seconds"] = both["ours"], both["reference"]
     for name, r in results.items():
         print(f"  {name:22s} {r['seconds'] * 1000:9.1f} ms/forward   peak during forward {mib(r['peak'])}"
               f"   (process peak {mib(r['total_peak'])})")

@@ -1,0 +1,78 @@
+"""Text to video with the core models: conditioning -> guided flow-matching sampling -> VAE decode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .dit import StepVideoDiT
+from .scheduler import PRESETS, StepCallback, VelocityFn, denoise_sigmas, guided_velocity, make_noise, sample_euler
+from .text_encoding import TextConditioning
+from .vae import check_video_size, latent_frames, latent_size, pipeline_num_frames
+
+
+@dataclass
+class GenerationSettings:
+    num_frames: int = 204
+    height: int = 544
+    width: int = 992
+    steps: int = PRESETS["standard"].steps
+    cfg: float = PRESETS["standard"].cfg
+    shift: float = PRESETS["standard"].shift
+    seed: int = 1234
+    denoise: float = 1.0
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GenerationSettings:
+        preset = PRESETS[name]
+        return cls(**{"steps": preset.steps, "cfg": preset.cfg, "shift": preset.shift, **overrides})
+
+
+def latent_shape(settings: GenerationSettings, channels: int, batch: int = 1) -> tuple[int, ...]:
+    """``[b, latent frames, C, H/16, W/16]``; frame and size rules are checked (and explained) by the VAE helpers."""
+    check_video_size(settings.height, settings.width)
+    h, w = latent_size(settings.height, settings.width)
+    return (batch, latent_frames(settings.num_frames), channels, h, w)
+
+
+def dit_velocity(dit: StepVideoDiT, positive: TextConditioning, negative: TextConditioning | None) -> VelocityFn:
+    """The DiT as a velocity function of fp32 latents; with a negative, calls see the batch [positive; negative]."""
+    text = TextConditioning.cat([positive, negative]) if negative is not None else positive
+    device = next(dit.parameters()).device
+    text = text.to(device=device)
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0] // text.mask.shape[0]
+        batch = text if rows == 1 else TextConditioning(*(v.repeat_interleave(rows, 0) for v in
+                                                          (text.llm_states, text.mask, text.clip_states)))
+        return dit(x.to(device), t.to(device), **batch.dit_kwargs()).float()
+
+    return fn
+
+
+def sample_latents(
+    dit: StepVideoDiT,
+    positive: TextConditioning,
+    negative: TextConditioning | None,
+    settings: GenerationSettings,
+    latents: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Sample fp32 latents ``[b, F, C, h, w]``; ``latents`` with ``settings.denoise < 1`` starts part-way."""
+    shape = latent_shape(settings, dit.config.in_channels, positive.mask.shape[0]) if latents is None else latents.shape
+    noise = make_noise(shape, settings.seed)
+    use_cfg = negative is not None and settings.cfg != 1.0
+    velocity = dit_velocity(dit, positive, negative if use_cfg else None)
+    if use_cfg:
+        velocity = guided_velocity(velocity, settings.cfg)
+    sigmas = denoise_sigmas(settings.steps, settings.shift, settings.denoise)
+    return sample_euler(velocity, noise, sigmas, latents=latents, callback=callback)
+
+
+def generate(dit, vae, positive, negative, settings: GenerationSettings, callback=None, decode_kwargs=None) -> torch.Tensor:
+    """Latents sampled then decoded: video ``[b, T, 3, H, W]`` in [-1, 1]."""
+    settings.num_frames = pipeline_num_frames(settings.num_frames)
+    latents = sample_latents(dit, positive, negative, settings, callback=callback)
+    vae_dtype = next(vae.parameters()).dtype
+    return vae.decode(latents.to(vae_dtype), **(decode_kwargs or {})).float()

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+
+from stepvideo_core.pipeline import GenerationSettings, dit_velocity, generate, latent_shape, sample_latents
+from stepvideo_core.text_encoding import TextConditioning
+from stepvideo_core.video_io import contact_sheet, save_mp4, to_uint8
+from tests.test_dit import small_dit, text_inputs
+
+CAPTION = (24, 12)
+
+
+def conditioning(valid, seed):
+    llm, mask, clip = text_inputs(1, 320, CAPTION, (valid,), seed=seed)
+    return TextConditioning(llm, mask, clip)
+
+
+def test_guided_velocity_is_uncond_plus_scale_times_difference():
+    dit = small_dit(channels=4, caption=CAPTION, layers=1)
+    pos, neg = conditioning(7, 1), conditioning(3, 2)
+    x = torch.randn(1, 1, 4, 2, 2)
+    t = torch.tensor([0.2])
+    with torch.no_grad():
+        both = dit_velocity(dit, pos, neg)(torch.cat([x, x]), torch.cat([t, t]))
+        alone_pos = dit(x, t, **pos.dit_kwargs())
+        alone_neg = dit(x, t, **neg.dit_kwargs())
+    torch.testing.assert_close(both[0], alone_pos[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[1], alone_neg[0], atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_is_seeded_and_prompt_dependent():
+    dit = small_dit(channels=4, caption=CAPTION, layers=1)
+    settings = GenerationSettings(num_frames=17, height=32, width=48, steps=3, cfg=5.0, shift=17.0, seed=11)
+    assert latent_shape(settings, 4) == (1, 3, 4, 2, 3)
+    pos, neg = conditioning(7, 1), conditioning(3, 2)
+    with torch.no_grad():
+        a = sample_latents(dit, pos, neg, settings)
+        b = sample_latents(dit, pos, neg, settings)
+        other_prompt = sample_latents(dit, conditioning(9, 5), neg, settings)
+        settings.seed = 12
+        other_seed = sample_latents(dit, pos, neg, settings)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, other_prompt) and not torch.allclose(a, other_seed)
+
+
+def test_generate_decodes_whole_chunks_of_17_frames():
+    from tests.test_vae import small_vae
+
+    vae = small_vae()
+    dit = small_dit(channels=vae.config.z_channels, caption=CAPTION, layers=1)
+    settings = GenerationSettings(num_frames=40, height=32, width=32, steps=2, cfg=3.0, shift=13.0)
+    with torch.no_grad():
+        video = generate(dit, vae, conditioning(5, 1), conditioning(2, 2), settings)
+    assert video.shape == (1, 34, 3, 32, 32), "40 frames round down to 34 as in the official pipeline"
+    with pytest.raises(ValueError, match="multiples of 16"):
+        latent_shape(GenerationSettings(height=500), 64)
+
+
+def test_uint8_conversion_truncates_like_the_reference_and_mp4_has_every_frame(tmp_path):
+    video = torch.tensor([-1.0, 0.0, 0.999, 1.5]).view(4, 1, 1, 1).expand(4, 3, 16, 16)
+    frames = to_uint8(video)
+    assert frames[:, 0, 0, 0].tolist() == [0, 127, 254, 255]  # 127.5 -> 127, 254.87 -> 254: truncation
+    import cv2
+
+    path = save_mp4(np.repeat(frames, 3, axis=0), tmp_path / "v.mp4")
+    cap = cv2.VideoCapture(str(path))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 12 and cap.get(cv2.CAP_PROP_FPS) == pytest.approx(25)
+    sheet = contact_sheet(frames, columns=2)
+    assert sheet.shape == (32, 32, 3) and sheet[16, 16, 0] == frames[3, 0, 0, 0]
