@@ -573,6 +573,11 @@ class VideoVAE(nn.Module):
         for w in (config.encoder_channels, config.decoder_channels):
             if w % config.norm_groups:
                 raise ValueError(f"channel width {w} is not divisible by the {config.norm_groups} GroupNorm groups")
+        for side, mult, base in (("encoder", config.encoder_channel_mult, config.encoder_channels),
+                                 ("decoder", config.decoder_channel_mult, config.decoder_channels)):
+            if (base * mult[-1] * 8) % config.patch_channels:
+                raise ValueError(f"{side} top width {base * mult[-1]} x 8 must be a multiple of the "
+                                 f"{config.patch_channels} patch channels (32 x z_channels)")
         self.encoder = Encoder(config, ops, device=device, dtype=dtype)
         self.decoder = Decoder(config, ops, device=device, dtype=dtype)
 
