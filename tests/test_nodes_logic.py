@@ -1,0 +1,174 @@
+"""Node logic that runs without ComfyUI (CI). The repository root is imported as a package, the way ComfyUI loads
+the pack, so the nodes' relative imports of the core resolve."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stepvideo_core.scheduler import PRESETS, make_noise, sample_euler, step_video_sigmas
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK = "stepvideo_pack_under_test"
+
+
+def _load_pack():
+    if PACK not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK] = module
+        spec.loader.exec_module(module)
+    return sys.modules[PACK]
+
+
+pack = _load_pack()
+logic = importlib.import_module(f"{PACK}.nodes.logic")
+
+
+def test_pack_root_imports_without_comfyui():
+    assert pack.WEB_DIRECTORY == "./js"
+    assert inspect.iscoroutinefunction(pack.comfy_entrypoint)
+    if importlib.util.find_spec("comfy_api") is None:
+        with pytest.raises(ImportError):
+            asyncio.run(pack.comfy_entrypoint())
+
+
+def test_dtype_parsing():
+    assert logic.parse_dtype("default") is None
+    assert logic.parse_dtype("fp8_e4m3fn") is torch.float8_e4m3fn
+    assert logic.parse_dtype("bf16") is torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        logic.parse_dtype("int4")
+    assert logic.check_choice("dtype", "fp32", logic.VAE_DTYPES) is True
+    assert "not one of" in logic.check_choice("dtype", "fp64", logic.VAE_DTYPES)
+
+
+def test_presets_override_unless_custom():
+    assert logic.resolve_preset("standard", 3, 1.0, 2.0) == logic.SamplerSettings(50, 9.0, 13.0)
+    t = PRESETS["turbo"]
+    assert logic.resolve_preset("turbo", 3, 1.0, 2.0) == logic.SamplerSettings(t.steps, t.cfg, t.shift)
+    assert logic.resolve_preset("custom", 3, 1.0, 2.0) == logic.SamplerSettings(3, 1.0, 2.0)
+    with pytest.raises(ValueError):
+        logic.resolve_preset("fast", 3, 1.0, 2.0)
+
+
+def test_comfy_sigmas_mirror_the_reference_schedule():
+    s = logic.comfy_sigmas(50, 13.0)
+    torch.testing.assert_close(s, 1 - step_video_sigmas(50, 13.0))
+    assert s[0] == 1 and s[-1] == 0 and bool((s[1:] < s[:-1]).all())
+    part = logic.comfy_sigmas(10, 13.0, denoise=0.5)
+    assert len(part) == 11 and part[0] < 1 and part[-1] == 0
+
+
+def test_comfy_flow_euler_equals_core_euler():
+    """ComfyUI's CONST flow math with the bridge (t = 1 - sigma, output = -v) reproduces the core Euler loop."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 3, 4, generator=g)
+
+    def velocity(x, t):  # any smooth function of (x, t) in the core convention
+        return torch.tanh(x * a) * (1 + t.view(-1, 1, 1))
+
+    noise = torch.randn(2, 3, 4, generator=g)
+    core = sample_euler(velocity, noise, step_video_sigmas(6, 13.0))
+    sigmas = logic.comfy_sigmas(6, 13.0)
+    x = sigmas[0] * noise  # CONST noise_scaling on an empty latent
+    for i in range(6):
+        sigma = sigmas[i].expand(2)
+        out = -velocity(x, 1 - sigma)  # the wrapper's model output
+        denoised = x - out * sigma.view(-1, 1, 1)  # CONST.calculate_denoised
+        d = (x - denoised) / sigma.view(-1, 1, 1)  # k-diffusion to_d
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+    torch.testing.assert_close(x, core, rtol=1e-5, atol=1e-5)
+
+
+def test_latent_layouts_and_noise():
+    lat = torch.randn(2, 64, 3, 4, 5)
+    core = logic.to_core_latent(lat)
+    assert core.shape == (2, 3, 64, 4, 5)
+    assert torch.equal(logic.to_comfy_latent(core), lat)
+    with pytest.raises(ValueError, match="5-D"):
+        logic.to_core_latent(torch.zeros(1, 4, 8, 8))
+    noise = logic.noise_for(lat, 42)
+    assert noise.shape == lat.shape
+    assert torch.equal(logic.to_core_latent(noise), make_noise((2, 3, 64, 4, 5), 42))
+
+
+def test_video_image_conversion():
+    video = torch.linspace(-1.5, 1.5, 2 * 17 * 3 * 4 * 6).reshape(2, 17, 3, 4, 6)
+    images = logic.video_to_images(video)
+    assert images.shape == (34, 4, 6, 3) and images.dtype == torch.float32
+    assert float(images.min()) == 0.0 and float(images.max()) == 1.0
+    assert torch.equal(images[17], ((video[1, 0].permute(1, 2, 0) + 1) / 2).clamp(0, 1))
+    back = logic.images_to_video(images[:17])
+    assert back.shape == (1, 17, 3, 4, 6)
+    torch.testing.assert_close(back, video[:1].clamp(-1, 1))
+    rgba = torch.rand(5, 4, 6, 4)
+    assert logic.images_to_video(rgba).shape == (1, 5, 3, 4, 6)
+
+
+def test_empty_latent_rules_and_messages():
+    assert logic.empty_latent_shape(992, 544, 204, 1) == (1, 64, 36, 34, 62)
+    assert logic.empty_latent_shape(768, 768, 17, 2) == (2, 64, 3, 48, 48)
+    assert logic.validate_video_request(992, 544, 204, 1) is True
+    msg = logic.validate_video_request(1000, 544, 200, 1)
+    assert "width 1000" in msg and "992 or 1008" in msg and "frames 200" in msg and "187 or 204" in msg
+    assert "height" not in msg
+    assert "at least 17" in logic.validate_video_request(992, 544, 5, 1)
+    assert "batch_size" in logic.validate_video_request(992, 544, 17, 0)
+    assert logic.validate_video_request(None, None, None, None) is True  # linked inputs are not validated
+    with pytest.raises(ValueError, match="multiple of 17"):
+        logic.empty_latent_shape(992, 544, 100)
+
+
+def test_conditioning_round_trip():
+    from stepvideo_core.text_encoding import TextConditioning
+
+    text = TextConditioning(torch.randn(1, 320, 8), torch.ones(1, 397), torch.randn(1, 77, 4))
+    cond = logic.to_conditioning(text)
+    assert cond[0][0] is text.llm_states and set(cond[0][1]) == {logic.MASK_KEY, logic.CLIP_KEY}
+    back = logic.from_conditioning(cond)
+    assert back.mask is text.mask and back.clip_states is text.clip_states
+    with pytest.raises(ValueError, match="StepVideoTextEncode"):
+        logic.from_conditioning([[torch.zeros(1, 77, 768), {"pooled_output": torch.zeros(1, 768)}]])
+
+
+def test_model_folder_listing(tmp_path):
+    root = tmp_path / "stepvideo"
+    (root / "t2v" / "transformer").mkdir(parents=True)
+    (root / "t2v" / "vae").mkdir(parents=True)
+    (root / "t2v" / "vae" / "vae_v2.safetensors").write_bytes(b"x")
+    (root / "t2v" / "step_llm").mkdir()
+    (root / "other").mkdir()
+    assert logic.list_official([str(root), str(tmp_path / "missing")], "transformer") == ["stepvideo/t2v/transformer"]
+    import os
+
+    assert logic.list_official([str(root)], "vae/vae_v2.safetensors", check=os.path.isfile) == [
+        "stepvideo/t2v/vae/vae_v2.safetensors"]
+    assert logic.resolve_official([str(root)], "stepvideo/t2v/transformer") == str(root / "t2v" / "transformer")
+    assert logic.resolve_official([str(root)], "stepvideo/../secret") is None
+    assert logic.resolve_official([str(root)], "t2v/transformer") is None
+    enc = tmp_path / "text_encoders"
+    (enc / "my_llm").mkdir(parents=True)
+    (enc / "my_llm" / logic.STEP_LLM_MARKER).write_bytes(b"x")
+    (enc / "my_clip" / logic.HUNYUAN_CLIP_MARKER).mkdir(parents=True)
+    assert logic.list_subfolders([str(enc)], logic.STEP_LLM_MARKER) == ["my_llm"]
+    assert logic.list_subfolders([str(enc)], logic.HUNYUAN_CLIP_MARKER) == ["my_clip"]
+    assert logic.resolve_subfolder([str(enc)], "my_clip") == str(enc / "my_clip")
+    assert logic.resolve_subfolder([str(enc)], "../x") is None
+    assert "not found in models/vae" in logic.not_found("VAE", "a.safetensors", "models/vae")
+
+
+def test_lora_patch_keys_and_report():
+    from stepvideo_core.lora import LoraPair
+
+    pairs = {"transformer_blocks.0.attn1.wqkv": LoraPair(torch.zeros(6, 2), torch.zeros(2, 4))}
+    keys = logic.lora_patch_keys(pairs)
+    assert list(keys) == ["diffusion_model.transformer_blocks.0.attn1.wqkv.weight"]
+    msg = logic.lora_report(3, 3, 12, ["a", "b", "c", "d"])
+    assert "3 of 3 DiT layer(s)" in msg and "4 tensor(s) matched no layer" in msg and "d" not in msg.split("e.g.")[1]
