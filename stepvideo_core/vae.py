@@ -172,6 +172,25 @@ class VAEConfig:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# Activations are kept in channels-last order ([b, t, h, w, c] in memory, still indexed [b, c, t, h, w]):
+# oneDNN convolves that layout without reordering, and a group of frames is then a free [n, c, h, w] view
+# for the per-frame norms.
+CL = torch.channels_last_3d
+
+
+def empty_cl(shape, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=CL)
+
+
+def pad_front(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """``frames`` zero frames in front of ``x`` (a channels-last copy)."""
+    b, c, t, h, w = x.shape
+    out = empty_cl((b, c, t + frames, h, w), x)
+    out[:, :, :frames].zero_()
+    out[:, :, frames:].copy_(x)
+    return out
+
+
 # Per-frame work (GroupNorm, 2D up/downsampling) runs on groups of frames of at most this many input elements:
 # small activations go in one batched call, large ones a frame at a time, so the transposed copy that a
 # [b*t, c, h, w] view needs stays small next to the activation itself.
@@ -201,7 +220,7 @@ def norm_frames(x: torch.Tensor, norm: nn.Module, per_frame: bool, silu: bool, f
     """
     b, c, t, h, w = x.shape
     if out is None:
-        out = x.new_empty((b, c, t + front_pad, h, w))
+        out = empty_cl((b, c, t + front_pad, h, w), x)
     if front_pad:
         out[:, :, :front_pad].zero_()
 
@@ -230,7 +249,7 @@ class CausalConv3d(nn.Module):
 
     def forward(self, x: torch.Tensor, padded: bool = False) -> torch.Tensor:
         if self.time_pad and not padded:
-            x = F.pad(x, (0, 0, 0, 0, self.time_pad, 0))
+            x = pad_front(x, self.time_pad)
         return self.conv(x)
 
 
@@ -260,7 +279,10 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The causal zero frames go in *after* GN + SiLU (the norm never sees them).
         h = self.conv1(norm_frames(x, self.norm1, self.per_frame, silu=True, front_pad=2), padded=True)
-        h = self.conv2(norm_frames(h, self.norm2, self.per_frame, silu=True, front_pad=2), padded=True)
+        n = norm_frames(h, self.norm2, self.per_frame, silu=True, front_pad=2)
+        del h  # free before the next conv allocates its output
+        h = self.conv2(n, padded=True)
+        del n
         return h.add_(x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
@@ -280,11 +302,12 @@ class CausalAttention(nn.Module):
         b, c, t, h, w = x.shape
         hn = norm_frames(x, self.norm, self.per_frame, silu=False)
 
-        def tokens(conv):  # [b, c, t, h, w] -> [b, 1 head, t*h*w, c]
-            return conv(hn).flatten(2).transpose(1, 2).unsqueeze(1)
-
-        a = F.scaled_dot_product_attention(tokens(self.q), tokens(self.k), tokens(self.v), is_causal=True)
-        a = a.squeeze(1).transpose(1, 2).reshape(b, c, t, h, w)
+        # [b, c, t, h, w] -> [b, 1 head, t*h*w, c]: a view for channels-last input.
+        q, k, v = (conv(hn).flatten(2).transpose(1, 2).unsqueeze(1) for conv in (self.q, self.k, self.v))
+        del hn
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        del q, k, v
+        a = a.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)  # back to [b, c, t, h, w], channels-last
         return self.proj_out(a).add_(x)
 
 
@@ -297,7 +320,7 @@ class Downsample2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
-        out = x.new_empty((b, self.conv.out_channels, t, (h - 2) // 2 + 1, (w - 2) // 2 + 1))
+        out = empty_cl((b, self.conv.out_channels, t, (h - 2) // 2 + 1, (w - 2) // 2 + 1), x)
         return map_frames(lambda f: self.conv(F.pad(f, (0, 1, 0, 1))), x, out)
 
 
@@ -321,7 +344,7 @@ class Upsample2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
-        out = x.new_empty((b, self.conv.out_channels, t, 2 * h, 2 * w))
+        out = empty_cl((b, self.conv.out_channels, t, 2 * h, 2 * w), x)
         return map_frames(lambda f: self.conv(F.interpolate(f, scale_factor=2.0, mode="nearest")), x, out)
 
 
@@ -344,7 +367,10 @@ class UpsampleResBlock(nn.Module):
         """``x_padded``: the block input with its two leading zero frames already in place."""
         x = x_padded[:, :, 2:]
         h = self.conv1(x_padded, padded=True)
-        h = self.conv2(norm_frames(h, self.norm1, self.per_frame, silu=True, front_pad=2), padded=True)
+        n = norm_frames(h, self.norm1, self.per_frame, silu=True, front_pad=2)
+        del h
+        h = self.conv2(n, padded=True)
+        del n
         h = norm_frames(h, self.norm2, self.per_frame, silu=False, out=h)
         h.add_(x)
         F.silu(h, inplace=True)
@@ -362,7 +388,7 @@ class Upsample3D(nn.Module):
         b, c, t, h, w = x.shape
         # Write the upsampled frames straight after two zero frames: one buffer serves as the padded conv
         # input and (through a view) as the residual.
-        buf = x.new_empty((b, c, 2 * t + 2, 2 * h, 2 * w))
+        buf = empty_cl((b, c, 2 * t + 2, 2 * h, 2 * w), x)
         buf[:, :, :2].zero_()
         buf[:, :, 2:].view(b, c, t, 2, h, 2, w, 2).copy_(x[:, :, :, None, :, None, :, None].expand(b, c, t, 2, h, 2, w, 2))
         return self.conv3d(buf)
@@ -377,8 +403,8 @@ def space_to_channel(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
         x = F.pad(x, (0, 0, 0, 0, factor - 1, 0))
     b, c, t, h, w = x.shape
     f = factor
-    x = x.view(b, c, t // f, f, h // f, f, w // f, f).permute(0, 1, 3, 5, 7, 2, 4, 6)
-    return x.reshape(b, c * f**3, t // f, h // f, w // f)
+    x = x.reshape(b, c, t // f, f, h // f, f, w // f, f).permute(0, 1, 3, 5, 7, 2, 4, 6)
+    return x.reshape(b, c * f**3, t // f, h // f, w // f).contiguous(memory_format=CL)
 
 
 def channel_to_space(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
@@ -386,15 +412,15 @@ def channel_to_space(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
     ``factor - 1`` frames (3 latent frames unfold into 5)."""
     b, c, t, h, w = x.shape
     f = factor
-    x = x.view(b, c // f**3, f, f, f, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    x = x.reshape(b, c // f**3, f, f, f, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
     x = x.reshape(b, c // f**3, t * f, h * f, w * f)
-    return x[:, :, f - 1:] if f > 1 else x
+    return (x[:, :, f - 1:] if f > 1 else x).contiguous(memory_format=CL)
 
 
 def channel_average(x: torch.Tensor, out_channels: int) -> torch.Tensor:
     """Average consecutive groups of channels down to ``out_channels``."""
     b, c = x.shape[:2]
-    return x.view(b, out_channels, c // out_channels, *x.shape[2:]).mean(dim=2)
+    return x.reshape(b, out_channels, c // out_channels, *x.shape[2:]).mean(dim=2).contiguous(memory_format=CL)
 
 
 class Stage(nn.Module):
@@ -438,7 +464,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[b, 3, t, H, W]`` -> posterior moments ``[b, 2z, l, H/16, W/16]`` (mean first, then log-variance)."""
         cfg = self.cfg
-        h = self.conv_in(x)
+        h = self.conv_in(x.contiguous(memory_format=CL))
         for stage in self.down:
             for block in stage.block:
                 h = block(h)
@@ -486,6 +512,7 @@ class Decoder(nn.Module):
         """Latents ``[b, z, l, h, w]`` -> frames ``[b, 3, 8l - 7, 16h, 16w]`` (one independent chunk)."""
         cfg = self.cfg
         # Weight-free shortcuts: the input repeated channel-wise up to the conv's width.
+        z = z.contiguous(memory_format=CL)
         h = self.conv_in(z).add_(z.repeat_interleave(cfg.patch_channels // cfg.z_channels, dim=1))
         shortcut = channel_to_space(h.repeat_interleave(self.conv_unpatchify.conv.conv.out_channels // cfg.patch_channels, dim=1))
         h = channel_to_space(self.conv_unpatchify(h)).add_(shortcut)
