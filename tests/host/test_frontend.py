@@ -10,8 +10,11 @@ A private ComfyUI is started on a free port with ``--base-directory`` set to a t
 the node contract (UI-only helper widgets absent); the latent helper is exercised (invalid values snap, info text,
 presets) and a screenshot is written (``STEPVIDEO_SCREENSHOT_DIR`` or the test's tmp dir).
 
-Running the converted prompts end to end needs models; that is covered by the nodes' host tests with generated
-tiny models, not here.
+Every converted prompt is then run end to end on the CPU: tiny models in the official layout are written at the
+paths the workflows name (``models/stepvideo/stepvideo-t2v/...``, ``stepvideo-t2v-turbo/transformer``,
+``loras/stepvideo_lora_a.safetensors``) before the server starts; only the size inputs of the converted prompt are
+shrunk (latent size and frames, sampler steps, decode tiles) and every SaveVideo must write a video. In the LoRA
+workflow the two branches (strength 0 and 1 of a LoRA that changes the output) must give different videos.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -69,10 +73,40 @@ def _get(url: str, timeout: float = 30):
         return json.loads(r.read().decode("utf-8"))
 
 
+def _post(url: str, data: dict):
+    req = urllib.request.Request(url, data=json.dumps(data).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def _write_workflow_models(models: Path) -> None:
+    """Tiny models at the names the shipped workflows use, and a LoRA for the DiT that really changes its output."""
+    import torch
+
+    from stepvideo_core.lora import new_trainable_lora, save_lora
+
+    from .tiny_models import write_all, write_dit
+
+    root = write_all(models)  # models/stepvideo/tiny/... + test LoRAs
+    official = models / "stepvideo" / "stepvideo-t2v"
+    shutil.copytree(root, official)
+    dit = write_dit(models / "stepvideo" / "stepvideo-t2v-turbo" / "transformer", seed=1)
+    lora = new_trainable_lora(dit, rank=4, seed=2)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for pair in lora.pairs.values():
+            pair.up.copy_(torch.randn(pair.up.shape, generator=g) * 0.5)
+    save_lora(lora, models / "loras" / "stepvideo_lora_a.safetensors")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_frontend_base")
     (base / "custom_nodes").mkdir()
+    _write_workflow_models(base / "models")  # before the start: the model combos list what is on disk
     (base / "custom_nodes" / PACK_FOLDER).symlink_to(ROOT, target_is_directory=True)
     port = _free_port()
     python = os.environ.get("COMFYUI_PYTHON") or str(Path(COMFYUI) / ".venv" / "bin" / "python")
@@ -395,3 +429,69 @@ def test_invalid_values_in_a_saved_workflow_snap_on_load(browser):
     got = browser["loadSnap"]
     assert got["prompt"] == {"width": 1008, "height": 544, "frames": 102, "batch_size": 1}
     assert "frames 100 → 102" in got["info"] and "height 540 → 544" in got["info"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the converted prompts, run end to end on the CPU with tiny models
+
+TINY_SIZES = {  # only size inputs change; everything else stays as the frontend converted it
+    # 32x16 px = 2x1 latents: the tiny VAE is 151M parameters and bf16 (as converted) convolutions are slow on CPU
+    "StepVideoEmptyLatent": {"width": 32, "height": 16, "frames": 17},
+    "StepVideoSampler": {"steps": 2},  # used by preset 'custom'; named presets keep their own step counts
+    "StepVideoVAEDecode": {"tile_size": 1, "tile_overlap": 0},  # smaller than the latent: still decoded in tiles
+}
+
+
+def _shrink(prompt: dict) -> dict:
+    out = json.loads(json.dumps(prompt))
+    for node in out.values():
+        for name, value in TINY_SIZES.get(node["class_type"], {}).items():
+            assert name in node["inputs"] and not isinstance(node["inputs"][name], list), (node, name)
+            node["inputs"][name] = value
+    return out
+
+
+def _frames(path: Path):
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+@needs_browser
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_converted_workflow_runs_end_to_end(browser, server, path):
+    converted = browser["workflows"][path.stem]["output"]
+    prompt = _shrink(converted)
+    changed = {(nid, k) for nid, n in prompt.items() for k, v in n["inputs"].items() if converted[nid]["inputs"][k] != v}
+    assert changed <= {(nid, k) for nid, n in prompt.items() for k in TINY_SIZES.get(n["class_type"], {})}
+    status, body = _post(server["url"] + "/prompt", {"prompt": prompt, "client_id": "stepvideo-frontend-tests"})
+    assert status == 200, body
+    pid = body["prompt_id"]
+    deadline = time.time() + 300
+    while True:
+        hist = _get(f"{server['url']}/history/{pid}")
+        entry = hist.get(pid)
+        if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
+            break
+        assert time.time() < deadline, "prompt did not finish:\n" + server["log"].read_text()[-4000:]
+        time.sleep(0.3)
+    assert entry["status"]["status_str"] == "success", (json.dumps(entry["status"])[-3000:],
+                                                         server["log"].read_text()[-3000:])
+    saves = sorted(nid for nid, n in prompt.items() if n["class_type"] == "SaveVideo")
+    assert saves
+    videos = {}
+    for nid in saves:
+        items = [i for v in entry["outputs"][nid].values() if isinstance(v, list) for i in v if isinstance(i, dict)]
+        assert len(items) == 1, entry["outputs"][nid]
+        file = server["base"] / "output" / items[0]["subfolder"] / items[0]["filename"]
+        assert file.is_file() and file.stat().st_size > 0, file
+        assert items[0]["subfolder"] == str(Path(prompt[nid]["inputs"]["filename_prefix"]).parent)
+        videos[nid] = _frames(file)
+        assert videos[nid].shape == (17, 16, 32, 3), videos[nid].shape
+    if path.stem == "stepvideo_t2v_lora_swap":
+        strengths = sorted(n["inputs"]["strength"] for n in prompt.values() if n["class_type"] == "StepVideoLoraLoader")
+        assert strengths == [0.0, 1.0]
+        a, b = (videos[n].astype(float) for n in saves)
+        assert abs(a - b).mean() > 1.0, "LoRA strength 0 and 1 gave the same video"
