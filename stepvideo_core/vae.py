@@ -9,6 +9,13 @@ pipeline's ``[b, t, c, h, w]``. Every temporal convolution is causal with *zero*
 front), GroupNorm statistics are taken per frame (``VAEConfig.per_frame_norm``), and the video is processed in
 independent chunks of 17 frames / 3 latents, with the reference's sequential 0.6/0.4 blend at chunk borders.
 
+Deliberate differences from the reference (each also noted where it happens): spatial tiling in ``decode``
+(the reference has none); no multi-process chunk distribution (the reference's ``world_size > 1`` path);
+``torch.no_grad`` instead of ``torch.inference_mode`` (outputs stay usable in autograd-enabled code); no v1
+(16-channel) VAE, which the loader refuses; no time-splitting of convolutions over 2^30 elements (the
+reference's workaround for a CUDA indexing limit; PyTorch handles those sizes itself). Memory layout and
+evaluation order differ (channels-last activations, frame groups), which changes results only by rounding.
+
 Frame rule: a chunk of 17 frames encodes to 3 latents and 3 latents decode to 17 frames. A video of
 ``17q + r`` frames is accepted when the trailing ``r`` is 0, 1 or 9 (1 frame -> 1 latent, 9 frames -> 2
 latents), as in the reference; anything else raises a ``ValueError`` naming the nearest valid counts. The
@@ -183,9 +190,10 @@ def empty_cl(shape, like: torch.Tensor) -> torch.Tensor:
 
 
 def pad_front(x: torch.Tensor, frames: int) -> torch.Tensor:
-    """``frames`` zero frames in front of ``x`` (a channels-last copy)."""
+    """``frames`` zero frames in front of ``x`` (a copy in the same memory layout)."""
     b, c, t, h, w = x.shape
-    out = empty_cl((b, c, t + frames, h, w), x)
+    layout = CL if x.is_contiguous(memory_format=CL) and not x.is_contiguous() else torch.contiguous_format
+    out = torch.empty((b, c, t + frames, h, w), dtype=x.dtype, device=x.device, memory_format=layout)
     out[:, :, :frames].zero_()
     out[:, :, frames:].copy_(x)
     return out
@@ -386,6 +394,7 @@ class Upsample3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
+        # Nearest-neighbour 2x (the reference interpolates in 8 channel slices: the same values).
         # Write the upsampled frames straight after two zero frames: one buffer serves as the padded conv
         # input and (through a view) as the residual.
         buf = empty_cl((b, c, 2 * t + 2, 2 * h, 2 * w), x)
@@ -512,7 +521,10 @@ class Decoder(nn.Module):
         """Latents ``[b, z, l, h, w]`` -> frames ``[b, 3, 8l - 7, 16h, 16w]`` (one independent chunk)."""
         cfg = self.cfg
         # Weight-free shortcuts: the input repeated channel-wise up to the conv's width.
-        z = z.contiguous(memory_format=CL)
+        # The two wide head convs (64 -> 2048 -> 4096 channels on latent-sized frames) run in the standard
+        # layout, as in the reference: channels-last there makes oneDNN keep a reordered copy of the
+        # 0.9 GB unpatchify weight, which dominates peak memory at small sizes.
+        z = z.contiguous()
         h = self.conv_in(z).add_(z.repeat_interleave(cfg.patch_channels // cfg.z_channels, dim=1))
         shortcut = channel_to_space(h.repeat_interleave(self.conv_unpatchify.conv.conv.out_channels // cfg.patch_channels, dim=1))
         h = channel_to_space(self.conv_unpatchify(h)).add_(shortcut)
@@ -619,6 +631,7 @@ class VideoVAE(nn.Module):
 
     # ---- encoding ----------------------------------------------------------------------------------------
 
+    # no_grad rather than the reference's inference_mode, so results can be used in autograd-enabled code.
     @torch.no_grad()
     def encode_moments(self, video: torch.Tensor, callback: ProgressCallback | None = None) -> torch.Tensor:
         """``[b, T, 3, H, W]`` in [-1, 1] -> posterior moments ``[b, L, 2z, H/16, W/16]``, one 17-frame chunk
@@ -689,6 +702,8 @@ class VideoVAE(nn.Module):
                                  "an overlap of at most half a tile")
             tiles = [(ty, tx) for ty in _tiles_1d(lh, th, tile_overlap, SPATIAL_FACTOR)
                      for tx in _tiles_1d(lw, tw, tile_overlap, SPATIAL_FACTOR)]
+        # Deviation: the reference has no tiling, and can spread chunks over several processes (world_size > 1);
+        # here chunks run one after another in this process, each optionally in spatial tiles.
         total, done = len(chunks) * len(tiles), 0
         video = torch.empty((b, video_frames(num_latents), cfg.out_channels, height, width), dtype=dtype, device=device)
         pos = 0
@@ -753,6 +768,7 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: torc
         what = f"looks like {foreign}" if foreign else "is not"
         raise CheckpointError(f"{ckpt.path} {what} a Step-Video VAE checkpoint; use vae/vae_v2.safetensors from "
                               "stepfun-ai/stepvideo-t2v.")
+    # Deviation: the reference also builds the v1 VAE; Step-Video-T2V's DiT uses v2 only, so v1 is refused.
     if "encoder.conv_patchify.conv.conv.weight" not in shapes:
         z = shapes["decoder.conv_in.conv.weight"][1]
         raise CheckpointError(
