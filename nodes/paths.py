@@ -45,12 +45,17 @@ def dit_choices() -> list[str]:
     return logic.list_official(stepvideo_roots(), "transformer") + sorted(files)
 
 
-def dit_path(name: str) -> str | None:
+def model_path(name: str, folder: str) -> str | None:
+    """A combo value: an official-layout entry under models/stepvideo, else a file in ComfyUI's ``folder``."""
     if name.startswith(logic.OFFICIAL_PREFIX):
         found = logic.resolve_official(stepvideo_roots(), name)
         if found:
             return found
-    return folder_paths.get_full_path("diffusion_models", name)
+    return folder_paths.get_full_path(folder, name)
+
+
+def dit_path(name: str) -> str | None:
+    return model_path(name, "diffusion_models")
 
 
 # ---- text encoders -----------------------------------------------------------------------------------------------
@@ -88,11 +93,7 @@ def vae_choices() -> list[str]:
 
 
 def vae_path(name: str) -> str | None:
-    if name.startswith(logic.OFFICIAL_PREFIX):
-        found = logic.resolve_official(stepvideo_roots(), name)
-        if found:
-            return found
-    return folder_paths.get_full_path("vae", name)
+    return model_path(name, "vae")
 
 
 # ---- LoRA ---------------------------------------------------------------------------------------------------------
