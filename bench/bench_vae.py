@@ -13,6 +13,16 @@ compare them (PSNR of tiled vs untiled, max|diff| of ours vs the reference).
 Cases (CPU): the official widths at 17 frames and a small size (ours vs reference, tiled vs untiled), and a
 quarter-width decoder (z = 32) at 34 frames x 544 x 992, the model's full size (ours vs reference, tiled vs
 untiled). On a GPU the same script measures CUDA peak allocation instead (``--device cuda``).
+
+Recorded on 2 shared CPU cores (torch 2.13, fp32, other jobs running; times are noisy, memory is not):
+  official-17f-64x128  ours 31.6 s / +1632 MiB vs reference 33.5 s / +874 MiB (0.94x time; 1.87x peak, before
+                       the decoder head went back to the standard layout, which removes the extra reordered
+                       0.9 GB weight copy); tiled (4x5, overlap 2) 1.45x time, PSNR 34.0 dB (tiles ~ image here)
+  quarter-17f-128x256  ours 9.85 s / +466 MiB vs reference 10.70 s / +593 MiB: 0.92x time, 0.79x peak;
+                       tiled (8x10, overlap 2) 1.15x time, 67.6% peak, PSNR 40.9 dB
+  narrow-34f-544x992   untiled 294 s / +4484 MiB; tiled (18, overlap 2) 206 s / +983 MiB: 0.70x time,
+                       21.9% peak, PSNR 42.1 dB
+  quarter-34f-544x992  untiled 541 s / +7084 MiB (the tiled run was cut off by the time limit)
 """
 
 from __future__ import annotations
