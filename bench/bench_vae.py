@@ -18,6 +18,8 @@ Recorded on 2 shared CPU cores (torch 2.13, fp32, other jobs running; times are 
   official-17f-64x128  ours 31.6 s / +1632 MiB vs reference 33.5 s / +874 MiB (0.94x time; 1.87x peak, before
                        the decoder head went back to the standard layout, which removes the extra reordered
                        0.9 GB weight copy); tiled (4x5, overlap 2) 1.45x time, PSNR 34.0 dB (tiles ~ image here)
+  official-17f-32x64   (final code) ours 7.83 s / +74 MiB vs reference 8.51 s / +874 MiB: 0.92x time, 0.08x peak;
+                       tiled (2x3, overlap 1) 1.45x time, PSNR 29.8 dB (tiles this small are only a smoke test)
   quarter-17f-128x256  ours 9.85 s / +466 MiB vs reference 10.70 s / +593 MiB: 0.92x time, 0.79x peak;
                        tiled (8x10, overlap 2) 1.15x time, 67.6% peak, PSNR 40.9 dB
   narrow-34f-544x992   untiled 294 s / +4484 MiB; tiled (18, overlap 2) 206 s / +983 MiB: 0.70x time,
