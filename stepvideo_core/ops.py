@@ -53,7 +53,7 @@ class Embedding(nn.Embedding):
     compute_dtype: torch.dtype | None = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = F.embedding(ids, self.weight.to(ids.device) if self.weight.device != ids.device else self.weight)
+        out = F.embedding(ids, self.weight.to(ids.device))
         if out.dtype in FP8_DTYPES:
             out = out.to(self.compute_dtype or torch.bfloat16)
         return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -72,7 +72,7 @@ def sample_latents(
 
 def generate(dit, vae, positive, negative, settings: GenerationSettings, callback=None, decode_kwargs=None) -> torch.Tensor:
     """Latents sampled then decoded: video ``[b, T, 3, H, W]`` in [-1, 1]."""
-    settings.num_frames = pipeline_num_frames(settings.num_frames)
+    settings = replace(settings, num_frames=pipeline_num_frames(settings.num_frames))
     latents = sample_latents(dit, positive, negative, settings, callback=callback)
     vae_dtype = next(vae.parameters()).dtype
     return vae.decode(latents.to(vae_dtype), **(decode_kwargs or {})).float()

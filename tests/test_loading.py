@@ -1,4 +1,3 @@
-import json
 
 import pytest
 import torch
@@ -6,6 +5,7 @@ from safetensors.torch import save_file
 
 from stepvideo_core.dit import StepVideoDiT, load_dit
 from stepvideo_core.loading import Checkpoint, CheckpointError
+from tests.checkpoint_fixtures import write_sharded
 from tests.test_dit import small_dit, text_inputs
 
 
@@ -34,23 +34,15 @@ def test_single_file_round_trip_is_exact(model_and_file):
 
 def test_sharded_folder_with_index_loads_like_the_single_file(model_and_file, tmp_path):
     model, _ = model_and_file
-    folder = tmp_path / "transformer"
-    folder.mkdir()
-    sd = model.state_dict()
-    keys = sorted(sd)
-    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
-              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}
-    weight_map = {}
-    for name, part in shards.items():
-        save_file({k: sd[k].contiguous() for k in part}, str(folder / name))
-        weight_map.update(dict.fromkeys(part, name))
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    folder = write_sharded(tmp_path / "transformer", model.state_dict(), "diffusion_pytorch_model")
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
     torch.testing.assert_close(forward(load_dit(folder, weight_dtype=torch.float32)), forward(model), atol=0, rtol=0)
 
-    (folder / "diffusion_pytorch_model.safetensors.index.json").unlink()
+    index_text = index.read_text()
+    index.unlink()
     with pytest.raises(CheckpointError, match="no \\*.safetensors.index.json"):
         load_dit(folder)
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    index.write_text(index_text)
     (folder / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="not found: diffusion_pytorch_model-00002"):
         load_dit(folder)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from stepvideo_core.step_llm import CONTROL_TOKENS, MASK_TOKENS, TOKENIZER_FILE, StepLLM, StepLLMConfig
+from tests.checkpoint_fixtures import write_sharded
 
 CORPUS = [
     "A red fox runs through the snowy forest at dawn.",
@@ -83,17 +84,7 @@ def random_step_llm(config: StepLLMConfig, seed: int = 0) -> StepLLM:
 
 def write_step_llm_folder(folder: Path, model: StepLLM, shards: int = 2, dtype: torch.dtype = torch.float32) -> Path:
     """Official layout: shards ``model-0000i-of-0000n.safetensors`` + index + ``config.json``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
-    keys = list(state)
-    per = -(-len(keys) // shards)
-    weight_map = {}
-    for i in range(shards):
-        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: state[k] for k in keys[i * per:(i + 1) * per]}
-        save_file(part, str(folder / name))
-        weight_map.update(dict.fromkeys(part, name))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_sharded(folder, {k: v.to(dtype) for k, v in model.state_dict().items()}, "model", shards)
     cfg = model.config
     (folder / "config.json").write_text(json.dumps({
         "architectures": ["Step1Model"], "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers,

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from stepvideo_core.dit import DiTConfig, StepVideoDiT
 from stepvideo_core.step_llm import StepLLMTokenizer
 from stepvideo_core.vae import VAEConfig, VideoVAE
 
+from ..checkpoint_fixtures import write_sharded
 from ..text_fixtures import (
     random_step_llm,
     small_llm_config,
@@ -49,17 +49,7 @@ def write_dit(folder: Path, seed: int = 0, shards: int = 2) -> StepVideoDiT:
     torch.manual_seed(seed)
     model = StepVideoDiT(DIT_CONFIG).eval()
     _randomize(model, seed, scale=0.5)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    keys = list(state)
-    per = -(-len(keys) // shards)
-    weight_map = {}
-    for i in range(shards):
-        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: state[k] for k in keys[i * per:(i + 1) * per]}
-        save_file(part, str(folder / name))
-        weight_map.update(dict.fromkeys(part, name))
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_sharded(folder, model.state_dict(), "diffusion_pytorch_model", shards)
     return model
 
 
