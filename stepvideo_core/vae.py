@@ -747,6 +747,9 @@ def vae_key_map(key: str) -> str:
     return key
 
 
+NORM_GROUPS_KEY = "norm_groups"  # safetensors metadata of a VAE whose GroupNorms do not use 32 groups
+
+
 def load_vae(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
              operations=None, **config_overrides) -> VideoVAE:
     """Load ``vae/vae_v2.safetensors`` (as stored, strictly) into a ``VideoVAE``.
@@ -775,12 +778,26 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: torc
             f"{ckpt.path} is the version-1 Step-Video VAE ({z} latent channels, usually named vae.safetensors). "
             "Step-Video-T2V's DiT works with the version-2 VAE: load vae/vae_v2.safetensors (64 latent channels) instead."
         )
+    # GroupNorm's group count is in no tensor shape: the release uses the default (32); a reduced VAE such as
+    # Step-Video-Tiny's records its own in the file's safetensors metadata.
+    metadata = {k: v for f in ckpt.files.values() for k, v in f.metadata.items()}
+    if NORM_GROUPS_KEY in metadata and "norm_groups" not in config_overrides:
+        try:
+            config_overrides["norm_groups"] = int(metadata[NORM_GROUPS_KEY])
+        except ValueError:
+            raise CheckpointError(f"{ckpt.path}: metadata {NORM_GROUPS_KEY}={metadata[NORM_GROUPS_KEY]!r} is not an "
+                                  "integer.") from None
     try:
         config = VAEConfig.from_shapes(shapes, **config_overrides)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{ckpt.path} is not a complete Step-Video VAE checkpoint ({e}).") from None
-    with torch.device("meta"):
-        model = VideoVAE(config, operations=operations)
+    try:
+        with torch.device("meta"):
+            model = VideoVAE(config, operations=operations)
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt.path} does not fit a Step-Video VAE: {e}. If its GroupNorms use another group "
+                              f"count than {config.norm_groups}, the file must name it in its safetensors metadata "
+                              f"({NORM_GROUPS_KEY!r}).") from None
     load_streaming(model, ckpt, model_name="Step-Video VAE (v2)", weight_dtype=dtype, compute_dtype=dtype,
                    device=device, key_map=key_map)
     return model.eval().requires_grad_(False)

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from stepvideo_core import ops as ops_module
 from stepvideo_core.loading import CheckpointError
 from stepvideo_core.vae import (
+    NORM_GROUPS_KEY,
     VAEConfig,
     VideoVAE,
     blend_chunk_borders,
@@ -313,3 +314,23 @@ def test_load_errors(vae, tmp_path):
         load_vae(tmp_path / "partial.safetensors")
     with pytest.raises(ValueError, match="fp8"):
         load_vae(good, dtype=torch.float8_e4m3fn)
+
+
+def test_load_reads_norm_groups_from_metadata(tmp_path):
+    """GroupNorm's group count is in no tensor shape: a reduced VAE (as Step-Video-Tiny's) names it in metadata."""
+    config = VAEConfig(z_channels=8, encoder_channels=8, encoder_channel_mult=(1, 4, 8, 8), encoder_num_res_blocks=1,
+                       decoder_channels=8, decoder_channel_mult=(1, 4, 8, 8), decoder_num_res_blocks=1, norm_groups=2)
+    model = small_vae(config=config)
+    sd = {k.replace("decoder.conv_out.conv.", "decoder.conv_out."): v.contiguous() for k, v in model.state_dict().items()}
+    path = tmp_path / "vae_v2.safetensors"
+    save_file(sd, str(path), metadata={NORM_GROUPS_KEY: "2"})
+    loaded = load_vae(path, dtype=torch.float32)
+    assert loaded.config == config
+    z = latents(n=1, h=1, w=1)
+    torch.testing.assert_close(loaded.decode(z), model.decode(z), rtol=0, atol=0)
+    save_file(sd, str(path))
+    with pytest.raises(CheckpointError, match="not divisible by the 32 GroupNorm groups.*metadata.*'norm_groups'"):
+        load_vae(path)
+    save_file(sd, str(path), metadata={NORM_GROUPS_KEY: "two"})
+    with pytest.raises(CheckpointError, match="not an integer"):
+        load_vae(path)
