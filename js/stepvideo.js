@@ -27,6 +27,7 @@ export const RESOLUTION_PRESETS = [
     ["496×272 landscape (quick test)", 496, 272],
     ["272×496 portrait (quick test)", 272, 496],
     ["384×384 square (quick test)", 384, 384],
+    ["128×128 square (Step-Video-Tiny)", 128, 128],
 ];
 export const FRAME_PRESETS = [
     ["204 frames (8.2 s, maximum)", 204],

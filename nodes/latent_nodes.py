@@ -16,8 +16,9 @@ class StepVideoEmptyLatent(io.ComfyNode):
             node_id="StepVideoEmptyLatent",
             display_name="Step-Video Empty Latent",
             category="StepVideo/latent",
-            description="An empty Step-Video latent [batch, 64, frames/17*3, height/16, width/16]. Official sizes: "
-                        "992x544 (and 544x992), 768x768; 204 frames at 25 fps.",
+            description="An empty Step-Video latent [batch, 64, frames/17*3, height/16, width/16]; samplers resize it "
+                        "to their model's channels (16 for the built-in Step-Video-Tiny). Official sizes: 992x544 (and "
+                        "544x992), 768x768; 204 frames at 25 fps. Step-Video-Tiny: 128x128, 17 frames.",
             inputs=[
                 io.Int.Input("width", default=992, min=16, max=4096, step=16),
                 io.Int.Input("height", default=544, min=16, max=4096, step=16),

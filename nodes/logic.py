@@ -14,19 +14,28 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from ..stepvideo_core.scheduler import PRESETS, denoise_sigmas, make_noise
+from ..stepvideo_core import tiny
+from ..stepvideo_core.scheduler import PRESETS, SamplerPreset, denoise_sigmas, make_noise
 from ..stepvideo_core.step_llm import TOKENIZER_FILE
 from ..stepvideo_core.text_encoding import TextConditioning
 from ..stepvideo_core.vae import FRAMES_PER_CHUNK, SPATIAL_FACTOR, latent_frames
 
+# Channels of StepVideoEmptyLatent's (all-zero) latent: the 30B model's. Samplers resize an empty latent to the
+# model's own count (Step-Video-Tiny: 16), as ComfyUI's KSampler does, so one empty-latent node serves both.
 LATENT_CHANNELS = 64
 OFFICIAL_PREFIX = "stepvideo/"  # combo values of the official multi-file layout: stepvideo/<download>/<part>
+# The pack's own models/ folder: Step-Video-Tiny ships there in the official layout, so registering it as one more
+# "stepvideo" root makes every loader list stepvideo/step-video-tiny/<part> without any download.
+BUILTIN_MODELS_DIR = str(tiny.TINY_DIR.parent)
 WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
 LLM_DTYPES = ("bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
 VAE_DTYPES = ("bf16", "fp16", "fp32")
 ATTENTION_CHOICES = ("comfy", "sdpa", "sageattention", "flash-attn")
-SAMPLER_PRESETS = ("standard", "turbo", "custom")
+# The official presets, plus what Step-Video-Tiny was trained for (tiny.SETTINGS); "custom" uses the widgets.
+NAMED_PRESETS = {**PRESETS, "tiny": SamplerPreset(tiny.SETTINGS.steps, tiny.SETTINGS.cfg, tiny.SETTINGS.shift)}
+SAMPLER_PRESETS = (*NAMED_PRESETS, "custom")
 MASK_KEY = "stepvideo_mask"  # keys of our extra tensors in a CONDITIONING entry's dict
 CLIP_KEY = "stepvideo_clip"
 
@@ -70,10 +79,15 @@ def resolve_preset(preset: str, steps: int, cfg: float, shift: float) -> Sampler
     """A named preset overrides steps/cfg/shift; 'custom' keeps the widget values."""
     if preset == "custom":
         return SamplerSettings(int(steps), float(cfg), float(shift))
-    if preset not in PRESETS:
+    if preset not in NAMED_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(SAMPLER_PRESETS)}")
-    p = PRESETS[preset]
+    p = NAMED_PRESETS[preset]
     return SamplerSettings(p.steps, p.cfg, p.shift)
+
+
+def preset_summary() -> str:
+    """'standard (50 steps, cfg 9, shift 13), ...' for node descriptions, from the presets themselves."""
+    return ", ".join(f"{name} ({p.steps} steps, cfg {p.cfg:g}, shift {p.shift:g})" for name, p in NAMED_PRESETS.items())
 
 
 def comfy_sigmas(steps: int, shift: float, denoise: float = 1.0) -> torch.Tensor:
@@ -94,9 +108,18 @@ def noise_for(latent: torch.Tensor, seed: int) -> torch.Tensor:
 def to_core_latent(samples: torch.Tensor) -> torch.Tensor:
     """ComfyUI ``[B, C, T, H, W]`` -> core ``[B, T, C, H, W]``."""
     if samples.ndim != 5:
-        raise ValueError(f"Step-Video latents are 5-D [batch, 64, frames, height, width]; got shape {tuple(samples.shape)}. "
-                         "Use StepVideoEmptyLatent or StepVideoVAEEncode to make them.")
+        raise ValueError(f"Step-Video latents are 5-D [batch, channels, frames, height, width]; got shape "
+                         f"{tuple(samples.shape)}. Use StepVideoEmptyLatent or StepVideoVAEEncode to make them.")
     return samples.movedim(1, 2)
+
+
+def check_latent_channels(samples: torch.Tensor, expected: int, consumer: str) -> None:
+    """A ComfyUI latent ``[B, C, T, H, W]`` must have the channels of the model or VAE that takes it."""
+    if samples.shape[1] != expected:
+        raise ValueError(f"The latent has {samples.shape[1]} channels but {consumer} takes {expected}. Step-Video-T2V "
+                         f"latents have {LATENT_CHANNELS} channels and Step-Video-Tiny's {tiny.VAE_CONFIG.z_channels}: "
+                         "use the VAE and model of one family (an empty StepVideoEmptyLatent fits either when it goes "
+                         "through a sampler first).")
 
 
 def to_comfy_latent(latents: torch.Tensor) -> torch.Tensor:
@@ -116,6 +139,43 @@ def images_to_video(images: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected IMAGE frames [N, H, W, 3], got shape {tuple(images.shape)}")
     rgb = images[..., :3].float()
     return (rgb * 2.0 - 1.0).permute(0, 3, 1, 2).unsqueeze(0).contiguous()
+
+
+# ---- live previews -------------------------------------------------------------------------------------------
+
+# Step-Video-Tiny's latent -> RGB table (``latent_rgb_factors`` rows, one per channel, and the bias), fitted with
+# fit_preview_rgb on clips of its training world encoded and decoded by its VAE. tests/test_nodes_logic.py refits
+# it from the shipped weights and prints a new table when they change.
+TINY_PREVIEW_RGB: tuple[list[list[float]], list[float]] | None = None
+
+
+def preview_rgb(channels: int) -> tuple[list[list[float]], list[float]]:
+    """(``latent_rgb_factors``, ``latent_rgb_factors_bias``) for a model with ``channels`` latent channels.
+
+    Step-Video-Tiny (16) uses its fitted table. Otherwise a fixed, seeded random projection: previews then show
+    structure and motion but not true colours (the 30B VAE's table needs its 100 GB download to fit).
+    """
+    if channels == tiny.VAE_CONFIG.z_channels and TINY_PREVIEW_RGB is not None:
+        return TINY_PREVIEW_RGB
+    g = torch.Generator().manual_seed(64)
+    return (torch.randn(channels, 3, generator=g) * 0.08).tolist(), [0.0, 0.0, 0.0]
+
+
+def fit_preview_rgb(latents: torch.Tensor, video: torch.Tensor) -> tuple[list[list[float]], list[float]]:
+    """Least-squares latent -> RGB map: ``latents`` ``[B, C, T, h, w]`` against the ``video`` ``[B, 3, F, H, W]``
+    (in [-1, 1], the preview's range) they decode to, averaged over each latent's patch and span of frames."""
+    target = F.adaptive_avg_pool3d(video.float(), latents.shape[2:])
+    x = latents.float().movedim(1, -1).reshape(-1, latents.shape[1])
+    y = target.movedim(1, -1).reshape(-1, 3)
+    solution = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1)], 1), y).solution
+    return solution[:-1].tolist(), solution[-1].tolist()
+
+
+def preview_rgb_error(factors: list[list[float]], bias: list[float], latents: torch.Tensor, video: torch.Tensor) -> float:
+    """Mean absolute error (in [-1, 1] units) of a latent -> RGB table on the data fit_preview_rgb takes."""
+    target = F.adaptive_avg_pool3d(video.float(), latents.shape[2:]).movedim(1, -1)
+    rgb = latents.float().movedim(1, -1) @ torch.tensor(factors) + torch.tensor(bias)
+    return float((rgb - target).abs().mean())
 
 
 # ---- empty latent validation -------------------------------------------------------------------------------

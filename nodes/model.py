@@ -21,7 +21,7 @@ import torch
 from ..stepvideo_core.attention import sdpa_attention
 from ..stepvideo_core.dit import load_dit
 from ..stepvideo_core.ops import FP8_DTYPES
-from .logic import CLIP_KEY, LATENT_CHANNELS, MASK_KEY
+from .logic import CLIP_KEY, LATENT_CHANNELS, MASK_KEY, preview_rgb
 
 log = logging.getLogger("stepvideo")
 
@@ -29,22 +29,16 @@ log = logging.getLogger("stepvideo")
 LOAD_STATS = {"dit_loads": 0}
 
 
-def _placeholder_rgb_factors() -> list[list[float]]:
-    """An approximate latent -> RGB table for live previews.
-
-    Not fitted to the VAE: it projects the 64 channels with a fixed, seeded random matrix so previews show
-    structure and motion (not true colours). Replace with a least-squares fit on decoded frames when available.
-    """
-    g = torch.Generator().manual_seed(64)
-    return (torch.randn(LATENT_CHANNELS, 3, generator=g) * 0.08).tolist()
-
-
 class StepVideoLatentFormat(comfy.latent_formats.LatentFormat):
-    latent_channels = LATENT_CHANNELS
+    """Per model: the channel count is the loaded DiT's (64 for Step-Video-T2V, 16 for Step-Video-Tiny), which
+    ComfyUI's samplers use to resize an empty latent and the previewer to map latents to RGB."""
+
     latent_dimensions = 3
     scale_factor = 1.0  # the DiT consumes the VAE's latents as they are (no scale, no shift)
-    latent_rgb_factors = _placeholder_rgb_factors()
-    latent_rgb_factors_bias = [0.0, 0.0, 0.0]
+
+    def __init__(self, channels: int = LATENT_CHANNELS):
+        self.latent_channels = channels
+        self.latent_rgb_factors, self.latent_rgb_factors_bias = preview_rgb(channels)
 
 
 class StepVideoModelConfig(comfy.supported_models_base.BASE):
@@ -140,6 +134,7 @@ def build_model_patcher(path: str, weight_dtype: torch.dtype | None, attention) 
     dit.dtype = weight_dtype  # BaseModel.get_dtype / ModelPatcher.model_dtype read this
     dit.set_attention(attention)
     config = StepVideoModelConfig(dict(StepVideoModelConfig.unet_config))
+    config.latent_format = StepVideoLatentFormat(dit.config.in_channels)
     config.set_inference_dtype(weight_dtype, manual_cast)
     model = StepVideoModel(config, dit, device=offload_device)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)

@@ -1,4 +1,5 @@
-"""Model folders: the standard ComfyUI ones plus ``models/stepvideo/`` for the official multi-file download."""
+"""Model folders: the standard ComfyUI ones plus ``models/stepvideo/`` for the official multi-file download, and
+the pack's own ``models/`` (the built-in Step-Video-Tiny) as one more ``stepvideo`` root."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def register_folders() -> None:
     if "stepvideo" not in folder_paths.folder_names_and_paths:
         folder_paths.folder_names_and_paths["stepvideo"] = ([os.path.join(folder_paths.models_dir, "stepvideo")],
                                                             set(SAFETENSORS))
+    # Last, so a user's own download of the same name wins; listed whether or not models/stepvideo exists.
+    folder_paths.add_model_folder_path("stepvideo", logic.BUILTIN_MODELS_DIR)
 
 
 def _roots(name: str) -> list[str]:

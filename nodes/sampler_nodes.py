@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import comfy.model_management as mm
+import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
@@ -21,12 +22,21 @@ class StepVideoNoiseSource:
         return logic.noise_for(input_latent["samples"], self.seed)
 
 
+def fit_to_model(model, latent_image: dict) -> dict:
+    """The latent with the model's channel count: an empty one (StepVideoEmptyLatent makes 64 channels) is
+    resized as KSampler does, anything else must already match."""
+    logic.to_core_latent(latent_image["samples"])  # shape check with a clear message
+    samples = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
+    logic.check_latent_channels(samples, model.get_model_object("latent_format").latent_channels, "this model")
+    return {**latent_image, "samples": samples}
+
+
 def sample(model, positive, negative, latent_image: dict, steps: int, cfg: float, shift: float, seed: int,
            denoise: float = 1.0) -> dict:
     """Euler on the reference schedule through ComfyUI's CFGGuider (model loading, lowvram, LoRA patches,
     previews, progress and cancellation all come from the host)."""
+    latent_image = fit_to_model(model, latent_image)
     latent = latent_image["samples"]
-    logic.to_core_latent(latent)  # shape check with a clear message
     sigmas = logic.comfy_sigmas(steps, shift, denoise)
     noise = StepVideoNoiseSource(seed).generate_noise(latent_image)
     guider = comfy.samplers.CFGGuider(model)
@@ -55,15 +65,14 @@ class StepVideoSampler(io.ComfyNode):
             display_name="Step-Video Sampler",
             category="StepVideo/sampling",
             description="Flow-matching Euler with the reference Step-Video schedule and classifier-free guidance. "
-                        "Presets: standard (50 steps, cfg 9, shift 13), turbo (10 steps, cfg 5, shift 17); 'custom' "
-                        "uses the widgets below.",
+                        f"Presets: {logic.preset_summary()}; 'custom' uses the widgets below.",
             inputs=[
                 io.Model.Input("model"),
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative"),
                 io.Latent.Input("latent_image"),
                 io.Combo.Input("preset", options=list(logic.SAMPLER_PRESETS), default="standard",
-                               tooltip="standard / turbo override steps, cfg and shift; custom uses them."),
+                               tooltip="standard / turbo / tiny override steps, cfg and shift; custom uses them."),
                 io.Int.Input("steps", default=50, min=1, max=1000),
                 io.Float.Input("cfg", default=9.0, min=0.0, max=100.0, step=0.1, round=0.01),
                 io.Float.Input("shift", default=13.0, min=0.01, max=100.0, step=0.1, round=0.01),

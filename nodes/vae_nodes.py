@@ -58,7 +58,8 @@ class StepVideoVAELoader(io.ComfyNode):
             node_id="StepVideoVAELoader",
             display_name="Step-Video VAE Loader",
             category="StepVideo/loaders",
-            description="Loads the Step-Video Video-VAE v2 (vae_v2.safetensors: 64 channels, 16x16 spatial, 17 frames -> 3 latents).",
+            description="Loads the Step-Video Video-VAE v2 (vae_v2.safetensors: 16x16 spatial, 17 frames -> 3 latents; "
+                        "64 latent channels, 16 for the built-in Step-Video-Tiny).",
             inputs=[
                 io.Combo.Input("vae_name", options=paths.vae_choices(), tooltip=f"From {paths.VAE_WHERE}."),
                 io.Combo.Input("dtype", options=list(logic.VAE_DTYPES), default="bf16"),
@@ -123,6 +124,7 @@ class StepVideoVAEDecode(io.ComfyNode):
     @classmethod
     def execute(cls, vae, samples, tile_size=16, tile_overlap=4) -> io.NodeOutput:
         latents = logic.to_core_latent(samples["samples"])
+        logic.check_latent_channels(samples["samples"], vae.vae.config.z_channels, "this VAE")
         vae.load()
         tile = None
         if tile_size and (tile_size < latents.shape[-2] or tile_size < latents.shape[-1]):

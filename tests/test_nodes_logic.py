@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stepvideo_core import tiny
 from stepvideo_core.scheduler import PRESETS, make_noise, sample_euler, step_video_sigmas
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +55,13 @@ def test_presets_override_unless_custom():
     t = PRESETS["turbo"]
     assert logic.resolve_preset("turbo", 3, 1.0, 2.0) == logic.SamplerSettings(t.steps, t.cfg, t.shift)
     assert logic.resolve_preset("custom", 3, 1.0, 2.0) == logic.SamplerSettings(3, 1.0, 2.0)
-    with pytest.raises(ValueError):
+    t = tiny.SETTINGS
+    assert logic.resolve_preset("tiny", 3, 1.0, 2.0) == logic.SamplerSettings(t.steps, t.cfg, t.shift) == (
+        logic.SamplerSettings(20, 5.0, 3.0))
+    assert logic.SAMPLER_PRESETS == ("standard", "turbo", "tiny", "custom")
+    assert "tiny (20 steps, cfg 5, shift 3)" in logic.preset_summary()
+    assert "standard (50 steps, cfg 9, shift 13)" in logic.preset_summary()
+    with pytest.raises(ValueError, match="standard, turbo, tiny, custom"):
         logic.resolve_preset("fast", 3, 1.0, 2.0)
 
 
@@ -162,6 +169,96 @@ def test_model_folder_listing(tmp_path):
     assert logic.resolve_subfolder([str(enc)], "my_clip") == str(enc / "my_clip")
     assert logic.resolve_subfolder([str(enc)], "../x") is None
     assert "not found in models/vae" in logic.not_found("VAE", "a.safetensors", "models/vae")
+
+
+def _official_layout(download: Path) -> None:
+    for part in ("transformer", "step_llm", "hunyuan_clip", "vae"):
+        (download / part).mkdir(parents=True)
+    (download / "vae" / "vae_v2.safetensors").write_bytes(b"x")
+
+
+def test_builtin_models_are_listed_without_a_user_folder(tmp_path):
+    """The pack's own models/ is one more stepvideo root: its Step-Video-Tiny is listed (and resolves) even when
+    the user has no models/stepvideo folder at all."""
+    assert Path(logic.BUILTIN_MODELS_DIR) == ROOT / "models" == tiny.TINY_DIR.parent
+    builtin = tmp_path / "pack_models"
+    _official_layout(builtin / tiny.NAME)
+    roots = [str(tmp_path / "no_such_user_folder"), str(builtin)]
+    expect = {part: f"stepvideo/{tiny.NAME}/{part}" for part in ("transformer", "step_llm", "hunyuan_clip")}
+    for part, value in expect.items():
+        assert logic.list_official(roots, part) == [value]
+        assert logic.resolve_official(roots, value) == str(builtin / tiny.NAME / part)
+    import os
+
+    assert logic.list_official(roots, "vae/vae_v2.safetensors", check=os.path.isfile) == [
+        f"stepvideo/{tiny.NAME}/vae/vae_v2.safetensors"]
+    # a user's own download of the same name comes first (the built-in root is registered last)
+    user = tmp_path / "user"
+    _official_layout(user / tiny.NAME)
+    assert logic.resolve_official([str(user), str(builtin)], expect["transformer"]) == str(user / tiny.NAME / "transformer")
+
+
+@pytest.mark.skipif(not (tiny.TINY_DIR / "transformer").is_dir(), reason="Step-Video-Tiny's weights are not in models/")
+def test_shipped_tiny_model_is_listed():
+    import os
+
+    roots = [logic.BUILTIN_MODELS_DIR]
+    for part in ("transformer", "step_llm", "hunyuan_clip"):
+        assert logic.list_official(roots, part) == [f"stepvideo/{tiny.NAME}/{part}"]
+    assert logic.list_official(roots, "vae/vae_v2.safetensors", check=os.path.isfile) == [
+        f"stepvideo/{tiny.NAME}/vae/vae_v2.safetensors"]
+
+
+def test_latent_channel_check_names_both_counts():
+    logic.check_latent_channels(torch.zeros(1, 16, 3, 2, 2), 16, "this VAE")
+    with pytest.raises(ValueError, match="has 64 channels but this VAE takes 16.*Step-Video-Tiny"):
+        logic.check_latent_channels(torch.zeros(1, 64, 3, 2, 2), 16, "this VAE")
+
+
+def test_preview_tables_fit_the_channel_count():
+    for channels in (64, 16, 8):
+        factors, bias = logic.preview_rgb(channels)
+        assert len(factors) == channels and all(len(row) == 3 for row in factors) and len(bias) == 3
+
+
+def test_fit_preview_rgb_recovers_a_linear_map():
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 16, 3, 4, 4, generator=g)
+    true_factors, true_bias = torch.randn(16, 3, generator=g) * 0.1, torch.tensor([0.1, -0.2, 0.3])
+    rgb = latents.movedim(1, -1) @ true_factors + true_bias  # [B, T, h, w, 3]
+    # each latent's colour over its 16x16 patch and its span of frames (6 frames each here)
+    video = rgb.movedim(-1, 1).repeat_interleave(6, 2).repeat_interleave(16, 3).repeat_interleave(16, 4)
+    factors, bias = logic.fit_preview_rgb(latents, video)
+    torch.testing.assert_close(torch.tensor(factors), true_factors, rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(bias), true_bias, rtol=0, atol=1e-4)
+    assert logic.preview_rgb_error(factors, bias, latents, video) < 1e-4
+    assert logic.preview_rgb_error(*logic.preview_rgb(16), latents, video) > 0.1
+
+
+@pytest.mark.skipif(not (tiny.TINY_DIR / "vae" / "vae_v2.safetensors").is_file(),
+                    reason="Step-Video-Tiny's weights are not in models/")
+def test_tiny_preview_table_fits_the_shipped_vae():
+    """The table in logic.TINY_PREVIEW_RGB previews the shipped VAE's latents as well as a fresh fit does."""
+    import random
+
+    from stepvideo_core import synthetic
+    from stepvideo_core.vae import load_vae
+
+    vae = load_vae(tiny.TINY_DIR / "vae" / "vae_v2.safetensors", dtype=torch.float32)
+    rng = random.Random(0)
+    scenes = [synthetic.make_scene(rng, synthetic.training_combos()) for _ in range(6)]
+    clips = torch.stack([torch.from_numpy(synthetic.to_model_range(synthetic.render(s))) for s in scenes])
+    with torch.no_grad():
+        latents = vae.encode(clips.movedim(1, 2), sample=False)  # [b, T, C, h, w]
+        video = vae.decode(latents).movedim(2, 1)  # what the latents really show, [b, 3, F, H, W]
+    latents = logic.to_comfy_latent(latents)
+    refit = logic.fit_preview_rgb(latents, video)
+    best = logic.preview_rgb_error(*refit, latents, video)
+    table = "TINY_PREVIEW_RGB = (" + repr([[round(v, 4) for v in row] for row in refit[0]]) + ", " + repr(
+        [round(v, 4) for v in refit[1]]) + ")"
+    assert logic.TINY_PREVIEW_RGB is not None, f"no table for the shipped VAE yet; put this in nodes/logic.py:\n{table}"
+    shipped = logic.preview_rgb_error(*logic.TINY_PREVIEW_RGB, latents, video)
+    assert shipped < best * 1.25 + 0.01, f"the table no longer fits the VAE ({shipped:.3f} vs {best:.3f}):\n{table}"
 
 
 def test_lora_patch_keys_and_report():
