@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from stepvideo_core import tiny
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW_DIR = ROOT / "workflows"
 LOCALES = ROOT / "locales"
@@ -88,7 +90,7 @@ CONTRACT: dict[str, dict] = {
     "StepVideoSampler": {
         "sockets": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                     ("latent_image", "LATENT")],
-        "widgets": [combo("preset", ["standard", "turbo", "custom"]), int_("steps", 1, 1000),
+        "widgets": [combo("preset", ["standard", "turbo", "tiny", "custom"]), int_("steps", 1, 1000),
                     float_("cfg", 0.0, 100.0), float_("shift", 0.01, 100.0), int_("seed", 0, SEED_MAX, control=True),
                     float_("denoise", 0.01, 1.0)],
         "outputs": [("LATENT", "LATENT")],
@@ -137,7 +139,8 @@ MODEL_DIRECTORIES = {"stepvideo", "diffusion_models", "text_encoders", "vae", "l
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 OFFICIAL_PREFIX = "stepvideo/"  # combo values of the official layout: stepvideo/<download>/<part> (nodes/logic.py)
 EXPECTED_WORKFLOWS = {"stepvideo_t2v_standard", "stepvideo_t2v_turbo", "stepvideo_t2v_low_memory",
-                      "stepvideo_t2v_lora_swap"}
+                      "stepvideo_t2v_lora_swap", "step_video_tiny_demo"}
+BUILTIN_PREFIX = f"{OFFICIAL_PREFIX}{tiny.NAME}/"  # Step-Video-Tiny ships in the pack's models/: nothing to download
 
 
 def spec(node_type: str) -> dict:
@@ -278,6 +281,8 @@ def _node_rules(node: dict, where: str) -> None:
             assert (v["steps"], v["cfg"], v["shift"]) == (50, 9.0, 13.0), where
         if v["preset"] == "turbo":
             assert 10 <= v["steps"] <= 15 and v["cfg"] == 5.0 and v["shift"] == 17.0, where
+        if v["preset"] == "tiny":
+            assert (v["steps"], v["cfg"], v["shift"]) == (tiny.SETTINGS.steps, tiny.SETTINGS.cfg, tiny.SETTINGS.shift), where
     if t == "CreateVideo":
         assert node["widgets_values"][0] == 25, f"{where}: Step-Video renders at 25 fps"
 
@@ -343,6 +348,23 @@ def test_each_workflow_has_its_purpose():
     prefixes = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "SaveVideo"]
     assert len(set(prefixes)) == 2
 
+    # the install check: the built-in Step-Video-Tiny at what it was trained for
+    (d,) = nodes("step_video_tiny_demo", "StepVideoDiTLoader")
+    (te,) = nodes("step_video_tiny_demo", "StepVideoTextEncoderLoader")
+    (v,) = nodes("step_video_tiny_demo", "StepVideoVAELoader")
+    assert (d["model_name"], te["step_llm"], te["hunyuan_clip"], v["vae_name"]) == tuple(
+        BUILTIN_PREFIX + part for part in ("transformer", "step_llm", "hunyuan_clip", "vae/vae_v2.safetensors"))
+    (enc,) = nodes("step_video_tiny_demo", "StepVideoTextEncode")
+    assert enc["prompt"] == "a blue square moves right"
+    (lat,) = nodes("step_video_tiny_demo", "StepVideoEmptyLatent")
+    t = tiny.SETTINGS
+    assert (lat["width"], lat["height"], lat["frames"], lat["batch_size"]) == (t.width, t.height, t.num_frames, 1)
+    (s,) = nodes("step_video_tiny_demo", "StepVideoSampler")
+    assert s["preset"] == "tiny" and (s["steps"], s["cfg"], s["shift"]) == (t.steps, t.cfg, t.shift)
+    assert s["seed"] == 0  # the seed `python -m stepvideo_core.generate` uses, so both give the same video
+    (note,) = [n["widgets_values"][0] for n in by["step_video_tiny_demo"]["nodes"] if n["type"] == "MarkdownNote"]
+    assert "install" in note and "Nothing is downloaded" in note
+
 
 HF_URL = re.compile(r"^https://huggingface\.co/stepfun-ai/stepvideo-t2v(-turbo)?/resolve/main/[\w./-]+$")
 
@@ -353,7 +375,10 @@ def test_workflow_models_metadata(path: Path):
     for node in wf["nodes"]:
         models = node.get("properties", {}).get("models")
         where = f"{path.name} node {node['id']} ({node['type']})"
-        if node["type"] in LOADERS_WITH_MODELS:
+        builtin = [v for v in node.get("widgets_values", []) if isinstance(v, str) and v.startswith(BUILTIN_PREFIX)]
+        if builtin:
+            assert not models, f"{where}: the built-in {builtin} must not offer a download"
+        elif node["type"] in LOADERS_WITH_MODELS:
             assert models, f"{where}: properties.models lists nothing to download"
         if not models:
             continue
