@@ -5,6 +5,8 @@ Run with ComfyUI's own Python, e.g.
 
 - ``base_dir``: a throw-away ComfyUI base directory (``--base-directory``) holding tiny official-layout models
   and ``custom_nodes/comfyui-stepvideo`` -> this repository;
+- ``tiny_demo``: the built-in Step-Video-Tiny reachable as ``stepvideo/step-video-tiny/<part>`` (the shipped weights,
+  or a random stand-in in ``base_dir`` until they exist);
 - ``host``: ComfyUI imported in this process (``--cpu``) with the pack loaded by ComfyUI's own loader;
 - ``server``: ``main.py --cpu`` on a free loopback port using ``base_dir``; its log is kept for assertions.
 """
@@ -45,6 +47,13 @@ def base_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_demo(base_dir):
+    from .tiny_models import tiny_demo as find_or_write
+
+    return find_or_write(base_dir / "models")
+
+
+@pytest.fixture(scope="session")
 def host(base_dir):
     """ComfyUI in-process, CPU only, with core + extra nodes and this pack loaded through ``load_custom_node``."""
     if COMFYUI_PATH not in sys.path:
@@ -68,6 +77,7 @@ def host(base_dir):
         classes={k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("StepVideo")},
         model=sys.modules[f"{pack_name}.nodes.model"],
         logic=sys.modules[f"{pack_name}.nodes.logic"],
+        paths=sys.modules[f"{pack_name}.nodes.paths"],
         tiny=base_dir / "models" / "stepvideo" / "tiny",
         loras=base_dir / "models" / "loras",
     )

@@ -12,8 +12,9 @@ presets) and a screenshot is written (``STEPVIDEO_SCREENSHOT_DIR`` or the test's
 
 Every converted prompt is then run end to end on the CPU: tiny models in the official layout are written at the
 paths the workflows name (``models/stepvideo/stepvideo-t2v/...``, ``stepvideo-t2v-turbo/transformer``,
-``loras/stepvideo_lora_a.safetensors``) before the server starts; only the size inputs of the converted prompt are
-shrunk (latent size and frames, sampler steps, decode tiles) and every SaveVideo must write a video. In the LoRA
+``loras/stepvideo_lora_a.safetensors``, and Step-Video-Tiny: built in, or a stand-in at ``stepvideo/step-video-tiny``)
+before the server starts; only the size inputs of the converted prompt are shrunk (latent size and frames, sampler
+steps, decode tiles) and every SaveVideo must write a video. In the LoRA
 workflow the two branches (strength 0 and 1 of a LoRA that changes the output) must give different videos.
 """
 
@@ -88,9 +89,10 @@ def _write_workflow_models(models: Path) -> None:
 
     from stepvideo_core.lora import new_trainable_lora, save_lora
 
-    from .tiny_models import write_all, write_dit
+    from .tiny_models import tiny_demo, write_all, write_dit
 
     root = write_all(models)  # models/stepvideo/tiny/... + test LoRAs
+    tiny_demo(models)  # the demo workflow's built-in model (a stand-in until the pack ships its weights)
     official = models / "stepvideo" / "stepvideo-t2v"
     shutil.copytree(root, official)
     dit = write_dit(models / "stepvideo" / "stepvideo-t2v-turbo" / "transformer", seed=1)

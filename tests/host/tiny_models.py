@@ -2,11 +2,18 @@
 
 ``<models>/stepvideo/tiny/{transformer/, vae/vae_v2.safetensors, step_llm/, hunyuan_clip/}`` plus two LoRAs in
 ``<models>/loras``: one in PEFT style with separate q/k/v, one in ComfyUI style.
+
+``tiny_demo`` makes the built-in Step-Video-Tiny reachable as ``stepvideo/step-video-tiny/<part>``: the shipped
+weights when the pack has them, otherwise a random-weight stand-in of the same architecture, exported by the
+training code itself into ``<models>/stepvideo/step-video-tiny``.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -101,3 +108,50 @@ def write_all(models: Path) -> Path:
     write_hunyuan_clip(root / "hunyuan_clip")
     write_loras(models / "loras")
     return root
+
+
+@dataclass
+class TinyDemo:
+    root: Path  # the step-video-tiny folder the loaders' stepvideo/step-video-tiny/<part> values resolve to
+    trained: bool  # the shipped, trained weights (not the random stand-in): their videos show the prompt
+    builtin: bool  # read from the pack's own models/ folder
+
+
+def is_trained(root: Path) -> bool:
+    """The training code records its stages in training.json; a stand-in exported without training records none."""
+    info = root / "training.json"
+    return info.is_file() and "dit" in json.loads(info.read_text())
+
+
+def write_tiny_standin(out: Path) -> Path:
+    """Random weights of Step-Video-Tiny's architecture, exported exactly as the trained model is."""
+    from stepvideo_core import tiny, train_tiny
+    from stepvideo_core.dit import StepVideoDiT
+    from stepvideo_core.vae import VideoVAE
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        train_tiny.train_tokenizers(work)
+        vae = VideoVAE(tiny.VAE_CONFIG)
+        save_file({k: v.contiguous() for k, v in train_tiny.vae_official_state(vae).items()}, str(work / "vae.safetensors"))
+        save_file({k: v.contiguous() for k, v in StepVideoDiT(tiny.DIT_CONFIG).state_dict().items()},
+                  str(work / "dit.safetensors"))
+        _, llm, _, bert = train_tiny.new_text_encoders(work)
+        save_file({k: v.contiguous() for k, v in llm.state_dict().items()}, str(work / "llm.safetensors"))
+        save_file({k: v.contiguous() for k, v in bert.state_dict().items()}, str(work / "bert.safetensors"))
+        bert.config.to_json_file(str(work / "bert_config.json"))
+        train_tiny.export(work, out=out)
+    return out
+
+
+def tiny_demo(models: Path) -> TinyDemo:
+    """The built-in Step-Video-Tiny if the pack ships it, else a stand-in under ``<models>/stepvideo``."""
+    from stepvideo_core import tiny
+
+    if (tiny.TINY_DIR / "transformer").is_dir():
+        return TinyDemo(tiny.TINY_DIR, is_trained(tiny.TINY_DIR), builtin=True)
+    root = models / "stepvideo" / tiny.NAME
+    if not (root / "transformer").is_dir():
+        write_tiny_standin(root)
+    return TinyDemo(root, trained=False, builtin=False)
