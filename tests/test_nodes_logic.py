@@ -235,6 +235,7 @@ def test_fit_preview_rgb_recovers_a_linear_map():
     assert logic.preview_rgb_error(*logic.preview_rgb(16), latents, video) > 0.1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (tiny.TINY_DIR / "vae" / "vae_v2.safetensors").is_file(),
                     reason="Step-Video-Tiny's weights are not in models/")
 def test_tiny_preview_table_fits_the_shipped_vae():
