@@ -55,10 +55,12 @@ class LoraError(ValueError):
 
 @dataclass
 class LoraPair:
-    """delta W = up @ down, scale already folded into ``up``."""
+    """delta W = scale * up @ down. Loaded files have their alpha / rank folded into ``up`` (scale 1); adapters
+    being trained keep it apart, so alpha sets the step size of ``up`` as in other trainers."""
 
     up: torch.Tensor  # [out, rank]
     down: torch.Tensor  # [rank, in]
+    scale: float = 1.0
 
 
 @dataclass
@@ -185,7 +187,7 @@ class LoraHook:
     """Forward hook adding ``strength * up(down(x))`` to a Linear's output; holds its own (trainable) factors."""
 
     def __init__(self, pair: LoraPair, strength: float):
-        self.up, self.down, self.strength = pair.up, pair.down, strength
+        self.up, self.down, self.strength = pair.up, pair.down, strength * pair.scale
 
     def __call__(self, module, inputs, output):
         if self.strength == 0:
@@ -200,10 +202,11 @@ class LoraHook:
 class AttachedLoras:
     handles: list
     hooks: dict[str, LoraHook]
+    pairs: list[LoraPair] = field(default_factory=list)
 
     def set_strength(self, strength: float) -> None:
-        for hook in self.hooks.values():
-            hook.strength = strength
+        for hook, pair in zip(self.hooks.values(), self.pairs):
+            hook.strength = strength * pair.scale
 
     def detach(self) -> None:
         for handle in self.handles:
@@ -218,12 +221,13 @@ def attach(model: nn.Module, lora: LoraSet, strength: float = 1.0) -> AttachedLo
         hook = LoraHook(pair, strength)
         handles.append(model.get_submodule(name).register_forward_hook(hook))
         hooks[name] = hook
-    return AttachedLoras(handles, hooks)
+    return AttachedLoras(handles, hooks, list(lora.pairs.values()))
 
 
 def new_trainable_lora(model: nn.Module, rank: int, targets: Iterable[str] = TARGET_MODULES, alpha: float | None = None,
                        seed: int = 0) -> LoraSet:
-    """Fresh adapters for training: ``down`` random, ``up`` zero (so training starts at the base model)."""
+    """Fresh adapters for training: ``down`` random, ``up`` zero (so training starts at the base model), each
+    adding ``alpha / rank * up @ down`` (alpha defaults to the rank)."""
     g = torch.Generator().manual_seed(seed)
     scale = (alpha or rank) / rank
     pairs = {}
@@ -231,7 +235,7 @@ def new_trainable_lora(model: nn.Module, rank: int, targets: Iterable[str] = TAR
         if isinstance(module, nn.Linear) and any(name.endswith(t) for t in targets):
             down = torch.randn(rank, module.in_features, generator=g) / module.in_features**0.5
             up = torch.zeros(module.out_features, rank)
-            pairs[name] = LoraPair(up=nn.Parameter(up * scale), down=nn.Parameter(down))
+            pairs[name] = LoraPair(up=nn.Parameter(up), down=nn.Parameter(down), scale=scale)
     if not pairs:
         raise LoraError(f"no layer of the model matches the targets {list(targets)}")
     return LoraSet(pairs=pairs)
@@ -242,7 +246,7 @@ def save_lora(lora: LoraSet, path: str | Path, metadata: dict[str, str] | None =
     tensors = {}
     for name, pair in lora.pairs.items():
         key = f"diffusion_model.{name}"
-        tensors[f"{key}.lora_up.weight"] = pair.up.detach().float().contiguous()
+        tensors[f"{key}.lora_up.weight"] = (pair.up.detach().float() * pair.scale).contiguous()
         tensors[f"{key}.lora_down.weight"] = pair.down.detach().float().contiguous()
         tensors[f"{key}.alpha"] = torch.tensor(float(pair.down.shape[0]))
     save_file(tensors, str(path), metadata=metadata)

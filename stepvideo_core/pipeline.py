@@ -58,10 +58,13 @@ def sample_latents(
     settings: GenerationSettings,
     latents: torch.Tensor | None = None,
     callback: StepCallback | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sample fp32 latents ``[b, F, C, h, w]``; ``latents`` with ``settings.denoise < 1`` starts part-way."""
+    """Sample fp32 latents ``[b, F, C, h, w]``; ``latents`` with ``settings.denoise < 1`` starts part-way.
+
+    ``noise`` replaces the seeded draw (e.g. one seed per sample of a batch)."""
     shape = latent_shape(settings, dit.config.in_channels, positive.mask.shape[0]) if latents is None else latents.shape
-    noise = make_noise(shape, settings.seed)
+    noise = make_noise(shape, settings.seed) if noise is None else noise
     use_cfg = negative is not None and settings.cfg != 1.0
     velocity = dit_velocity(dit, positive, negative if use_cfg else None)
     if use_cfg:

@@ -227,14 +227,15 @@ def norm_frames(x: torch.Tensor, norm: nn.Module, per_frame: bool, silu: bool, f
     padded copy. ``out`` may be ``x`` itself when ``front_pad`` is 0 (normalise in place).
     """
     b, c, t, h, w = x.shape
-    if out is None:
+    training = torch.is_grad_enabled()
+    if out is None or (training and out is x):  # autograd needs ``x`` intact for the backward pass
         out = empty_cl((b, c, t + front_pad, h, w), x)
     if front_pad:
         out[:, :, :front_pad].zero_()
 
     def fn(frames: torch.Tensor) -> torch.Tensor:
         y = norm(frames)
-        return F.silu(y, inplace=True) if silu else y
+        return F.silu(y, inplace=not training) if silu else y
 
     if per_frame:
         return map_frames(fn, x, out, offset=front_pad)

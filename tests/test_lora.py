@@ -144,3 +144,25 @@ def test_save_and_load_round_trip(tmp_path):
     assert reloaded.matched_modules == 14 and not reloaded.unmatched
     attach(model, reloaded)
     torch.testing.assert_close(run(model), trained, atol=1e-6, rtol=1e-6)
+
+
+def test_training_alpha_scales_the_delta_and_is_folded_in_on_save(tmp_path):
+    model = small_dit(layers=1)
+    base = run(model)
+    deltas = {}
+    outputs = []
+    for alpha in (2.0, 4.0):  # rank 2: scale 1 then 2, same factors
+        lora = new_trainable_lora(model, rank=2, alpha=alpha, seed=1)
+        with torch.no_grad():
+            for name, pair in lora.pairs.items():
+                pair.up.copy_(torch.randn(pair.up.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+                deltas[name] = pair.up @ pair.down
+        handle = attach(model, lora)
+        outputs.append(run(model))
+        handle.detach()
+    expected = run(merged_copy(model, {k: 2 * v for k, v in deltas.items()}))
+    torch.testing.assert_close(outputs[1], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outputs[0], outputs[1]) and not torch.allclose(outputs[0], base)
+    save_lora(lora, tmp_path / "a.safetensors")
+    attach(model, load_lora(tmp_path / "a.safetensors", model))
+    torch.testing.assert_close(run(model), outputs[1], atol=1e-6, rtol=1e-6)
