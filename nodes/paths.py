@@ -27,6 +27,8 @@ def register_folders() -> None:
                                                             set(SAFETENSORS))
     # Last, so a user's own download of the same name wins; listed whether or not models/stepvideo exists.
     folder_paths.add_model_folder_path("stepvideo", logic.BUILTIN_MODELS_DIR)
+    # The shipped Video-DPO LoRA for the tiny model, in every LoRA loader (ours and ComfyUI's core ones).
+    folder_paths.add_model_folder_path("loras", os.path.join(logic.BUILTIN_MODELS_DIR, "loras"))
 
 
 def _roots(name: str) -> list[str]:

@@ -130,6 +130,12 @@ CORE_CONTRACT: dict[str, dict] = {
         "widgets": [combo("lora_name"), float_("strength_model", -100.0, 100.0)],
         "outputs": [("MODEL", "MODEL")],
     },
+    "ImageStitch": {
+        "sockets": [("image1", "IMAGE"), ("image2", "IMAGE")],
+        "widgets": [combo("direction", ["right", "down", "left", "up"]), bool_("match_image_size"),
+                    int_("spacing_width", 0, 1024, 2), combo("spacing_color", ["white", "black", "red", "green", "blue"])],
+        "outputs": [("IMAGE", "IMAGE")],
+    },
     "MarkdownNote": {"sockets": [], "widgets": [str_("text")], "outputs": []},
     "Note": {"sockets": [], "widgets": [str_("text")], "outputs": []},
 }
@@ -139,8 +145,11 @@ MODEL_DIRECTORIES = {"stepvideo", "diffusion_models", "text_encoders", "vae", "l
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 OFFICIAL_PREFIX = "stepvideo/"  # combo values of the official layout: stepvideo/<download>/<part> (nodes/logic.py)
 EXPECTED_WORKFLOWS = {"stepvideo_t2v_standard", "stepvideo_t2v_turbo", "stepvideo_t2v_low_memory",
-                      "stepvideo_t2v_lora_swap", "step_video_tiny_demo"}
+                      "stepvideo_t2v_lora_swap", "step_video_tiny_demo", "step_video_tiny_dpo_swap"}
 BUILTIN_PREFIX = f"{OFFICIAL_PREFIX}{tiny.NAME}/"  # Step-Video-Tiny ships in the pack's models/: nothing to download
+# The Video-DPO LoRA for Step-Video-Tiny ships at models/loras/ (where `python -m stepvideo_core.dpo` writes it);
+# nodes/paths.py adds that folder to ComfyUI's "loras", so the LoRA loaders list it by its bare file name.
+DPO_LORA = tiny.TINY_DIR.parent / "loras" / "step-video-tiny-dpo.safetensors"
 
 
 def spec(node_type: str) -> dict:
@@ -364,6 +373,69 @@ def test_each_workflow_has_its_purpose():
     assert s["seed"] == 0  # the seed `python -m stepvideo_core.generate` uses, so both give the same video
     (note,) = [n["widgets_values"][0] for n in by["step_video_tiny_demo"]["nodes"] if n["type"] == "MarkdownNote"]
     assert "install" in note and "Nothing is downloaded" in note
+
+
+def test_dpo_swap_workflow_renders_base_and_lora_side_by_side():
+    """The same prompt, seed and latent sampled by the built-in Step-Video-Tiny and by the same DiT through the
+    shipped Video-DPO LoRA at strength 1; Image Stitch puts base (left) and LoRA (right) side by side, unresampled."""
+    wf = load(WORKFLOW_DIR / "step_video_tiny_dpo_swap.json")
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    links = {lk[0]: lk for lk in wf["links"]}
+
+    def of(t):
+        return [n for n in wf["nodes"] if n["type"] == t]
+
+    def source(node, name):
+        (sock,) = [i for i in node["inputs"] if i["name"] == name]
+        lk = links[sock["link"]]
+        return by_id[lk[1]], lk[2]
+
+    (d,), (te,), (v,) = of("StepVideoDiTLoader"), of("StepVideoTextEncoderLoader"), of("StepVideoVAELoader")
+    d, te, v = named_widgets(d), named_widgets(te), named_widgets(v)
+    assert (d["model_name"], te["step_llm"], te["hunyuan_clip"], v["vae_name"]) == tuple(
+        BUILTIN_PREFIX + part for part in ("transformer", "step_llm", "hunyuan_clip", "vae/vae_v2.safetensors"))
+    (enc,) = of("StepVideoTextEncode")
+    assert named_widgets(enc)["prompt"] == "a purple triangle moves to the left"
+    (lat,) = of("StepVideoEmptyLatent")
+    t = tiny.SETTINGS
+    assert tuple(named_widgets(lat).values()) == (t.width, t.height, t.num_frames, 1)
+
+    # the LoRA is the shipped file, at full strength, on the one DiT loader
+    (lora,) = of("StepVideoLoraLoader")
+    lw = named_widgets(lora)
+    assert lw["lora_name"] == DPO_LORA.name and lw["strength"] == 1.0
+    assert source(lora, "model")[0]["type"] == "StepVideoDiTLoader"
+
+    # two samplers, identical but for the model: the base DiT and the DiT + LoRA
+    samplers = of("StepVideoSampler")
+    assert len(samplers) == 2
+    assert len({tuple(named_widgets(s).values()) for s in samplers}) == 1
+    s = named_widgets(samplers[0])
+    assert s["preset"] == "tiny" and (s["steps"], s["cfg"], s["shift"]) == (t.steps, t.cfg, t.shift)
+    assert s["seed.control_after_generate"] == "fixed"  # a rerun renders the same pair
+    for name in ("positive", "negative", "latent_image"):
+        assert len({(source(n, name)[0]["id"], source(n, name)[1]) for n in samplers}) == 1, name
+    models = {source(n, "model")[0]["type"]: n for n in samplers}
+    assert set(models) == {"StepVideoDiTLoader", "StepVideoLoraLoader"}
+    base, dpo = models["StepVideoDiTLoader"], models["StepVideoLoraLoader"]
+
+    # one video: base | LoRA along the width, neither clip resized, no spacer (two 128-wide halves)
+    (stitch,) = of("ImageStitch")
+    sw = named_widgets(stitch)
+    assert sw["direction"] == "right" and sw["match_image_size"] is False and sw["spacing_width"] == 0
+    for slot, sampler in (("image1", base), ("image2", dpo)):
+        decode, _ = source(stitch, slot)
+        assert decode["type"] == "StepVideoVAEDecode" and source(decode, "samples")[0] is sampler, slot
+    (create,) = of("CreateVideo")
+    assert source(create, "images")[0] is stitch
+    (save,) = of("SaveVideo")
+    assert source(save, "video")[0] is create
+    assert save["widgets_values"][0] == "video/step_video_tiny_dpo_swap"
+
+    (note,) = [n["widgets_values"][0] for n in of("MarkdownNote")]
+    assert "DPO" in note and "What to look for" in note and "left = base, right = DPO" in note
+    assert "Strength **0 reproduces the base model exactly**" in note
+    assert not re.search(r"</?[a-zA-Z]", note), "plain Markdown only, no HTML"
 
 
 HF_URL = re.compile(r"^https://huggingface\.co/stepfun-ai/stepvideo-t2v(-turbo)?/resolve/main/[\w./-]+$")
