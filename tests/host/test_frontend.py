@@ -12,10 +12,12 @@ presets) and a screenshot is written (``STEPVIDEO_SCREENSHOT_DIR`` or the test's
 
 Every converted prompt is then run end to end on the CPU: tiny models in the official layout are written at the
 paths the workflows name (``models/stepvideo/stepvideo-t2v/...``, ``stepvideo-t2v-turbo/transformer``,
-``loras/stepvideo_lora_a.safetensors``, and Step-Video-Tiny: built in, or a stand-in at ``stepvideo/step-video-tiny``)
+``loras/stepvideo_lora_a.safetensors``, and Step-Video-Tiny with its DPO LoRA: built in, or stand-ins at
+``stepvideo/step-video-tiny`` and ``loras/step-video-tiny-dpo.safetensors``)
 before the server starts; only the size inputs of the converted prompt are shrunk (latent size and frames, sampler
 steps, decode tiles) and every SaveVideo must write a video. In the LoRA
-workflow the two branches (strength 0 and 1 of a LoRA that changes the output) must give different videos.
+workflow the two branches (strength 0 and 1 of a LoRA that changes the output) must give different videos; in the
+DPO swap workflow the base and LoRA halves of its one video must differ.
 """
 
 from __future__ import annotations
@@ -89,10 +91,11 @@ def _write_workflow_models(models: Path) -> None:
 
     from stepvideo_core.lora import new_trainable_lora, save_lora
 
-    from .tiny_models import tiny_demo, write_all, write_dit
+    from .tiny_models import dpo_lora, tiny_demo, write_all, write_dit
 
     root = write_all(models)  # models/stepvideo/tiny/... + test LoRAs
-    tiny_demo(models)  # the demo workflow's built-in model (a stand-in until the pack ships its weights)
+    demo = tiny_demo(models)  # the demo workflow's built-in model (a stand-in until the pack ships its weights)
+    dpo_lora(models, demo.root)  # the DPO swap workflow's LoRA for it (likewise)
     official = models / "stepvideo" / "stepvideo-t2v"
     shutil.copytree(root, official)
     dit = write_dit(models / "stepvideo" / "stepvideo-t2v-turbo" / "transformer", seed=1)
@@ -483,6 +486,7 @@ def test_converted_workflow_runs_end_to_end(browser, server, path):
                                                          server["log"].read_text()[-3000:])
     saves = sorted(nid for nid, n in prompt.items() if n["class_type"] == "SaveVideo")
     assert saves
+    stitched = path.stem == "step_video_tiny_dpo_swap"  # one video: base | LoRA side by side
     videos = {}
     for nid in saves:
         items = [i for v in entry["outputs"][nid].values() if isinstance(v, list) for i in v if isinstance(i, dict)]
@@ -491,9 +495,12 @@ def test_converted_workflow_runs_end_to_end(browser, server, path):
         assert file.is_file() and file.stat().st_size > 0, file
         assert items[0]["subfolder"] == str(Path(prompt[nid]["inputs"]["filename_prefix"]).parent)
         videos[nid] = _frames(file)
-        assert videos[nid].shape == (17, 16, 32, 3), videos[nid].shape
+        assert videos[nid].shape == (17, 16, 64 if stitched else 32, 3), videos[nid].shape
     if path.stem == "stepvideo_t2v_lora_swap":
         strengths = sorted(n["inputs"]["strength"] for n in prompt.values() if n["class_type"] == "StepVideoLoraLoader")
         assert strengths == [0.0, 1.0]
         a, b = (videos[n].astype(float) for n in saves)
         assert abs(a - b).mean() > 1.0, "LoRA strength 0 and 1 gave the same video"
+    if stitched:
+        (video,) = (videos[n].astype(float) for n in saves)
+        assert abs(video[:, :, :32] - video[:, :, 32:]).mean() > 1.0, "the base and LoRA halves are the same"

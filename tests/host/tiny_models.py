@@ -5,7 +5,8 @@
 
 ``tiny_demo`` makes the built-in Step-Video-Tiny reachable as ``stepvideo/step-video-tiny/<part>``: the shipped
 weights when the pack has them, otherwise a random-weight stand-in of the same architecture, exported by the
-training code itself into ``<models>/stepvideo/step-video-tiny``.
+training code itself into ``<models>/stepvideo/step-video-tiny``. ``dpo_lora`` does the same for its Video-DPO LoRA,
+``step-video-tiny-dpo.safetensors``.
 """
 
 from __future__ import annotations
@@ -155,3 +156,36 @@ def tiny_demo(models: Path) -> TinyDemo:
     if not (root / "transformer").is_dir():
         write_tiny_standin(root)
     return TinyDemo(root, trained=False, builtin=False)
+
+
+@dataclass
+class DpoLora:
+    path: Path  # the file the loaders' lora_name "step-video-tiny-dpo.safetensors" resolves to
+    shipped: bool  # the pack's trained Video-DPO LoRA (not the random stand-in)
+
+
+DPO_LORA_NAME = "step-video-tiny-dpo.safetensors"
+
+
+def dpo_lora(models: Path, dit_root: Path) -> DpoLora:
+    """The Video-DPO LoRA the pack ships in ``models/loras``, else a stand-in written to ``<models>/loras``: the
+    adapters training starts from (``new_trainable_lora``, rank 8, every target layer of the tiny DiT in
+    ``dit_root``) with random ``up`` factors, so that, unlike a fresh adapter, it changes the video."""
+    from stepvideo_core import tiny
+    from stepvideo_core.dit import load_dit
+    from stepvideo_core.lora import new_trainable_lora, save_lora
+
+    shipped = tiny.TINY_DIR.parent / "loras" / DPO_LORA_NAME
+    if shipped.is_file():
+        return DpoLora(shipped, shipped=True)
+    path = models / "loras" / DPO_LORA_NAME
+    if not path.is_file():
+        dit = load_dit(dit_root / "transformer", weight_dtype=torch.float32)
+        lora = new_trainable_lora(dit, rank=8, seed=11)
+        g = torch.Generator().manual_seed(12)
+        with torch.no_grad():
+            for pair in lora.pairs.values():
+                pair.up.copy_(torch.randn(pair.up.shape, generator=g) * 0.2)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_lora(lora, path, metadata={"base_model": tiny.NAME, "stand_in": "random up factors (tests only)"})
+    return DpoLora(path, shipped=False)
