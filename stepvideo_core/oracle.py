@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from . import synthetic
 from .synthetic import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, SceneObject
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that makes a pixel part of an object
@@ -153,7 +154,7 @@ def score(frames: np.ndarray, target: SceneObject | tuple[str, str, str]) -> Sco
         motion_part = float(np.clip((dx * ux + dy * uy) / 40.0, 0, 1))
     elif motion in ("grow", "shrink"):
         change = np.log(max(det.scale, 1e-3)) * (1 if motion == "grow" else -1)
-        motion_part = float(np.clip(change / np.log(1.8), 0, 1))
+        motion_part = float(np.clip(change / np.log(synthetic.SCALE_CHANGE), 0, 1))
     else:
         motion_part = float(np.clip(1 - np.hypot(dx, dy) / 20.0, 0, 1)) * float(abs(np.log(max(det.scale, 1e-3))) < 0.2)
     adherence = (colour_part + shape_part + motion_part) / 3

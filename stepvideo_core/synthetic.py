@@ -52,9 +52,9 @@ ZH_MOTION = {
 ZH_SHAPE_SHORT = {"circle": "圆", "square": "方块", "triangle": "三角形"}
 
 SIZE = 128
-TRAVEL = (40.0, 60.0)  # pixels travelled over a whole clip by a moving object
-HALF_SIZE = (11.0, 17.0)  # half-extent of an object: radius for circles, half the side for squares
-SCALE_CHANGE = 1.8  # a growing object ends this many times larger (a shrinking one this many times smaller)
+TRAVEL = (36.0, 52.0)  # pixels travelled over a whole clip by a moving object
+HALF_SIZE = (16.0, 22.0)  # half-extent: radius of a circle, half the side of a square; objects span 2-3 latent cells
+SCALE_CHANGE = 1.6  # a growing object ends this many times larger (a shrinking one this many times smaller)
 
 
 def _held_out() -> frozenset[tuple[str, str, str]]:

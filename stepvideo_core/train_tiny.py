@@ -42,11 +42,13 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def clip_batch(rng: random.Random, count: int, crop: int | None = None,
-               around_objects: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_batch(rng: random.Random, count: int, crop: int | None = None, around_objects: bool = False,
+               recolour: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` fresh training clips [b, 3, 17, H, W] in [-1, 1], optionally cropped square (anywhere, or
     ``around_objects``: a window holding the first object's start), and a mask [b, 1, 17, H, W] of the pixels
-    that belong to objects (anything off the background colour)."""
+    that belong to objects (anything off the background colour). A share ``recolour`` of the clips get a
+    random background colour: the world's backgrounds are all grey, and a VAE that only ever sees colour in
+    small objects learns it very slowly."""
     combos = synthetic.training_combos()
     clips, masks = [], []
     for _ in range(count):
@@ -55,6 +57,9 @@ def clip_batch(rng: random.Random, count: int, crop: int | None = None,
         bg = np.array(synthetic.BACKGROUNDS[scene.background][0])
         mask = (np.abs(frames.astype(int) - bg).max(-1) > 8)[None].astype(np.float32)
         video = synthetic.to_model_range(frames)
+        if rng.random() < recolour:
+            colour = np.array([rng.uniform(-1, 1) for _ in range(3)], np.float32)[:, None, None, None]
+            video = np.where(mask > 0, video, colour)
         if crop and around_objects:
             obj = scene.objects[0]
             x = min(max(int(obj.x) - rng.randrange(8, crop - 8), 0), synthetic.SIZE - crop)
@@ -166,7 +171,7 @@ def save_vae(vae: VideoVAE, path: Path) -> None:
 
 def train_vae(work: Path, steps: int = 220, full_steps: int = 24, batch: int = 4, crop: int = 64,
               lr: float = 1e-3, kl_weight: float = 3e-3, object_weight: float = 0.0, init: Path | None = None,
-              name: str = "vae", warmup: int = 30) -> Path:
+              name: str = "vae", warmup: int = 30, recolour: float = 0.0) -> Path:
     """Reconstruction (L1 + MSE) with a light KL term, first on 64-pixel crops, then on whole 128-pixel clips
     (per-frame GroupNorm statistics differ between the two, so the last steps see what inference sees).
 
@@ -186,7 +191,7 @@ def train_vae(work: Path, steps: int = 220, full_steps: int = 24, batch: int = 4
     for step in range(total):
         full = step >= steps
         x, objects = clip_batch(rng, batch // 2 if full else batch, None if full else crop,
-                                around_objects=object_weight > 0)
+                                around_objects=object_weight > 0, recolour=recolour)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, total, lr, warmup=warmup)
         moments = vae.encoder(x)
@@ -239,6 +244,8 @@ def encode_latents(work: Path, count: int = 900, batch: int = 4) -> Path:
     save_file({"mean": mean, "logvar": torch.cat(logvars)}, str(path))
     (work / "captions.json").write_text(json.dumps(captions, ensure_ascii=False))
     log(f"latents: {count} clips, mean std {mean.std():.3f}, {time.time() - start:.0f} s")
+    (work / "latents.json").write_text(json.dumps({"clips": count, "seconds": round(time.time() - start),
+                                                   "latent_std": round(float(mean.std()), 3)}))
     return path
 
 
@@ -314,7 +321,7 @@ class EMA:
             p.copy_(s)
 
 
-def train_dit(work: Path, steps: int = 2000, batch: int = 12, lr: float = 1e-3, text_lr: float = 5e-4,
+def train_dit(work: Path, steps: int = 650, batch: int = 12, lr: float = 1e-3, text_lr: float = 5e-4,
               uncond: float = 0.1, chinese: float = 0.5, seconds: float | None = None) -> None:
     """Flow matching on the encoded clips; the text encoders learn with the DiT. A caption is replaced by the
     negative prompt the pipeline uses (NEGATIVE_MAGIC) ``uncond`` of the time, which trains the guidance's
@@ -417,7 +424,8 @@ def export(work: Path, out: Path = tiny.TINY_DIR, dtype: torch.dtype = torch.flo
     save_file({"bert." + k: v for k, v in cast(work / "bert.safetensors").items() if not k.endswith("position_ids")},
               str(clip / "clip_text_encoder" / "model.safetensors"))
     shutil.copytree(work / "hunyuan_clip" / "tokenizer", clip / "tokenizer", dirs_exist_ok=True)
-    stats = {name: json.loads((work / f"{name}.json").read_text()) for name in ("vae", "dit") if (work / f"{name}.json").exists()}
+    stats = {name: json.loads((work / f"{name}.json").read_text()) for name in ("vae_phase1", "vae_phase2", "vae", "latents", "dit")
+             if (work / f"{name}.json").exists()}
     (out / "training.json").write_text(json.dumps(stats, indent=1))
     log(f"exported to {out}")
 
@@ -427,7 +435,7 @@ def main(argv=None) -> None:
     p.add_argument("--work", default="runs/tiny")
     p.add_argument("--stage", default="all", choices=["all", "tokenizers", "vae", "latents", "dit", "export"])
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--dit-steps", type=int, default=2000)
+    p.add_argument("--dit-steps", type=int, default=650)
     p.add_argument("--dit-seconds", type=float, default=None, help="stop the DiT stage early after this long")
     args = p.parse_args(argv)
     if args.threads:
@@ -437,10 +445,15 @@ def main(argv=None) -> None:
     if args.stage in ("all", "tokenizers"):
         train_tokenizers(work)
     if args.stage in ("all", "vae"):
-        phase1 = work / "vae_phase1.safetensors"
-        if not phase1.exists():  # resumable: the first phase is kept
+        # Three phases, each resumable: plain reconstruction; objects weighted up and half the backgrounds
+        # recoloured (teaches colour, which the grey backgrounds never show); back to the world's own clips.
+        phase1, phase2 = work / "vae_phase1.safetensors", work / "vae_phase2.safetensors"
+        if not phase1.exists():
             train_vae(work, name="vae_phase1")
-        train_vae(work, steps=150, full_steps=12, lr=1e-3, object_weight=20.0, init=phase1, name="vae", warmup=10)
+        if not phase2.exists():
+            train_vae(work, steps=180, full_steps=12, lr=5e-4, object_weight=5.0, init=phase1, name="vae_phase2",
+                      warmup=10, recolour=0.5)
+        train_vae(work, steps=100, full_steps=12, lr=3e-4, object_weight=5.0, init=phase2, name="vae", warmup=10)
     if args.stage in ("all", "latents"):
         encode_latents(work)
     if args.stage in ("all", "dit"):
