@@ -4,7 +4,9 @@ import math
 
 import torch
 
-from stepvideo_core.dpo import dpo_loss
+from stepvideo_core import evaluate, tiny
+from stepvideo_core.dpo import LORA_FILE, dpo_loss
+from stepvideo_core.lora import attach, load_lora
 
 
 def test_dpo_loss_is_log2_when_the_lora_equals_the_reference():
@@ -39,10 +41,6 @@ def test_dpo_gradient_pushes_winner_error_down_and_loser_error_up():
 
 def test_shipped_dpo_lora_beats_the_base_on_held_out_prompts_and_strength_zero_is_the_base():
     # A floor, not the card's figures: every held-out combination, one seed, both languages together.
-    from stepvideo_core import evaluate, synthetic, tiny
-    from stepvideo_core.dpo import LORA_FILE
-    from stepvideo_core.lora import attach, load_lora
-
     model = tiny.load_tiny()
     prompts = evaluate.held_out_prompts()
     base = evaluate.evaluate(model, prompts, seeds=(0,))
