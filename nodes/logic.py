@@ -146,7 +146,25 @@ def images_to_video(images: torch.Tensor) -> torch.Tensor:
 # Step-Video-Tiny's latent -> RGB table (``latent_rgb_factors`` rows, one per channel, and the bias), fitted with
 # fit_preview_rgb on clips of its training world encoded and decoded by its VAE. tests/test_nodes_logic.py refits
 # it from the shipped weights and prints a new table when they change.
-TINY_PREVIEW_RGB: tuple[list[list[float]], list[float]] | None = None
+TINY_PREVIEW_RGB: tuple[list[list[float]], list[float]] | None = (
+    [[0.2085, 0.1813, 0.1109],
+    [-0.0098, -0.091, -0.094],
+    [0.1522, 0.1085, 0.0538],
+    [-0.0358, -0.0384, -0.0713],
+    [-0.0596, -0.1474, -0.1428],
+    [-0.0757, -0.0817, -0.0423],
+    [0.0543, 0.1339, 0.1546],
+    [0.1484, 0.1133, 0.0812],
+    [-0.1207, -0.1475, -0.1595],
+    [0.1787, 0.1496, 0.0742],
+    [0.1926, 0.1152, -0.0378],
+    [-0.0319, -0.0196, -0.0482],
+    [-0.0715, -0.0314, 0.0209],
+    [-0.1183, -0.036, 0.0724],
+    [0.0453, -0.0173, -0.0895],
+    [-0.0065, 0.0113, 0.0014]],
+    [0.0815, -0.0984, 0.0009]
+)
 
 
 def preview_rgb(channels: int) -> tuple[list[list[float]], list[float]]:
