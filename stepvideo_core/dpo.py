@@ -31,12 +31,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import oracle, synthetic, tiny
+from .evaluate import sample_clips
 from .lora import TARGET_MODULES, LoraSet, attach, new_trainable_lora, save_lora
-from .pipeline import latent_shape, sample_latents
-from .scheduler import make_noise
 from .text_encoding import TextConditioning, encode_prompts
 from .train_tiny import flow_matching_loss, sample_training_times
-from .video_io import to_uint8
 
 SEED = 7
 LORA_DIR = tiny.TINY_DIR.parent / "loras"
@@ -74,9 +72,7 @@ def training_prompts(per_language: int, seed: int = SEED) -> list[tuple[str, str
     for lang in ("en", "zh"):
         for combo in combos[:per_language]:
             obj = synthetic.SceneObject(*combo, x=0, y=0, half=0)
-            variant = rng.randrange(3)
-            text = synthetic.english_phrase(obj, variant) if lang == "en" else synthetic.chinese_phrase(obj, variant)
-            out.append((text, lang, combo))
+            out.append((synthetic.phrase(obj, lang, rng.randrange(3)), lang, combo))
     return out
 
 
@@ -85,20 +81,15 @@ def make_pairs(model: tiny.TinyModel, prompts, samples: int = 4, min_gap: float 
                settings=tiny.SETTINGS) -> dict:
     """Sample ``samples`` clips per prompt, score each with the oracle, keep (best, worst) when they differ by
     at least ``min_gap`` in the overall score."""
-    shape = latent_shape(settings, model.dit.config.in_channels, 1)
     texts = [p[0] for p in prompts]
     scores = [[] for _ in prompts]
     latents = [[] for _ in prompts]
     start = time.time()
     for k in range(samples):
-        for b in range(0, len(prompts), batch):
-            chunk = texts[b:b + batch]
-            pos, neg = encode_prompts(model.text, chunk, after="keep")
-            noise = torch.cat([make_noise(shape, SEED * 1000 + k * 100_000 + b + i) for i in range(len(chunk))])
-            lat = sample_latents(model.dit, pos, neg, settings, noise=noise)
-            for i, video in enumerate(model.vae.decode(lat)):
-                scores[b + i].append(oracle.score(to_uint8(video), prompts[b + i][2]).overall)
-                latents[b + i].append(lat[i])
+        lat, clips = sample_clips(model, texts, SEED * 1000 + k * 100_000, settings, batch)
+        for i, (frames, prompt) in enumerate(zip(clips, prompts)):
+            scores[i].append(oracle.score(frames, prompt[2]).overall)
+            latents[i].append(lat[i])
         print(f"pairs: sample {k + 1}/{samples} of {len(prompts)} prompts ({time.time() - start:.0f} s)", flush=True)
     wins, losses, kept, gaps = [], [], [], []
     for i, s in enumerate(scores):
@@ -148,8 +139,8 @@ def train_dpo(model: tiny.TinyModel, pairs: dict, config: DPOConfig | None = Non
             idx = torch.randint(0, len(winners), (config.batch,), generator=gen)
             text = TextConditioning(pos.llm_states[idx], pos.mask[idx], pos.clip_states[idx]).dit_kwargs()
             t = sample_training_times(config.batch, gen, tiny.SETTINGS.shift)
-            noise = torch.randn(winners[idx].shape, generator=gen)
             both = torch.cat([winners[idx], losers[idx]])
+            noise = torch.randn(both[:config.batch].shape, generator=gen)
             text2 = {k: torch.cat([v, v]) for k, v in text.items()}
             t2, noise2 = torch.cat([t, t]), torch.cat([noise, noise])
             with torch.no_grad():

@@ -38,26 +38,30 @@ def held_out_prompts(languages=LANGUAGES, variant: int = 0, combos=None) -> list
     out = []
     for combo in sorted(combos or synthetic.HELD_OUT):
         obj = synthetic.SceneObject(*combo, x=0, y=0, half=0)
-        for lang in languages:
-            text = synthetic.english_phrase(obj, variant) if lang == "en" else synthetic.chinese_phrase(obj, variant)
-            out.append(Prompt(text, lang, combo))
+        out += [Prompt(synthetic.phrase(obj, lang, variant), lang, combo) for lang in languages]
     return out
 
 
 @torch.no_grad()
-def generate_frames(model: tiny.TinyModel, prompts: list[str], seed: int,
-                    settings: GenerationSettings = tiny.SETTINGS, batch: int = 8) -> list[np.ndarray]:
-    """uint8 clips [T, H, W, 3], one per prompt; prompt ``i`` gets the noise of seed ``seed + i`` whatever the
-    batching, so a clip can be reproduced on its own."""
+def sample_clips(model: tiny.TinyModel, prompts: list[str], seed: int, settings: GenerationSettings = tiny.SETTINGS,
+                 batch: int = 8) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """Latents [n, F, C, h, w] and uint8 clips [T, H, W, 3], one per prompt; prompt ``i`` gets the noise of seed
+    ``seed + i`` whatever the batching, so a clip can be reproduced on its own."""
     shape = latent_shape(settings, model.dit.config.in_channels, 1)
-    clips = []
+    latents, clips = [], []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
         pos, neg = encode_prompts(model.text, chunk, after="keep")
         noise = torch.cat([make_noise(shape, seed + start + i) for i in range(len(chunk))])
-        latents = sample_latents(model.dit, pos, neg, settings, noise=noise)
-        clips += [to_uint8(v) for v in model.vae.decode(latents)]
-    return clips
+        lat = sample_latents(model.dit, pos, neg, settings, noise=noise)
+        latents.append(lat)
+        clips += [to_uint8(v) for v in model.vae.decode(lat)]
+    return torch.cat(latents), clips
+
+
+def generate_frames(model: tiny.TinyModel, prompts: list[str], seed: int,
+                    settings: GenerationSettings = tiny.SETTINGS) -> list[np.ndarray]:
+    return sample_clips(model, prompts, seed, settings)[1]
 
 
 def evaluate(model: tiny.TinyModel, prompts: list[Prompt], seeds=(0, 1), settings: GenerationSettings = tiny.SETTINGS) -> dict:

@@ -171,6 +171,11 @@ def chinese_phrase(obj: SceneObject, variant: int) -> str:
     return f"{colour[0]}{ZH_SHAPE_SHORT[obj.shape]}{verb}"
 
 
+def phrase(obj: SceneObject, language: str, variant: int) -> str:
+    """One caption phrase of an object, ``language`` "en" or "zh"."""
+    return english_phrase(obj, variant) if language == "en" else chinese_phrase(obj, variant)
+
+
 def captions(scene: Scene) -> dict[str, tuple[str, ...]]:
     """Several English and Chinese captions of a scene, some naming the background."""
     bg_en, bg_zh = scene.background, BACKGROUNDS[scene.background][1]
