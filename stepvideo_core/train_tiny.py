@@ -4,8 +4,10 @@
     python -m stepvideo_core.train_tiny --work runs/tiny --stage vae
 
 Stages: ``tokenizers`` (SentencePiece for Step-LLM, a WordPiece vocabulary for the BERT), ``vae`` (the Video-VAE
-on reconstruction), ``latents`` (the training clips encoded once), ``dit`` (the DiT with flow matching, the two
-text encoders trained with it end to end), ``export`` (fp16 safetensors in the official layout).
+on reconstruction in three phases, then its output convolution solved by least squares), ``latents`` (the
+training clips encoded once), ``dit`` (the DiT with flow matching, the two text encoders trained with it end to
+end, in phases of falling learning rate), ``export`` (fp16 safetensors in the official layout). Every phase writes
+its own file, and a stage skips the phases already done.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import synthetic, tiny
@@ -218,6 +221,55 @@ def train_vae(work: Path, steps: int = 220, full_steps: int = 24, batch: int = 4
     return path
 
 
+def conv_patches(features: torch.Tensor) -> torch.Tensor:
+    """The inputs a 3x3x3 causal conv (spatial padding 1) sees at each output position: ``[b, c, t + 2, H, W]``
+    (leading zero frames included) -> ``[b * t * H * W, c * 27]``, in the conv weight's (c, dt, dy, dx) order."""
+    b, c, frames, h, w = features.shape
+    padded = F.pad(features, (1, 1, 1, 1))
+    taps = [padded[:, :, dt:dt + frames - 2, dy:dy + h, dx:dx + w] for dt in range(3) for dy in range(3) for dx in range(3)]
+    return torch.stack(taps, 2).permute(0, 3, 4, 5, 1, 2).reshape(-1, c * 27)
+
+
+@torch.no_grad()
+def calibrate_decoder_output(work: Path, init: Path, clips: int = 24, object_weight: float = 4.0,
+                             name: str = "vae") -> Path:
+    """The last VAE phase, in closed form: the decoder's output convolution refitted by weighted least squares
+    on whole 128-pixel clips, the rest of the VAE fixed.
+
+    The crops the earlier phases train on are cheap, but per-frame GroupNorm statistics of a crop are not those
+    of a whole frame, and whole frames decoded with a colour cast (a dark grey background came out blue). That
+    convolution is linear in its input, so the best one for whole frames is a solve, not a training run; the
+    encoder, and with it the DiT's latents, stay as they are."""
+    vae = load_vae(init, dtype=torch.float32)
+    rng = random.Random(SEED + 5)
+    conv = vae.decoder.conv_out.conv
+    dropped = vae.config.decoder_dropped_frames
+    captured = {}
+    hook = vae.decoder.conv_out.register_forward_pre_hook(lambda module, args: captured.__setitem__("x", args[0]))
+    n = conv.in_channels * 27 + 1
+    gram, moment = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, 3, dtype=torch.float64)
+    start = time.time()
+    for _ in range(clips):
+        x, objects = clip_batch(rng, 1)
+        vae.decoder(vae.encoder(x).chunk(2, dim=1)[0])
+        rows = conv_patches(captured["x"][:, :, dropped:].contiguous()).double()  # the frames the decoder keeps
+        rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=torch.float64)], 1)
+        weight = (1 + object_weight * objects).permute(0, 2, 3, 4, 1).reshape(-1, 1).double()
+        gram += (rows * weight).T @ rows
+        moment += (rows * weight).T @ x.permute(0, 2, 3, 4, 1).reshape(-1, 3).double()
+    hook.remove()
+    solution = torch.linalg.solve(gram + 1e-3 * torch.eye(n, dtype=torch.float64), moment)
+    conv.weight.copy_(solution[:-1].T.reshape(conv.weight.shape))
+    conv.bias.copy_(solution[-1])
+    path = work / f"{name}.safetensors"
+    save_vae(vae, path)
+    (work / f"{name}.json").write_text(json.dumps({"clips": clips, "seconds": round(time.time() - start),
+                                                   "object_weight": object_weight,
+                                                   "fitted": "decoder.conv_out (least squares)"}))
+    log(f"{name}: decoder output refitted on {clips} clips ({time.time() - start:.0f} s)")
+    return path
+
+
 # ---- latents ----------------------------------------------------------------------------------------------
 
 
@@ -322,7 +374,7 @@ class EMA:
 
 
 def train_dit(work: Path, steps: int = 650, batch: int = 12, lr: float = 1e-3, text_lr: float = 5e-4,
-              uncond: float = 0.1, chinese: float = 0.5, seconds: float | None = None) -> None:
+              uncond: float = 0.1, chinese: float = 0.5, seconds: float | None = None, warmup: int = 100, phase: int = 1) -> None:
     """Flow matching on the encoded clips; the text encoders learn with the DiT. A caption is replaced by the
     negative prompt the pipeline uses (NEGATIVE_MAGIC) ``uncond`` of the time, which trains the guidance's
     unconditional branch; every other caption carries POSITIVE_MAGIC, as at inference."""
@@ -335,6 +387,9 @@ def train_dit(work: Path, steps: int = 650, batch: int = 12, lr: float = 1e-3, t
     tokenizer, llm, bert_tokenizer, bert = new_text_encoders(work)
     dit = StepVideoDiT(tiny.DIT_CONFIG)
     init_dit_for_training(dit)
+    if phase > 1:  # go on from the previous phase's (EMA) weights with a fresh optimiser
+        for module, part in ((dit, "dit"), (llm, "llm"), (bert, "bert")):
+            module.load_state_dict(load_file(str(work / f"{part}_phase{phase - 1}.safetensors")))
     for m in (dit, llm, bert):
         m.train()
     opt = torch.optim.AdamW([{"params": dit.parameters(), "lr": lr, "weight_decay": 0.01},
@@ -345,7 +400,7 @@ def train_dit(work: Path, steps: int = 650, batch: int = 12, lr: float = 1e-3, t
     start, running = time.time(), None
     for step in range(steps):
         for g, peak in zip(opt.param_groups, peaks):
-            g["lr"] = cosine_lr(step, steps, peak, warmup=100)
+            g["lr"] = cosine_lr(step, steps, peak, warmup=warmup)
         idx = torch.randint(0, len(means), (batch,), generator=gen)
         latents = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)
         texts = []
@@ -365,18 +420,23 @@ def train_dit(work: Path, steps: int = 650, batch: int = 12, lr: float = 1e-3, t
         ema.update(step)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == steps - 1:
-            log(f"dit step {step}/{steps} loss {running:.4f} ({time.time() - start:.0f} s)")
+            log(f"dit phase {phase} step {step}/{steps} loss {running:.4f} ({time.time() - start:.0f} s)")
         if seconds and time.time() - start > seconds:
             log(f"dit: time budget reached at step {step}")
             steps = step + 1
             break
     ema.copy_to()
     state = {"dit": dit.state_dict(), "llm": llm.state_dict(), "bert": bert.state_dict()}
-    for name, sd in state.items():
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(work / f"{name}.safetensors"))
+    for part, sd in state.items():
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(work / f"{part}_phase{phase}.safetensors"))
     bert.config.to_json_file(str(work / "bert_config.json"))
-    (work / "dit.json").write_text(json.dumps({"steps": steps, "batch": batch, "seconds": round(time.time() - start)}))
+    (work / f"dit_phase{phase}.json").write_text(json.dumps({"steps": steps, "batch": batch, "lr": lr,
+                                                             "seconds": round(time.time() - start)}))
 
+
+# (steps, DiT learning rate; the text encoders learn at half of it) per phase.
+# The shipped run stopped phase 2 at step 1458 of 1600 (``--dit-seconds 1000``); training.json records it.
+DIT_PHASES = ((650, 1e-3), (1600, 5e-4), (1600, 2.5e-4))
 
 # ---- export ---------------------------------------------------------------------------------------------------
 
@@ -400,7 +460,8 @@ def export(work: Path, out: Path = tiny.TINY_DIR, dtype: torch.dtype = torch.flo
         return {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(file)).items()}
 
     cfg = tiny.DIT_CONFIG
-    _write_single_shard(out / "transformer", "diffusion_pytorch_model", cast(work / "dit.safetensors"))
+    last = f"_phase{len(DIT_PHASES)}"
+    _write_single_shard(out / "transformer", "diffusion_pytorch_model", cast(work / f"dit{last}.safetensors"))
     (out / "transformer" / "config.json").write_text(json.dumps({
         "_class_name": "StepVideoModel", "num_attention_heads": cfg.num_attention_heads,
         "attention_head_dim": cfg.attention_head_dim, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
@@ -411,7 +472,7 @@ def export(work: Path, out: Path = tiny.TINY_DIR, dtype: torch.dtype = torch.flo
     save_file(cast(work / "vae.safetensors"), str(out / "vae" / "vae_v2.safetensors"),
               metadata={NORM_GROUPS_KEY: str(tiny.VAE_CONFIG.norm_groups)})
     llm = tiny.llm_config(StepLLMTokenizer(work / "step_llm").sp.get_piece_size())
-    _write_single_shard(out / "step_llm", "model", cast(work / "llm.safetensors"))
+    _write_single_shard(out / "step_llm", "model", cast(work / f"llm{last}.safetensors"))
     (out / "step_llm" / "config.json").write_text(json.dumps({
         "architectures": ["Step1Model"], "hidden_size": llm.hidden_size, "num_layers": llm.num_layers,
         "num_attention_heads": llm.num_attention_heads, "num_attention_groups": llm.num_attention_groups,
@@ -421,10 +482,10 @@ def export(work: Path, out: Path = tiny.TINY_DIR, dtype: torch.dtype = torch.flo
     clip = out / "hunyuan_clip"
     (clip / "clip_text_encoder").mkdir(parents=True, exist_ok=True)
     shutil.copy(work / "bert_config.json", clip / "clip_text_encoder" / "config.json")
-    save_file({"bert." + k: v for k, v in cast(work / "bert.safetensors").items() if not k.endswith("position_ids")},
+    save_file({"bert." + k: v for k, v in cast(work / f"bert{last}.safetensors").items() if not k.endswith("position_ids")},
               str(clip / "clip_text_encoder" / "model.safetensors"))
     shutil.copytree(work / "hunyuan_clip" / "tokenizer", clip / "tokenizer", dirs_exist_ok=True)
-    stats = {name: json.loads((work / f"{name}.json").read_text()) for name in ("vae_phase1", "vae_phase2", "vae", "latents", "dit")
+    stats = {name: json.loads((work / f"{name}.json").read_text()) for name in ("vae_phase1", "vae_phase2", "vae_phase3", "vae", "latents", *(f"dit_phase{i + 1}" for i in range(len(DIT_PHASES))))
              if (work / f"{name}.json").exists()}
     (out / "training.json").write_text(json.dumps(stats, indent=1))
     log(f"exported to {out}")
@@ -435,8 +496,7 @@ def main(argv=None) -> None:
     p.add_argument("--work", default="runs/tiny")
     p.add_argument("--stage", default="all", choices=["all", "tokenizers", "vae", "latents", "dit", "export"])
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--dit-steps", type=int, default=650)
-    p.add_argument("--dit-seconds", type=float, default=None, help="stop the DiT stage early after this long")
+    p.add_argument("--dit-seconds", type=float, default=None, help="stop each DiT phase early after this long")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -445,19 +505,28 @@ def main(argv=None) -> None:
     if args.stage in ("all", "tokenizers"):
         train_tokenizers(work)
     if args.stage in ("all", "vae"):
-        # Three phases, each resumable: plain reconstruction; objects weighted up and half the backgrounds
-        # recoloured (teaches colour, which the grey backgrounds never show); back to the world's own clips.
-        phase1, phase2 = work / "vae_phase1.safetensors", work / "vae_phase2.safetensors"
-        if not phase1.exists():
+        # Four phases, each resumable: plain reconstruction; objects weighted up and half the backgrounds
+        # recoloured (teaches colour, which the grey backgrounds never show); back to the world's own clips;
+        # the decoder's output convolution solved for whole frames.
+        phases = [work / f"vae_phase{i}.safetensors" for i in (1, 2, 3)]
+        if not phases[0].exists():
             train_vae(work, name="vae_phase1")
-        if not phase2.exists():
-            train_vae(work, steps=180, full_steps=12, lr=5e-4, object_weight=5.0, init=phase1, name="vae_phase2",
+        if not phases[1].exists():
+            train_vae(work, steps=180, full_steps=12, lr=5e-4, object_weight=5.0, init=phases[0], name="vae_phase2",
                       warmup=10, recolour=0.5)
-        train_vae(work, steps=100, full_steps=12, lr=3e-4, object_weight=5.0, init=phase2, name="vae", warmup=10)
+        if not phases[2].exists():
+            train_vae(work, steps=100, full_steps=12, lr=3e-4, object_weight=5.0, init=phases[1], name="vae_phase3",
+                      warmup=10)
+        calibrate_decoder_output(work, phases[2])
     if args.stage in ("all", "latents"):
         encode_latents(work)
     if args.stage in ("all", "dit"):
-        train_dit(work, steps=args.dit_steps, seconds=args.dit_seconds)
+        # Phases, each resumable: from scratch, then on from the last phase's EMA weights with a fresh
+        # optimiser and a lower learning rate.
+        for phase, (steps, lr) in enumerate(DIT_PHASES, start=1):
+            if not (work / f"dit_phase{phase}.json").exists():
+                train_dit(work, steps=steps, lr=lr, text_lr=lr / 2, seconds=args.dit_seconds, phase=phase,
+                          warmup=100 if phase == 1 else 50)
     if args.stage in ("all", "export"):
         export(work)
 
