@@ -1,17 +1,14 @@
 """The shipped Step-Video-Tiny: its files, its tokenizers, and what it generates, checked by the oracle."""
 
 import json
-import random
 
 import pytest
-import torch
 
-from stepvideo_core import evaluate, generate, oracle, synthetic, tiny, train_tiny
+from stepvideo_core import evaluate, generate, synthetic, tiny, train_tiny
 from stepvideo_core.step_llm import StepLLMTokenizer
-from stepvideo_core.video_io import to_uint8
 
 BUDGET_BYTES = 30 * 2**20
-FLOORS = {"vae_colour": 1, "colour": 0.5}  # measured: 2 of 6 and 0.67 (both languages)
+FLOORS = {"vae_colour": 0.5, "colour": 0.6}  # measured: 0.79 of 14 clips; 0.83 (English) and 1.0 (Chinese)
 
 
 @pytest.fixture(scope="module")
@@ -51,22 +48,14 @@ def test_tokenizers_cover_the_world_and_accept_any_text():
 
 
 def test_the_vae_round_trip_keeps_the_colour_of_objects(model):
-    # A regression floor at the shipped VAE's level (its card: the oracle reads colour from about half of its
-    # reconstructions); a broken decode, a layout mix-up or a wrong GroupNorm count reads none.
-    rng = random.Random(11)
-    right = 0
-    for colour in synthetic.COLOURS:
-        scene = synthetic.scene_for(colour, "square", "still", rng, background="gray")
-        frames = synthetic.render(scene)
-        x = torch.from_numpy(synthetic.to_model_range(frames)).permute(1, 0, 2, 3)[None]
-        with torch.no_grad():
-            recon = model.vae.decode(model.vae.encode(x, sample=False))
-        right += oracle.score(to_uint8(recon[0]), scene.objects[0]).colour
-    assert right >= FLOORS["vae_colour"], right
+    # A regression floor under the shipped VAE's level on a third of the card's clips; a broken decode, a
+    # layout mix-up or a wrong GroupNorm count reads almost none.
+    report = evaluate.vae_round_trip(model.vae, combos=evaluate.round_trip_combos()[::3])
+    assert report["colour"] >= FLOORS["vae_colour"], report
 
 
 def test_generations_follow_held_out_prompts_in_both_languages(model):
-    # Floors under what the shipped weights reach on these prompts, not the targets (see the model card).
+    # Floors under what the shipped weights reach on these prompts (one seed), not the targets (see the model card).
     prompts = evaluate.held_out_prompts(combos=sorted(synthetic.HELD_OUT)[::3])
     report = evaluate.evaluate(model, prompts, seeds=(0,))
     for lang in ("en", "zh"):
