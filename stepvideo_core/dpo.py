@@ -170,6 +170,7 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--steps", type=int, default=DPOConfig.steps)
     p.add_argument("--beta", type=float, default=DPOConfig.beta)
+    p.add_argument("--lr", type=float, default=DPOConfig.lr)
     p.add_argument("--out", default=str(LORA_FILE))
     args = p.parse_args(argv)
     work = Path(args.work)
@@ -181,10 +182,10 @@ def main(argv=None) -> None:
         print(f"pairs: kept {len(pairs['texts'])} of {pairs['prompts']} prompts, mean gap {pairs['mean_gap']:.3f}")
     if args.stage in ("all", "train"):
         pairs = load_pairs(work)
-        config = replace(DPOConfig(), steps=args.steps, beta=args.beta)
+        config = replace(DPOConfig(), steps=args.steps, beta=args.beta, lr=args.lr)
         start = time.time()
         lora, history = train_dpo(model, pairs, config)
-        meta = {"beta": str(config.beta), "rank": str(config.rank), "alpha": str(config.alpha),
+        meta = {"beta": str(config.beta), "lr": str(config.lr), "rank": str(config.rank), "alpha": str(config.alpha),
                 "steps": str(config.steps), "pairs": str(len(pairs["texts"])), "seconds": str(round(time.time() - start)),
                 "base_model": tiny.NAME}
         out = Path(args.out)
