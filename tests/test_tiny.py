@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from stepvideo_core import evaluate, generate, synthetic, tiny, train_tiny
 from stepvideo_core.step_llm import StepLLMTokenizer
@@ -70,3 +71,19 @@ def test_generate_command_writes_a_video_and_a_contact_sheet(tmp_path, capsys):
 
     sheet = cv2.imread(str(png[0]))
     assert sheet.shape[0] >= 128 and sheet.std() > 5
+
+
+def test_conv_patches_reproduce_the_causal_convolution():
+    # The least-squares solve of the VAE's output conv is only right if a patch row times the flattened weight
+    # is exactly what the conv computes at that position.
+    from stepvideo_core import ops
+    from stepvideo_core.vae import CausalConv3d
+
+    torch.manual_seed(0)
+    conv = CausalConv3d(5, 3, 3, ops.default_ops).eval()
+    features = torch.randn(2, 5, 6 + 2, 7, 9)  # two leading frames stand for the causal padding
+    with torch.no_grad():
+        expected = conv(features, padded=True)
+        rows = train_tiny.conv_patches(features)
+        got = rows @ conv.conv.weight.reshape(3, -1).T + conv.conv.bias
+    torch.testing.assert_close(got, expected.permute(0, 2, 3, 4, 1).reshape(-1, 3), rtol=0, atol=1e-5)
