@@ -27,7 +27,7 @@ def test_shipped_in_the_official_layout_within_budget():
                      "hunyuan_clip/tokenizer/vocab.txt"):
         assert expected in names
     card = json.loads((tiny.TINY_DIR / "training.json").read_text())
-    assert {"vae", "dit"} <= set(card)
+    assert {"vae", "latents", f"dit_phase{len(train_tiny.DIT_PHASES)}"} <= set(card)
 
 
 def test_loads_through_the_release_loaders_with_the_tiny_configs(model):
