@@ -14,13 +14,12 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from . import synthetic
-from .synthetic import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, SceneObject
+from .synthetic import BACKGROUNDS, COLOURS, DIRECTIONS, SCALE_CHANGE, SHAPES, SceneObject
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that makes a pixel part of an object
 MIN_PIXELS = 12  # an object smaller than this in a frame counts as not there
 STILL_PIXELS = 10.0  # centroid travel below this (and no size change) is "still"
-SCALE_CHANGE = 1.3  # linear size change beyond this is "grow" / "shrink"
+GROWTH_THRESHOLD = 1.3  # linear size change beyond this reads as "grow" / "shrink"
 # Fill-ratio boundaries: triangle 0.5 | circle 0.785 | square 1.0.
 TRIANGLE_BELOW, SQUARE_ABOVE = 0.64, 0.89
 
@@ -79,7 +78,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray | None:
 def classify_motion(displacement: tuple[float, float], scale: float) -> str:
     dx, dy = displacement
     travel = max(abs(dx), abs(dy))
-    if travel < 2 * STILL_PIXELS and (scale > SCALE_CHANGE or scale < 1 / SCALE_CHANGE):
+    if travel < 2 * STILL_PIXELS and (scale > GROWTH_THRESHOLD or scale < 1 / GROWTH_THRESHOLD):
         return "grow" if scale > 1 else "shrink"
     if travel < STILL_PIXELS:
         return "still"
@@ -154,7 +153,7 @@ def score(frames: np.ndarray, target: SceneObject | tuple[str, str, str]) -> Sco
         motion_part = float(np.clip((dx * ux + dy * uy) / 40.0, 0, 1))
     elif motion in ("grow", "shrink"):
         change = np.log(max(det.scale, 1e-3)) * (1 if motion == "grow" else -1)
-        motion_part = float(np.clip(change / np.log(synthetic.SCALE_CHANGE), 0, 1))
+        motion_part = float(np.clip(change / np.log(SCALE_CHANGE), 0, 1))
     else:
         motion_part = float(np.clip(1 - np.hypot(dx, dy) / 20.0, 0, 1)) * float(abs(np.log(max(det.scale, 1e-3))) < 0.2)
     adherence = (colour_part + shape_part + motion_part) / 3

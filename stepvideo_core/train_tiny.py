@@ -386,8 +386,9 @@ def train_dit(work: Path, steps: int = 650, batch: int = 12, lr: float = 1e-3, t
     captions = json.loads((work / "captions.json").read_text())
     tokenizer, llm, bert_tokenizer, bert = new_text_encoders(work)
     dit = StepVideoDiT(tiny.DIT_CONFIG)
-    init_dit_for_training(dit)
-    if phase > 1:  # go on from the previous phase's (EMA) weights with a fresh optimiser
+    if phase == 1:
+        init_dit_for_training(dit)
+    else:  # go on from the previous phase's (EMA) weights with a fresh optimiser
         for module, part in ((dit, "dit"), (llm, "llm"), (bert, "bert")):
             module.load_state_dict(load_file(str(work / f"{part}_phase{phase - 1}.safetensors")))
     for m in (dit, llm, bert):
