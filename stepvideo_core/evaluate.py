@@ -96,6 +96,11 @@ def round_trip_combos() -> list[tuple[str, str, str]]:
             for i, colour in enumerate(synthetic.COLOURS) for j, motion in enumerate(synthetic.MOTIONS)]
 
 
+def scene_video(scene: synthetic.Scene) -> torch.Tensor:
+    """A ground-truth clip in the pipeline's layout: [T, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(synthetic.to_model_range(synthetic.render(scene))).permute(1, 0, 2, 3)
+
+
 @torch.no_grad()
 def vae_round_trip(vae, combos=None, seed: int = 11) -> dict:
     """The oracle on the VAE's reconstructions (posterior means) of ground-truth clips: the most that any DiT
@@ -104,7 +109,7 @@ def vae_round_trip(vae, combos=None, seed: int = 11) -> dict:
     scores = []
     for combo in combos or round_trip_combos():
         scene = synthetic.scene_for(*combo, rng)
-        x = torch.from_numpy(synthetic.to_model_range(synthetic.render(scene))).permute(1, 0, 2, 3)[None]
+        x = scene_video(scene)[None]
         scores.append(oracle.score(to_uint8(vae.decode(vae.encode(x, sample=False))[0]), scene.objects[0]))
     return {"samples": len(scores), **{key: float(np.mean([getattr(s, key) for s in scores]))
                                        for key in ("colour", "shape", "motion", "artifacts")}}
@@ -129,21 +134,24 @@ def caption_reliance(model: tiny.TinyModel, times=(0.2, 0.4), clips: int = 21, s
     rng = random.Random(seed)
     combos = synthetic.training_combos()
     scenes = [synthetic.scene_for(*combos[rng.randrange(len(combos))], rng) for _ in range(clips)]
-    videos = torch.stack([torch.from_numpy(synthetic.to_model_range(synthetic.render(s))).permute(1, 0, 2, 3) for s in scenes])
-    latents = model.vae.encode(videos, sample=False)
+    latents = model.vae.encode(torch.stack([scene_video(s) for s in scenes]), sample=False)
     noise = make_noise(tuple(latents.shape), seed)
-    true_text, _ = encode_prompts(model.text, [synthetic.phrase(s.objects[0], "en", 0) for s in scenes], after="keep")
+
+    def clean_errors(objects) -> dict[float, float]:
+        text, _ = encode_prompts(model.text, [synthetic.phrase(o, "en", 0) for o in objects], after="keep")
+        errors = {}
+        for t in times:
+            x = t * latents + (1 - t) * noise
+            estimate = x + (1 - t) * model.dit(x, torch.full((clips,), t), **text.dit_kwargs())
+            errors[t] = float((estimate - latents).pow(2).mean())
+        return errors
+
+    true_objects = [s.objects[0] for s in scenes]
+    true_errors = clean_errors(true_objects)
     report = {}
     for attribute, swap in swaps.items():
-        swapped = [replace(s.objects[0], **{attribute: swap[getattr(s.objects[0], attribute)]}) for s in scenes]
-        swapped_text, _ = encode_prompts(model.text, [synthetic.phrase(o, "en", 0) for o in swapped], after="keep")
-        report[attribute] = {}
-        for t in times:
-            tt = torch.full((clips,), t)
-            x = t * latents + (1 - t) * noise
-            errors = [float((x + (1 - t) * model.dit(x, tt, **text.dit_kwargs()) - latents).pow(2).mean())
-                      for text in (true_text, swapped_text)]
-            report[attribute][t] = errors[1] / errors[0]
+        swapped = clean_errors([replace(o, **{attribute: swap[getattr(o, attribute)]}) for o in true_objects])
+        report[attribute] = {t: swapped[t] / true_errors[t] for t in times}
     return report
 
 
