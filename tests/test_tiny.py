@@ -1,6 +1,7 @@
 """The shipped Step-Video-Tiny: its files, its tokenizers, and what it generates, checked by the oracle."""
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -51,8 +52,16 @@ def test_tokenizers_cover_the_world_and_accept_any_text():
 def test_the_vae_round_trip_keeps_the_colour_of_objects(model):
     # A regression floor under the shipped VAE's level on a third of the card's clips; a broken decode, a
     # layout mix-up or a wrong GroupNorm count reads almost none.
-    report = evaluate.vae_round_trip(model.vae, combos=evaluate.round_trip_combos()[::3])
+    combos = evaluate.round_trip_combos()[::3]
+    report = evaluate.vae_round_trip(model.vae, combos=combos)
     assert report["colour"] >= FLOORS["vae_colour"], report
+    # The read-as tables hold every clip once under what it asked for, and their diagonals are the accuracies.
+    for attribute, position in (("shape", 1), ("motion", 2)):
+        table = report["read_as"][attribute]
+        assert {asked: sum(reads.values()) for asked, reads in table.items()} == dict(
+            Counter(combo[position] for combo in combos))
+        right = sum(reads.get(asked, 0) for asked, reads in table.items())
+        assert right == round(report[attribute] * len(combos)), report
 
 
 def test_generations_follow_held_out_prompts_in_both_languages(model):
