@@ -11,7 +11,7 @@ WEB_DIRECTORY = "./js"
 def _node_list() -> list:
     from .nodes.dit_nodes import StepVideoDiTLoader, StepVideoLoraLoader
     from .nodes.latent_nodes import StepVideoEmptyLatent
-    from .nodes.paths import register_folders
+    from .nodes.registered_folders import register_folders
     from .nodes.sampler_nodes import StepVideoNoise, StepVideoSampler, StepVideoSigmas
     from .nodes.text_nodes import StepVideoTextEncode, StepVideoTextEncoderLoader
     from .nodes.vae_nodes import StepVideoVAEDecode, StepVideoVAEEncode, StepVideoVAELoader

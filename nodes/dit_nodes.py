@@ -10,8 +10,8 @@ from comfy_api.latest import io, ui
 
 from ..stepvideo_core.attention import AttentionBackendUnavailable, get_attention, is_available
 from ..stepvideo_core.lora import LoraError, parse_lora
-from . import logic, paths
-from .model import build_model_patcher, comfy_attention
+from . import conversions, registered_folders, validation
+from .comfy_model import build_model_patcher, comfy_attention
 
 log = logging.getLogger("stepvideo")
 
@@ -26,11 +26,11 @@ class StepVideoDiTLoader(io.ComfyNode):
             description="Loads the Step-Video-T2V diffusion transformer (one .safetensors file, or the official "
                         "transformer/ folder) as a MODEL managed by ComfyUI's memory manager.",
             inputs=[
-                io.Combo.Input("model_name", options=paths.dit_choices(),
-                               tooltip=f"From {paths.DIT_WHERE}."),
-                io.Combo.Input("weight_dtype", options=list(logic.WEIGHT_DTYPES), default="default",
+                io.Combo.Input("model_name", options=registered_folders.dit_choices(),
+                               tooltip=f"From {registered_folders.DIT_WHERE}."),
+                io.Combo.Input("weight_dtype", options=list(validation.WEIGHT_DTYPES), default="default",
                                tooltip="Storage dtype of the weights. fp8 halves memory; layers are cast to bf16 one at a time."),
-                io.Combo.Input("attention", options=list(logic.ATTENTION_CHOICES), default="comfy",
+                io.Combo.Input("attention", options=list(validation.ATTENTION_CHOICES), default="comfy",
                                tooltip="'comfy' uses ComfyUI's attention (honours --use-sage-attention etc.)."),
             ],
             outputs=[io.Model.Output()],
@@ -38,11 +38,11 @@ class StepVideoDiTLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model_name, weight_dtype, attention):
-        if model_name is not None and paths.dit_path(model_name) is None:
-            return logic.not_found("DiT", model_name, paths.DIT_WHERE)
-        for name, value, choices in (("weight_dtype", weight_dtype, logic.WEIGHT_DTYPES),
-                                     ("attention", attention, logic.ATTENTION_CHOICES)):
-            msg = logic.check_choice(name, value, choices)
+        if model_name is not None and registered_folders.dit_path(model_name) is None:
+            return validation.not_found("DiT", model_name, registered_folders.DIT_WHERE)
+        for name, value, choices in (("weight_dtype", weight_dtype, validation.WEIGHT_DTYPES),
+                                     ("attention", attention, validation.ATTENTION_CHOICES)):
+            msg = validation.check_choice(name, value, choices)
             if msg is not True:
                 return msg
         if attention not in (None, "comfy") and not is_available(attention):
@@ -54,11 +54,11 @@ class StepVideoDiTLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name, weight_dtype, attention) -> io.NodeOutput:
-        path = paths.dit_path(model_name)
+        path = registered_folders.dit_path(model_name)
         if path is None:
-            raise FileNotFoundError(logic.not_found("DiT", model_name, paths.DIT_WHERE))
+            raise FileNotFoundError(validation.not_found("DiT", model_name, registered_folders.DIT_WHERE))
         attn = comfy_attention() if attention == "comfy" else get_attention(attention)
-        return io.NodeOutput(build_model_patcher(path, logic.parse_dtype(weight_dtype), attn))
+        return io.NodeOutput(build_model_patcher(path, validation.parse_dtype(weight_dtype), attn))
 
 
 class StepVideoLoraLoader(io.ComfyNode):
@@ -72,7 +72,7 @@ class StepVideoLoraLoader(io.ComfyNode):
                         "the DiT's wqkv/wkv). Chainable; changing it re-patches weights without reloading the model.",
             inputs=[
                 io.Model.Input("model"),
-                io.Combo.Input("lora_name", options=paths.lora_choices(), tooltip=f"From {paths.LORA_WHERE}."),
+                io.Combo.Input("lora_name", options=registered_folders.lora_choices(), tooltip=f"From {registered_folders.LORA_WHERE}."),
                 io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.01),
             ],
             outputs=[io.Model.Output()],
@@ -80,17 +80,17 @@ class StepVideoLoraLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name, strength):
-        if lora_name is not None and paths.lora_path(lora_name) is None:
-            return logic.not_found("LoRA", lora_name, paths.LORA_WHERE)
+        if lora_name is not None and registered_folders.lora_path(lora_name) is None:
+            return validation.not_found("LoRA", lora_name, registered_folders.LORA_WHERE)
         if strength is not None and not -4.0 <= strength <= 4.0:
             return f"strength {strength} must be between -4 and 4"
         return True
 
     @classmethod
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
-        path = paths.lora_path(lora_name)
+        path = registered_folders.lora_path(lora_name)
         if path is None:
-            raise FileNotFoundError(logic.not_found("LoRA", lora_name, paths.LORA_WHERE))
+            raise FileNotFoundError(validation.not_found("LoRA", lora_name, registered_folders.LORA_WHERE))
         dit = getattr(model.model, "diffusion_model", None)
         if not hasattr(dit, "transformer_blocks") or not hasattr(dit, "config"):
             raise ValueError("StepVideoLoraLoader needs a MODEL from StepVideoDiTLoader.")
@@ -100,9 +100,9 @@ class StepVideoLoraLoader(io.ComfyNode):
         except LoraError as e:
             raise ValueError(f"{lora_name}: {e}") from None
         patches = {key: LoRAAdapter(set(), (up, down, None, None, None, None))
-                   for key, (up, down) in logic.lora_patch_keys(lora.pairs).items()}
+                   for key, (up, down) in conversions.lora_patch_keys(lora.pairs).items()}
         patched = model.clone()
         accepted = patched.add_patches(patches, float(strength))
-        report = logic.lora_report(lora.matched_modules, len(accepted), lora.source_keys, lora.unmatched)
+        report = validation.lora_report(lora.matched_modules, len(accepted), lora.source_keys, lora.unmatched)
         log.info("%s (%s, strength %s)", report, lora_name, strength)
         return io.NodeOutput(patched, ui=ui.PreviewText(report))

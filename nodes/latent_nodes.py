@@ -6,7 +6,7 @@ import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
-from . import logic
+from . import validation
 
 
 class StepVideoEmptyLatent(io.ComfyNode):
@@ -31,9 +31,9 @@ class StepVideoEmptyLatent(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, width, height, frames, batch_size):
-        return logic.validate_video_request(width, height, frames, batch_size)
+        return validation.validate_video_request(width, height, frames, batch_size)
 
     @classmethod
     def execute(cls, width, height, frames, batch_size=1) -> io.NodeOutput:
-        shape = logic.empty_latent_shape(width, height, frames, batch_size)
+        shape = validation.empty_latent_shape(width, height, frames, batch_size)
         return io.NodeOutput({"samples": torch.zeros(shape, device=mm.intermediate_device())})

@@ -9,7 +9,7 @@ import comfy.utils
 import latent_preview
 from comfy_api.latest import io
 
-from . import logic
+from . import conversions, validation
 
 
 class StepVideoNoiseSource:
@@ -19,15 +19,15 @@ class StepVideoNoiseSource:
         self.seed = int(seed)
 
     def generate_noise(self, input_latent: dict):
-        return logic.noise_for(input_latent["samples"], self.seed)
+        return conversions.noise_for(input_latent["samples"], self.seed)
 
 
 def fit_to_model(model, latent_image: dict) -> dict:
     """The latent with the model's channel count: an empty one (StepVideoEmptyLatent makes 64 channels) is
     resized as KSampler does, anything else must already match."""
-    logic.to_core_latent(latent_image["samples"])  # shape check with a clear message
+    conversions.to_core_latent(latent_image["samples"])  # shape check with a clear message
     samples = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
-    logic.check_latent_channels(samples, model.get_model_object("latent_format").latent_channels, "this model")
+    conversions.check_latent_channels(samples, model.get_model_object("latent_format").latent_channels, "this model")
     return {**latent_image, "samples": samples}
 
 
@@ -37,7 +37,7 @@ def sample(model, positive, negative, latent_image: dict, steps: int, cfg: float
     previews, progress and cancellation all come from the host)."""
     latent_image = fit_to_model(model, latent_image)
     latent = latent_image["samples"]
-    sigmas = logic.comfy_sigmas(steps, shift, denoise)
+    sigmas = conversions.comfy_sigmas(steps, shift, denoise)
     noise = StepVideoNoiseSource(seed).generate_noise(latent_image)
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
@@ -65,13 +65,13 @@ class StepVideoSampler(io.ComfyNode):
             display_name="Step-Video Sampler",
             category="StepVideo/sampling",
             description="Flow-matching Euler with the reference Step-Video schedule and classifier-free guidance. "
-                        f"Presets: {logic.preset_summary()}; 'custom' uses the widgets below.",
+                        f"Presets: {validation.preset_summary()}; 'custom' uses the widgets below.",
             inputs=[
                 io.Model.Input("model"),
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative"),
                 io.Latent.Input("latent_image"),
-                io.Combo.Input("preset", options=list(logic.SAMPLER_PRESETS), default="standard",
+                io.Combo.Input("preset", options=list(validation.SAMPLER_PRESETS), default="standard",
                                tooltip="standard / turbo / tiny override steps, cfg and shift; custom uses them."),
                 io.Int.Input("steps", default=50, min=1, max=1000),
                 io.Float.Input("cfg", default=9.0, min=0.0, max=100.0, step=0.1, round=0.01),
@@ -84,11 +84,11 @@ class StepVideoSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, preset):
-        return logic.check_choice("preset", preset, logic.SAMPLER_PRESETS)
+        return validation.check_choice("preset", preset, validation.SAMPLER_PRESETS)
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, preset, steps, cfg, shift, seed, denoise) -> io.NodeOutput:
-        s = logic.resolve_preset(preset, steps, cfg, shift)
+        s = validation.resolve_preset(preset, steps, cfg, shift)
         return io.NodeOutput(sample(model, positive, negative, latent_image, s.steps, s.cfg, s.shift, seed, denoise))
 
 
@@ -111,7 +111,7 @@ class StepVideoSigmas(io.ComfyNode):
 
     @classmethod
     def execute(cls, steps, shift, denoise=1.0) -> io.NodeOutput:
-        return io.NodeOutput(logic.comfy_sigmas(steps, shift, denoise))
+        return io.NodeOutput(conversions.comfy_sigmas(steps, shift, denoise))
 
 
 class StepVideoNoise(io.ComfyNode):

@@ -10,7 +10,7 @@ import torch
 from comfy_api.latest import io
 
 from ..stepvideo_core.text_encoding import TextEncoders, encode_prompts, load_text_encoders
-from . import logic, paths
+from . import conversions, registered_folders, validation
 
 log = logging.getLogger("stepvideo")
 
@@ -43,9 +43,9 @@ class StepVideoTextEncoderLoader(io.ComfyNode):
             category="StepVideo/loaders",
             description="Loads Step-LLM (bilingual, 6144-d) and Hunyuan-CLIP, the two text encoders of Step-Video-T2V.",
             inputs=[
-                io.Combo.Input("step_llm", options=paths.step_llm_choices(), tooltip=f"From {paths.STEP_LLM_WHERE}."),
-                io.Combo.Input("hunyuan_clip", options=paths.hunyuan_clip_choices(), tooltip=f"From {paths.CLIP_WHERE}."),
-                io.Combo.Input("llm_dtype", options=list(logic.LLM_DTYPES), default="bf16",
+                io.Combo.Input("step_llm", options=registered_folders.step_llm_choices(), tooltip=f"From {registered_folders.STEP_LLM_WHERE}."),
+                io.Combo.Input("hunyuan_clip", options=registered_folders.hunyuan_clip_choices(), tooltip=f"From {registered_folders.CLIP_WHERE}."),
+                io.Combo.Input("llm_dtype", options=list(validation.LLM_DTYPES), default="bf16",
                                tooltip="Storage dtype of Step-LLM's weights (fp8 computes in bf16 layer by layer)."),
                 io.Combo.Input("device", options=["default", "cpu"], default="default",
                                tooltip="'cpu' keeps the 39 GB encoder off the GPU (slower, saves VRAM)."),
@@ -55,25 +55,25 @@ class StepVideoTextEncoderLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, step_llm, hunyuan_clip, llm_dtype, device):
-        if step_llm is not None and paths.text_encoder_path(step_llm) is None:
-            return logic.not_found("Step-LLM folder", step_llm, paths.STEP_LLM_WHERE)
-        if hunyuan_clip is not None and paths.text_encoder_path(hunyuan_clip) is None:
-            return logic.not_found("Hunyuan-CLIP folder", hunyuan_clip, paths.CLIP_WHERE)
-        for name, value, choices in (("llm_dtype", llm_dtype, logic.LLM_DTYPES), ("device", device, ("default", "cpu"))):
-            msg = logic.check_choice(name, value, choices)
+        if step_llm is not None and registered_folders.text_encoder_path(step_llm) is None:
+            return validation.not_found("Step-LLM folder", step_llm, registered_folders.STEP_LLM_WHERE)
+        if hunyuan_clip is not None and registered_folders.text_encoder_path(hunyuan_clip) is None:
+            return validation.not_found("Hunyuan-CLIP folder", hunyuan_clip, registered_folders.CLIP_WHERE)
+        for name, value, choices in (("llm_dtype", llm_dtype, validation.LLM_DTYPES), ("device", device, ("default", "cpu"))):
+            msg = validation.check_choice(name, value, choices)
             if msg is not True:
                 return msg
         return True
 
     @classmethod
     def execute(cls, step_llm, hunyuan_clip, llm_dtype, device) -> io.NodeOutput:
-        llm_dir, clip_dir = paths.text_encoder_path(step_llm), paths.text_encoder_path(hunyuan_clip)
+        llm_dir, clip_dir = registered_folders.text_encoder_path(step_llm), registered_folders.text_encoder_path(hunyuan_clip)
         if llm_dir is None or clip_dir is None:
-            raise FileNotFoundError(logic.not_found("text encoder folder", step_llm if llm_dir is None else hunyuan_clip,
-                                                    paths.STEP_LLM_WHERE))
+            raise FileNotFoundError(validation.not_found("text encoder folder", step_llm if llm_dir is None else hunyuan_clip,
+                                                    registered_folders.STEP_LLM_WHERE))
         load_device = torch.device("cpu") if device == "cpu" else mm.text_encoder_device()
         offload_device = mm.text_encoder_offload_device()
-        weight_dtype = logic.parse_dtype(llm_dtype)
+        weight_dtype = validation.parse_dtype(llm_dtype)
         if load_device.type == "cpu" and weight_dtype in (torch.float16,):
             weight_dtype = torch.float32  # fp16 matmuls are slow or missing on CPU
         log.info("StepVideo: loading text encoders %s + %s (%s, on %s)", llm_dir, clip_dir, weight_dtype, load_device)
@@ -113,4 +113,4 @@ class StepVideoTextEncode(io.ComfyNode):
                                   negative_magic=negative_magic, device=patcher.load_device, after="keep")
         out = mm.intermediate_device()
         pos, neg = pos.to(device=out), neg.to(device=out)
-        return io.NodeOutput(logic.to_conditioning(pos), logic.to_conditioning(neg))
+        return io.NodeOutput(conversions.to_conditioning(pos), conversions.to_conditioning(neg))

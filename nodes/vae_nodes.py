@@ -11,7 +11,7 @@ import torch
 from comfy_api.latest import io
 
 from ..stepvideo_core.vae import load_vae
-from . import logic, paths
+from . import conversions, registered_folders, validation
 
 log = logging.getLogger("stepvideo")
 
@@ -61,25 +61,25 @@ class StepVideoVAELoader(io.ComfyNode):
             description="Loads the Step-Video Video-VAE v2 (vae_v2.safetensors: 16x16 spatial, 17 frames -> 3 latents; "
                         "64 latent channels, 16 for the built-in Step-Video-Tiny).",
             inputs=[
-                io.Combo.Input("vae_name", options=paths.vae_choices(), tooltip=f"From {paths.VAE_WHERE}."),
-                io.Combo.Input("dtype", options=list(logic.VAE_DTYPES), default="bf16"),
+                io.Combo.Input("vae_name", options=registered_folders.vae_choices(), tooltip=f"From {registered_folders.VAE_WHERE}."),
+                io.Combo.Input("dtype", options=list(validation.VAE_DTYPES), default="bf16"),
             ],
             outputs=[VAEType.Output("vae")],
         )
 
     @classmethod
     def validate_inputs(cls, vae_name, dtype):
-        if vae_name is not None and paths.vae_path(vae_name) is None:
-            return logic.not_found("VAE", vae_name, paths.VAE_WHERE)
-        return logic.check_choice("dtype", dtype, logic.VAE_DTYPES)
+        if vae_name is not None and registered_folders.vae_path(vae_name) is None:
+            return validation.not_found("VAE", vae_name, registered_folders.VAE_WHERE)
+        return validation.check_choice("dtype", dtype, validation.VAE_DTYPES)
 
     @classmethod
     def execute(cls, vae_name, dtype) -> io.NodeOutput:
-        path = paths.vae_path(vae_name)
+        path = registered_folders.vae_path(vae_name)
         if path is None:
-            raise FileNotFoundError(logic.not_found("VAE", vae_name, paths.VAE_WHERE))
+            raise FileNotFoundError(validation.not_found("VAE", vae_name, registered_folders.VAE_WHERE))
         load_device, offload_device = mm.vae_device(), mm.vae_offload_device()
-        torch_dtype = logic.parse_dtype(dtype)
+        torch_dtype = validation.parse_dtype(dtype)
         if load_device.type == "cpu" and torch_dtype != torch.float32:
             # Half-precision 3D convolutions run about 30x slower than fp32 on CPUs (measured here), and a CPU has
             # the memory to spare: decode in fp32 there whatever the GPU-oriented setting says.
@@ -123,15 +123,15 @@ class StepVideoVAEDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, samples, tile_size=16, tile_overlap=4) -> io.NodeOutput:
-        latents = logic.to_core_latent(samples["samples"])
-        logic.check_latent_channels(samples["samples"], vae.vae.config.z_channels, "this VAE")
+        latents = conversions.to_core_latent(samples["samples"])
+        conversions.check_latent_channels(samples["samples"], vae.vae.config.z_channels, "this VAE")
         vae.load()
         tile = None
         if tile_size and (tile_size < latents.shape[-2] or tile_size < latents.shape[-1]):
             tile = int(tile_size)
         video = vae.vae.decode(latents.to(vae.vae.compute_dtype), tile_size=tile, tile_overlap=int(tile_overlap),
                                callback=_progress_callback())
-        return io.NodeOutput(logic.video_to_images(video).to(mm.intermediate_device()))
+        return io.NodeOutput(conversions.video_to_images(video).to(mm.intermediate_device()))
 
 
 class StepVideoVAEEncode(io.ComfyNode):
@@ -149,7 +149,7 @@ class StepVideoVAEEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, image) -> io.NodeOutput:
-        video = logic.images_to_video(image)
+        video = conversions.images_to_video(image)
         vae.load()
         latents = vae.vae.encode(video, sample=False, callback=_progress_callback())
-        return io.NodeOutput({"samples": logic.to_comfy_latent(latents.float()).contiguous().to(mm.intermediate_device())})
+        return io.NodeOutput({"samples": conversions.to_comfy_latent(latents.float()).contiguous().to(mm.intermediate_device())})

@@ -17,10 +17,9 @@ from torch import nn
 
 from .attention import AttentionFn, sdpa_attention
 from .loading import Checkpoint, CheckpointError, identify_foreign, load_streaming, strip_known_prefix
-from .ops import FP8_DTYPES, default_ops
+from .ops import FP8_DTYPES, RMSNorm, default_ops
 
 BLOCK_NORM_EPS = 1e-5  # block norm1/norm2; the model-level norm_eps applies only to caption_norm and norm_out
-QK_NORM_EPS = 1e-6
 TIMESTEP_CHANNELS = 256
 TIMESTEP_SCALE = 1000.0
 ROPE_THETA = 10000.0
@@ -78,20 +77,6 @@ class DiTConfig:
             caption_channels=(caption, clip),
             **overrides,
         )
-
-
-class RMSNorm(nn.Module):
-    """Normalises in fp32, casts back, then scales: the reference's order (kept local so it stays exact)."""
-
-    def __init__(self, dim: int, eps: float = QK_NORM_EPS, device=None, dtype=None):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
-        return normed * self.weight.to(device=x.device, dtype=x.dtype)
 
 
 class Rope3D:

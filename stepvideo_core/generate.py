@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from . import tiny
 from .pipeline import generate
 from .text_encoding import encode_prompts
+from .tiny import model as tiny
 from .video_io import contact_sheet, save_mp4, save_png, to_uint8
 
 

@@ -59,6 +59,20 @@ class Embedding(nn.Embedding):
         return out
 
 
+class RMSNorm(nn.Module):
+    """Normalises in fp32, casts back, then scales: the reference's order (kept local so it stays exact)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return normed * self.weight.to(device=x.device, dtype=x.dtype)
+
+
 class CastOps:
     """The default ``operations`` namespace."""
 

@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dit import RMSNorm
 from .loading import Checkpoint, CheckpointError, identify_foreign, load_streaming, strip_known_prefix
-from .ops import FP8_DTYPES, default_ops
+from .ops import FP8_DTYPES, RMSNorm, default_ops
 
 POSITION_BIASES = ("sqrt_alibi", "alibi", "none")
 FFN_MULTIPLE = 256  # the official FeedForward rounds its hidden size up to this (a no-op for 16896)

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from stepvideo_core import oracle, synthetic
+from stepvideo_core.tiny import oracle, synthetic
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from stepvideo_core import tiny
+from stepvideo_core.tiny import model as tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW_DIR = ROOT / "workflows"
@@ -143,12 +143,12 @@ VIRTUAL_NODES = {"MarkdownNote", "Note"}
 LOADERS_WITH_MODELS = {"StepVideoDiTLoader", "StepVideoTextEncoderLoader", "StepVideoVAELoader"}
 MODEL_DIRECTORIES = {"stepvideo", "diffusion_models", "text_encoders", "vae", "loras"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
-OFFICIAL_PREFIX = "stepvideo/"  # combo values of the official layout: stepvideo/<download>/<part> (nodes/logic.py)
+OFFICIAL_PREFIX = "stepvideo/"  # combo values of the official layout: stepvideo/<download>/<part> (nodes/model_folders.py)
 EXPECTED_WORKFLOWS = {"stepvideo_t2v_standard", "stepvideo_t2v_turbo", "stepvideo_t2v_low_memory",
                       "stepvideo_t2v_lora_swap", "step_video_tiny_demo", "step_video_tiny_dpo_swap"}
 BUILTIN_PREFIX = f"{OFFICIAL_PREFIX}{tiny.NAME}/"  # Step-Video-Tiny ships in the pack's models/: nothing to download
-# The Video-DPO LoRA for Step-Video-Tiny ships at models/loras/ (where `python -m stepvideo_core.dpo` writes it);
-# nodes/paths.py adds that folder to ComfyUI's "loras", so the LoRA loaders list it by its bare file name.
+# The Video-DPO LoRA for Step-Video-Tiny ships at models/loras/ (where `python -m stepvideo_core.tiny.dpo` writes it);
+# nodes/registered_folders.py adds that folder to ComfyUI's "loras", so the LoRA loaders list it by its bare file name.
 DPO_LORA = tiny.TINY_DIR.parent / "loras" / "step-video-tiny-dpo.safetensors"
 
 

@@ -75,9 +75,10 @@ def host(base_dir):
     pack = types.SimpleNamespace(
         nodes=nodes,
         classes={k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("StepVideo")},
-        model=sys.modules[f"{pack_name}.nodes.model"],
-        logic=sys.modules[f"{pack_name}.nodes.logic"],
-        paths=sys.modules[f"{pack_name}.nodes.paths"],
+        comfy_model=sys.modules[f"{pack_name}.nodes.comfy_model"],
+        conversions=sys.modules[f"{pack_name}.nodes.conversions"],
+        model_folders=sys.modules[f"{pack_name}.nodes.model_folders"],
+        registered_folders=sys.modules[f"{pack_name}.nodes.registered_folders"],
         tiny=base_dir / "models" / "stepvideo" / "tiny",
         loras=base_dir / "models" / "loras",
     )

@@ -42,10 +42,10 @@ def core_reference(host, parts, lora=None, strength=1.0, denoise=1.0):
     dit = load_dit(host.tiny / "transformer", weight_dtype=torch.float32)
     if lora is not None:
         attach(dit, load_lora(lora, dit), strength)
-    pos, neg = (host.logic.from_conditioning(parts[k]) for k in ("pos", "neg"))
+    pos, neg = (host.conversions.from_conditioning(parts[k]) for k in ("pos", "neg"))
     settings = GenerationSettings(num_frames=17, height=32, width=64, steps=STEPS, cfg=CFG, shift=SHIFT, seed=SEED,
                                   denoise=denoise)
-    return host.logic.to_comfy_latent(sample_latents(dit, pos, neg, settings))
+    return host.conversions.to_comfy_latent(sample_latents(dit, pos, neg, settings))
 
 
 def test_latent_and_conditioning_shapes(parts):
@@ -87,7 +87,7 @@ def test_ksampler_euler_simple_with_model_sampling_sd3_uses_the_reference_schedu
     nodes = host.nodes
     (m13,) = ModelSamplingSD3().patch(parts["model"], SHIFT)
     sim = comfy.samplers.calculate_sigmas(m13.get_model_object("model_sampling"), "simple", STEPS)
-    torch.testing.assert_close(sim.float(), host.logic.comfy_sigmas(STEPS, SHIFT), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sim.float(), host.conversions.comfy_sigmas(STEPS, SHIFT), rtol=0, atol=1e-6)
     (ks,) = nodes.KSampler().sample(m13, SEED, STEPS, CFG, "euler", "simple", parts["pos"], parts["neg"], parts["latent"])
     guider = comfy.samplers.CFGGuider(parts["model"])
     guider.set_conds(parts["pos"], parts["neg"])
@@ -101,7 +101,7 @@ def test_ksampler_euler_simple_with_model_sampling_sd3_uses_the_reference_schedu
 def test_presets_override_widgets(host, parts):
     from stepvideo_core.scheduler import PRESETS
 
-    assert host.logic.resolve_preset("turbo", 3, 1.0, 1.0).steps == PRESETS["turbo"].steps
+    assert host.validation.resolve_preset("turbo", 3, 1.0, 1.0).steps == PRESETS["turbo"].steps
 
 
 def test_partial_denoise_matches_core(host, parts):
@@ -109,10 +109,10 @@ def test_partial_denoise_matches_core(host, parts):
     lat = {"samples": start}
     ours = our_sampler(host, parts["model"], dict(parts, latent=lat), denoise=0.5)
     dit = load_dit(host.tiny / "transformer", weight_dtype=torch.float32)
-    pos, neg = (host.logic.from_conditioning(parts[k]) for k in ("pos", "neg"))
+    pos, neg = (host.conversions.from_conditioning(parts[k]) for k in ("pos", "neg"))
     settings = GenerationSettings(num_frames=17, height=32, width=64, steps=STEPS, cfg=CFG, shift=SHIFT, seed=SEED, denoise=0.5)
-    ref = sample_latents(dit, pos, neg, settings, latents=host.logic.to_core_latent(start))
-    torch.testing.assert_close(ours, host.logic.to_comfy_latent(ref), rtol=1e-4, atol=1e-4)
+    ref = sample_latents(dit, pos, neg, settings, latents=host.conversions.to_core_latent(start))
+    torch.testing.assert_close(ours, host.conversions.to_comfy_latent(ref), rtol=1e-4, atol=1e-4)
 
 
 def test_lora_fused_qkv_matches_core_hooks_and_strength_zero_is_base(host, parts):
@@ -213,5 +213,5 @@ def test_vae_decode_and_encode_nodes(host, parts):
 
 def test_conditioning_round_trip(host):
     text = TextConditioning(torch.randn(1, 320, 8), torch.ones(1, 397), torch.randn(1, 77, 4))
-    back = host.logic.from_conditioning(host.logic.to_conditioning(text))
+    back = host.conversions.from_conditioning(host.conversions.to_conditioning(text))
     assert back.llm_states is text.llm_states and back.mask is text.mask

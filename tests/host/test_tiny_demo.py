@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepvideo_core import tiny
 from stepvideo_core.dit import load_dit
 from stepvideo_core.pipeline import sample_latents
+from stepvideo_core.tiny import model as tiny
 from stepvideo_core.vae import load_vae
 
 from ..test_workflows_static import CONTRACT, CORE_CONTRACT, VIRTUAL_NODES, WORKFLOW_DIR, widget_names_with_control
@@ -63,8 +63,8 @@ def test_builtin_models_folder_is_a_stepvideo_root(host):
     import folder_paths
 
     roots = folder_paths.get_folder_paths("stepvideo")
-    assert host.logic.BUILTIN_MODELS_DIR in roots
-    assert roots.index(host.logic.BUILTIN_MODELS_DIR) > 0  # after ComfyUI's models/stepvideo: a user's copy wins
+    assert host.model_folders.BUILTIN_MODELS_DIR in roots
+    assert roots.index(host.model_folders.BUILTIN_MODELS_DIR) > 0  # after ComfyUI's models/stepvideo: a user's copy wins
 
 
 def test_loaders_list_the_tiny_model_without_a_user_stepvideo_folder(host, tiny_demo, tmp_path, monkeypatch):
@@ -77,8 +77,8 @@ def test_loaders_list_the_tiny_model_without_a_user_stepvideo_folder(host, tiny_
     (pack_models / tiny.NAME).symlink_to(tiny_demo.root, target_is_directory=True)
     exts = folder_paths.folder_names_and_paths["stepvideo"][1]
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "stepvideo", ([str(tmp_path / "no_models_stepvideo")], exts))
-    monkeypatch.setattr(host.logic, "BUILTIN_MODELS_DIR", str(pack_models))
-    p = host.paths
+    monkeypatch.setattr(host.model_folders, "BUILTIN_MODELS_DIR", str(pack_models))
+    p = host.registered_folders
     assert builtin("transformer") in p.dit_choices()
     assert builtin("step_llm") in p.step_llm_choices()
     assert builtin("hunyuan_clip") in p.hunyuan_clip_choices()
@@ -125,14 +125,14 @@ def test_tiny_preset_in_comfyui_equals_the_core_pipeline(host, tiny_demo, tiny_p
     ours = out["samples"]
     assert ours.shape == (1, 16, 3, 8, 8)
     dit = load_dit(tiny_demo.root / "transformer", weight_dtype=torch.float32)
-    pos, neg = (host.logic.from_conditioning(tiny_parts[k]) for k in ("pos", "neg"))
+    pos, neg = (host.conversions.from_conditioning(tiny_parts[k]) for k in ("pos", "neg"))
     ref = sample_latents(dit, pos, neg, replace(tiny.SETTINGS, seed=0))
-    torch.testing.assert_close(ours, host.logic.to_comfy_latent(ref), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours, host.conversions.to_comfy_latent(ref), rtol=1e-4, atol=1e-4)
     (images,) = run(c["StepVideoVAEDecode"], vae=tiny_parts["vae"], samples=out, tile_size=0, tile_overlap=4)
     assert images.shape == (17, 128, 128, 3)
     vae = load_vae(tiny_demo.root / "vae" / "vae_v2.safetensors", dtype=torch.float32)
     with torch.no_grad():
-        expected = host.logic.video_to_images(vae.decode(ref))
+        expected = host.conversions.video_to_images(vae.decode(ref))
     torch.testing.assert_close(images, expected, rtol=1e-4, atol=1e-4)
     (encoded,) = run(c["StepVideoVAEEncode"], vae=tiny_parts["vae"], image=images)
     assert encoded["samples"].shape == (1, 16, 3, 8, 8)
@@ -193,7 +193,7 @@ def test_demo_workflow_runs_end_to_end_on_cpu(server, tiny_demo):
           f"{'built in' if tiny_demo.builtin else 'test folder'}): {seconds:.1f} s on the CPU -> {path}")
     if not tiny_demo.trained:
         return
-    from stepvideo_core import oracle
+    from stepvideo_core.tiny import oracle
 
     result = oracle.score(frames, ("blue", "square", "right"))
     print("oracle:", result)

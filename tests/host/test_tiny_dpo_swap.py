@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stepvideo_core import tiny
 from stepvideo_core.lora import TARGET_MODULES
+from stepvideo_core.tiny import model as tiny
 
 from ..test_workflows_static import WORKFLOW_DIR
 from .test_tiny_demo import api_prompt
@@ -84,7 +84,7 @@ def renders(dpo, server, tiny_demo):
     print(f"DPO swap ({'shipped' if dpo.shipped else 'stand-in'} LoRA, "
           f"{'trained' if tiny_demo.trained else 'stand-in'} model): {full['video_path']}")
     if dpo.shipped and tiny_demo.trained:  # for the record only: what the oracle makes of the two halves
-        from stepvideo_core import oracle
+        from stepvideo_core.tiny import oracle
 
         for name, half in (("base", full["frames"][:, :, :HALF]), ("DPO", full["frames"][:, :, HALF:])):
             print(f"oracle, {name}:", oracle.score(half, ("purple", "triangle", "left")))

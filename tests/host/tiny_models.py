@@ -126,8 +126,9 @@ def is_trained(root: Path) -> bool:
 
 def write_tiny_standin(out: Path) -> Path:
     """Random weights of Step-Video-Tiny's architecture, exported exactly as the trained model is."""
-    from stepvideo_core import tiny, train_tiny
     from stepvideo_core.dit import StepVideoDiT
+    from stepvideo_core.tiny import model as tiny
+    from stepvideo_core.tiny import train as train_tiny
     from stepvideo_core.vae import VideoVAE
 
     torch.manual_seed(0)
@@ -148,7 +149,7 @@ def write_tiny_standin(out: Path) -> Path:
 
 def tiny_demo(models: Path) -> TinyDemo:
     """The built-in Step-Video-Tiny if the pack ships it, else a stand-in under ``<models>/stepvideo``."""
-    from stepvideo_core import tiny
+    from stepvideo_core.tiny import model as tiny
 
     if (tiny.TINY_DIR / "transformer").is_dir():
         return TinyDemo(tiny.TINY_DIR, is_trained(tiny.TINY_DIR), builtin=True)
@@ -171,9 +172,9 @@ def dpo_lora(models: Path, dit_root: Path) -> DpoLora:
     """The Video-DPO LoRA the pack ships in ``models/loras``, else a stand-in written to ``<models>/loras``: the
     adapters training starts from (``new_trainable_lora``, rank 8, every target layer of the tiny DiT in
     ``dit_root``) with random ``up`` factors, so that, unlike a fresh adapter, it changes the video."""
-    from stepvideo_core import tiny
     from stepvideo_core.dit import load_dit
     from stepvideo_core.lora import new_trainable_lora, save_lora
+    from stepvideo_core.tiny import model as tiny
 
     shipped = tiny.TINY_DIR.parent / "loras" / DPO_LORA_NAME
     if shipped.is_file():

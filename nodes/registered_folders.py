@@ -7,7 +7,7 @@ import os
 
 import folder_paths
 
-from . import logic
+from . import model_folders
 
 SAFETENSORS = {".safetensors", ".sft"}
 
@@ -26,9 +26,9 @@ def register_folders() -> None:
         folder_paths.folder_names_and_paths["stepvideo"] = ([os.path.join(folder_paths.models_dir, "stepvideo")],
                                                             set(SAFETENSORS))
     # Last, so a user's own download of the same name wins; listed whether or not models/stepvideo exists.
-    folder_paths.add_model_folder_path("stepvideo", logic.BUILTIN_MODELS_DIR)
+    folder_paths.add_model_folder_path("stepvideo", model_folders.BUILTIN_MODELS_DIR)
     # The shipped Video-DPO LoRA for the tiny model, in every LoRA loader (ours and ComfyUI's core ones).
-    folder_paths.add_model_folder_path("loras", os.path.join(logic.BUILTIN_MODELS_DIR, "loras"))
+    folder_paths.add_model_folder_path("loras", os.path.join(model_folders.BUILTIN_MODELS_DIR, "loras"))
 
 
 def _roots(name: str) -> list[str]:
@@ -47,13 +47,13 @@ DIT_WHERE = "models/diffusion_models or models/stepvideo/<download>/transformer"
 
 def dit_choices() -> list[str]:
     files = [f for f in folder_paths.get_filename_list("diffusion_models") if f.endswith((".safetensors", ".sft"))]
-    return logic.list_official(stepvideo_roots(), "transformer") + sorted(files)
+    return model_folders.list_official(stepvideo_roots(), "transformer") + sorted(files)
 
 
 def model_path(name: str, folder: str) -> str | None:
     """A combo value: an official-layout entry under models/stepvideo, else a file in ComfyUI's ``folder``."""
-    if name.startswith(logic.OFFICIAL_PREFIX):
-        found = logic.resolve_official(stepvideo_roots(), name)
+    if name.startswith(model_folders.OFFICIAL_PREFIX):
+        found = model_folders.resolve_official(stepvideo_roots(), name)
         if found:
             return found
     return folder_paths.get_full_path(folder, name)
@@ -70,21 +70,21 @@ CLIP_WHERE = "models/text_encoders/<folder> (with clip_text_encoder/) or models/
 
 
 def step_llm_choices() -> list[str]:
-    return (logic.list_official(stepvideo_roots(), "step_llm")
-            + logic.list_subfolders(_roots("text_encoders"), logic.STEP_LLM_MARKER))
+    return (model_folders.list_official(stepvideo_roots(), "step_llm")
+            + model_folders.list_subfolders(_roots("text_encoders"), model_folders.STEP_LLM_MARKER))
 
 
 def hunyuan_clip_choices() -> list[str]:
-    return (logic.list_official(stepvideo_roots(), "hunyuan_clip")
-            + logic.list_subfolders(_roots("text_encoders"), logic.HUNYUAN_CLIP_MARKER))
+    return (model_folders.list_official(stepvideo_roots(), "hunyuan_clip")
+            + model_folders.list_subfolders(_roots("text_encoders"), model_folders.HUNYUAN_CLIP_MARKER))
 
 
 def text_encoder_path(name: str) -> str | None:
-    if name.startswith(logic.OFFICIAL_PREFIX):
-        found = logic.resolve_official(stepvideo_roots(), name)
+    if name.startswith(model_folders.OFFICIAL_PREFIX):
+        found = model_folders.resolve_official(stepvideo_roots(), name)
         if found and os.path.isdir(found):
             return found
-    return logic.resolve_subfolder(_roots("text_encoders"), name)
+    return model_folders.resolve_subfolder(_roots("text_encoders"), name)
 
 
 # ---- VAE ----------------------------------------------------------------------------------------------------------
@@ -94,7 +94,7 @@ VAE_WHERE = "models/vae or models/stepvideo/<download>/vae/vae_v2.safetensors"
 
 def vae_choices() -> list[str]:
     files = [f for f in folder_paths.get_filename_list("vae") if f.endswith((".safetensors", ".sft"))]
-    return logic.list_official(stepvideo_roots(), "vae/vae_v2.safetensors", check=os.path.isfile) + sorted(files)
+    return model_folders.list_official(stepvideo_roots(), "vae/vae_v2.safetensors", check=os.path.isfile) + sorted(files)
 
 
 def vae_path(name: str) -> str | None:

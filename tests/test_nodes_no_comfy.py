@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stepvideo_core import tiny
 from stepvideo_core.scheduler import PRESETS, make_noise, sample_euler, step_video_sigmas
+from stepvideo_core.tiny import model as tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK = "stepvideo_pack_under_test"
@@ -29,7 +29,10 @@ def _load_pack():
 
 
 pack = _load_pack()
-logic = importlib.import_module(f"{PACK}.nodes.logic")
+conversions = importlib.import_module(f"{PACK}.nodes.conversions")
+model_folders = importlib.import_module(f"{PACK}.nodes.model_folders")
+previews = importlib.import_module(f"{PACK}.nodes.previews")
+validation = importlib.import_module(f"{PACK}.nodes.validation")
 
 
 def test_pack_root_imports_without_comfyui():
@@ -41,35 +44,35 @@ def test_pack_root_imports_without_comfyui():
 
 
 def test_dtype_parsing():
-    assert logic.parse_dtype("default") is None
-    assert logic.parse_dtype("fp8_e4m3fn") is torch.float8_e4m3fn
-    assert logic.parse_dtype("bf16") is torch.bfloat16
+    assert validation.parse_dtype("default") is None
+    assert validation.parse_dtype("fp8_e4m3fn") is torch.float8_e4m3fn
+    assert validation.parse_dtype("bf16") is torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
-        logic.parse_dtype("int4")
-    assert logic.check_choice("dtype", "fp32", logic.VAE_DTYPES) is True
-    assert "not one of" in logic.check_choice("dtype", "fp64", logic.VAE_DTYPES)
+        validation.parse_dtype("int4")
+    assert validation.check_choice("dtype", "fp32", validation.VAE_DTYPES) is True
+    assert "not one of" in validation.check_choice("dtype", "fp64", validation.VAE_DTYPES)
 
 
 def test_presets_override_unless_custom():
-    assert logic.resolve_preset("standard", 3, 1.0, 2.0) == logic.SamplerSettings(50, 9.0, 13.0)
+    assert validation.resolve_preset("standard", 3, 1.0, 2.0) == validation.SamplerSettings(50, 9.0, 13.0)
     t = PRESETS["turbo"]
-    assert logic.resolve_preset("turbo", 3, 1.0, 2.0) == logic.SamplerSettings(t.steps, t.cfg, t.shift)
-    assert logic.resolve_preset("custom", 3, 1.0, 2.0) == logic.SamplerSettings(3, 1.0, 2.0)
+    assert validation.resolve_preset("turbo", 3, 1.0, 2.0) == validation.SamplerSettings(t.steps, t.cfg, t.shift)
+    assert validation.resolve_preset("custom", 3, 1.0, 2.0) == validation.SamplerSettings(3, 1.0, 2.0)
     t = tiny.SETTINGS
-    assert logic.resolve_preset("tiny", 3, 1.0, 2.0) == logic.SamplerSettings(t.steps, t.cfg, t.shift) == (
-        logic.SamplerSettings(20, 5.0, 3.0))
-    assert logic.SAMPLER_PRESETS == ("standard", "turbo", "tiny", "custom")
-    assert "tiny (20 steps, cfg 5, shift 3)" in logic.preset_summary()
-    assert "standard (50 steps, cfg 9, shift 13)" in logic.preset_summary()
+    assert validation.resolve_preset("tiny", 3, 1.0, 2.0) == validation.SamplerSettings(t.steps, t.cfg, t.shift) == (
+        validation.SamplerSettings(20, 5.0, 3.0))
+    assert validation.SAMPLER_PRESETS == ("standard", "turbo", "tiny", "custom")
+    assert "tiny (20 steps, cfg 5, shift 3)" in validation.preset_summary()
+    assert "standard (50 steps, cfg 9, shift 13)" in validation.preset_summary()
     with pytest.raises(ValueError, match="standard, turbo, tiny, custom"):
-        logic.resolve_preset("fast", 3, 1.0, 2.0)
+        validation.resolve_preset("fast", 3, 1.0, 2.0)
 
 
 def test_comfy_sigmas_mirror_the_reference_schedule():
-    s = logic.comfy_sigmas(50, 13.0)
+    s = conversions.comfy_sigmas(50, 13.0)
     torch.testing.assert_close(s, 1 - step_video_sigmas(50, 13.0))
     assert s[0] == 1 and s[-1] == 0 and bool((s[1:] < s[:-1]).all())
-    part = logic.comfy_sigmas(10, 13.0, denoise=0.5)
+    part = conversions.comfy_sigmas(10, 13.0, denoise=0.5)
     assert len(part) == 11 and part[0] < 1 and part[-1] == 0
 
 
@@ -83,7 +86,7 @@ def test_comfy_flow_euler_equals_core_euler():
 
     noise = torch.randn(2, 3, 4, generator=g)
     core = sample_euler(velocity, noise, step_video_sigmas(6, 13.0))
-    sigmas = logic.comfy_sigmas(6, 13.0)
+    sigmas = conversions.comfy_sigmas(6, 13.0)
     x = sigmas[0] * noise  # CONST noise_scaling on an empty latent
     for i in range(6):
         sigma = sigmas[i].expand(2)
@@ -96,53 +99,53 @@ def test_comfy_flow_euler_equals_core_euler():
 
 def test_latent_layouts_and_noise():
     lat = torch.randn(2, 64, 3, 4, 5)
-    core = logic.to_core_latent(lat)
+    core = conversions.to_core_latent(lat)
     assert core.shape == (2, 3, 64, 4, 5)
-    assert torch.equal(logic.to_comfy_latent(core), lat)
+    assert torch.equal(conversions.to_comfy_latent(core), lat)
     with pytest.raises(ValueError, match="5-D"):
-        logic.to_core_latent(torch.zeros(1, 4, 8, 8))
-    noise = logic.noise_for(lat, 42)
+        conversions.to_core_latent(torch.zeros(1, 4, 8, 8))
+    noise = conversions.noise_for(lat, 42)
     assert noise.shape == lat.shape
-    assert torch.equal(logic.to_core_latent(noise), make_noise((2, 3, 64, 4, 5), 42))
+    assert torch.equal(conversions.to_core_latent(noise), make_noise((2, 3, 64, 4, 5), 42))
 
 
 def test_video_image_conversion():
     video = torch.linspace(-1.5, 1.5, 2 * 17 * 3 * 4 * 6).reshape(2, 17, 3, 4, 6)
-    images = logic.video_to_images(video)
+    images = conversions.video_to_images(video)
     assert images.shape == (34, 4, 6, 3) and images.dtype == torch.float32
     assert float(images.min()) == 0.0 and float(images.max()) == 1.0
     assert torch.equal(images[17], ((video[1, 0].permute(1, 2, 0) + 1) / 2).clamp(0, 1))
-    back = logic.images_to_video(images[:17])
+    back = conversions.images_to_video(images[:17])
     assert back.shape == (1, 17, 3, 4, 6)
     torch.testing.assert_close(back, video[:1].clamp(-1, 1))
     rgba = torch.rand(5, 4, 6, 4)
-    assert logic.images_to_video(rgba).shape == (1, 5, 3, 4, 6)
+    assert conversions.images_to_video(rgba).shape == (1, 5, 3, 4, 6)
 
 
 def test_empty_latent_rules_and_messages():
-    assert logic.empty_latent_shape(992, 544, 204, 1) == (1, 64, 36, 34, 62)
-    assert logic.empty_latent_shape(768, 768, 17, 2) == (2, 64, 3, 48, 48)
-    assert logic.validate_video_request(992, 544, 204, 1) is True
-    msg = logic.validate_video_request(1000, 544, 200, 1)
+    assert validation.empty_latent_shape(992, 544, 204, 1) == (1, 64, 36, 34, 62)
+    assert validation.empty_latent_shape(768, 768, 17, 2) == (2, 64, 3, 48, 48)
+    assert validation.validate_video_request(992, 544, 204, 1) is True
+    msg = validation.validate_video_request(1000, 544, 200, 1)
     assert "width 1000" in msg and "992 or 1008" in msg and "frames 200" in msg and "187 or 204" in msg
     assert "height" not in msg
-    assert "at least 17" in logic.validate_video_request(992, 544, 5, 1)
-    assert "batch_size" in logic.validate_video_request(992, 544, 17, 0)
-    assert logic.validate_video_request(None, None, None, None) is True  # linked inputs are not validated
+    assert "at least 17" in validation.validate_video_request(992, 544, 5, 1)
+    assert "batch_size" in validation.validate_video_request(992, 544, 17, 0)
+    assert validation.validate_video_request(None, None, None, None) is True  # linked inputs are not validated
     with pytest.raises(ValueError, match="multiple of 17"):
-        logic.empty_latent_shape(992, 544, 100)
+        validation.empty_latent_shape(992, 544, 100)
 
 
 def test_conditioning_round_trip():
     from stepvideo_core.text_encoding import TextConditioning
 
     text = TextConditioning(torch.randn(1, 320, 8), torch.ones(1, 397), torch.randn(1, 77, 4))
-    cond = logic.to_conditioning(text)
-    assert cond[0][0] is text.llm_states and set(cond[0][1]) == {logic.MASK_KEY, logic.CLIP_KEY}
-    back = logic.from_conditioning(cond)
+    cond = conversions.to_conditioning(text)
+    assert cond[0][0] is text.llm_states and set(cond[0][1]) == {conversions.MASK_KEY, conversions.CLIP_KEY}
+    back = conversions.from_conditioning(cond)
     assert back.mask is text.mask and back.clip_states is text.clip_states
     with pytest.raises(ValueError, match="StepVideoTextEncode"):
-        logic.from_conditioning([[torch.zeros(1, 77, 768), {"pooled_output": torch.zeros(1, 768)}]])
+        conversions.from_conditioning([[torch.zeros(1, 77, 768), {"pooled_output": torch.zeros(1, 768)}]])
 
 
 def test_model_folder_listing(tmp_path):
@@ -152,23 +155,23 @@ def test_model_folder_listing(tmp_path):
     (root / "t2v" / "vae" / "vae_v2.safetensors").write_bytes(b"x")
     (root / "t2v" / "step_llm").mkdir()
     (root / "other").mkdir()
-    assert logic.list_official([str(root), str(tmp_path / "missing")], "transformer") == ["stepvideo/t2v/transformer"]
+    assert model_folders.list_official([str(root), str(tmp_path / "missing")], "transformer") == ["stepvideo/t2v/transformer"]
     import os
 
-    assert logic.list_official([str(root)], "vae/vae_v2.safetensors", check=os.path.isfile) == [
+    assert model_folders.list_official([str(root)], "vae/vae_v2.safetensors", check=os.path.isfile) == [
         "stepvideo/t2v/vae/vae_v2.safetensors"]
-    assert logic.resolve_official([str(root)], "stepvideo/t2v/transformer") == str(root / "t2v" / "transformer")
-    assert logic.resolve_official([str(root)], "stepvideo/../secret") is None
-    assert logic.resolve_official([str(root)], "t2v/transformer") is None
+    assert model_folders.resolve_official([str(root)], "stepvideo/t2v/transformer") == str(root / "t2v" / "transformer")
+    assert model_folders.resolve_official([str(root)], "stepvideo/../secret") is None
+    assert model_folders.resolve_official([str(root)], "t2v/transformer") is None
     enc = tmp_path / "text_encoders"
     (enc / "my_llm").mkdir(parents=True)
-    (enc / "my_llm" / logic.STEP_LLM_MARKER).write_bytes(b"x")
-    (enc / "my_clip" / logic.HUNYUAN_CLIP_MARKER).mkdir(parents=True)
-    assert logic.list_subfolders([str(enc)], logic.STEP_LLM_MARKER) == ["my_llm"]
-    assert logic.list_subfolders([str(enc)], logic.HUNYUAN_CLIP_MARKER) == ["my_clip"]
-    assert logic.resolve_subfolder([str(enc)], "my_clip") == str(enc / "my_clip")
-    assert logic.resolve_subfolder([str(enc)], "../x") is None
-    assert "not found in models/vae" in logic.not_found("VAE", "a.safetensors", "models/vae")
+    (enc / "my_llm" / model_folders.STEP_LLM_MARKER).write_bytes(b"x")
+    (enc / "my_clip" / model_folders.HUNYUAN_CLIP_MARKER).mkdir(parents=True)
+    assert model_folders.list_subfolders([str(enc)], model_folders.STEP_LLM_MARKER) == ["my_llm"]
+    assert model_folders.list_subfolders([str(enc)], model_folders.HUNYUAN_CLIP_MARKER) == ["my_clip"]
+    assert model_folders.resolve_subfolder([str(enc)], "my_clip") == str(enc / "my_clip")
+    assert model_folders.resolve_subfolder([str(enc)], "../x") is None
+    assert "not found in models/vae" in validation.not_found("VAE", "a.safetensors", "models/vae")
 
 
 def _official_layout(download: Path) -> None:
@@ -180,44 +183,44 @@ def _official_layout(download: Path) -> None:
 def test_builtin_models_are_listed_without_a_user_folder(tmp_path):
     """The pack's own models/ is one more stepvideo root: its Step-Video-Tiny is listed (and resolves) even when
     the user has no models/stepvideo folder at all."""
-    assert Path(logic.BUILTIN_MODELS_DIR) == ROOT / "models" == tiny.TINY_DIR.parent
+    assert Path(model_folders.BUILTIN_MODELS_DIR) == ROOT / "models" == tiny.TINY_DIR.parent
     builtin = tmp_path / "pack_models"
     _official_layout(builtin / tiny.NAME)
     roots = [str(tmp_path / "no_such_user_folder"), str(builtin)]
     expect = {part: f"stepvideo/{tiny.NAME}/{part}" for part in ("transformer", "step_llm", "hunyuan_clip")}
     for part, value in expect.items():
-        assert logic.list_official(roots, part) == [value]
-        assert logic.resolve_official(roots, value) == str(builtin / tiny.NAME / part)
+        assert model_folders.list_official(roots, part) == [value]
+        assert model_folders.resolve_official(roots, value) == str(builtin / tiny.NAME / part)
     import os
 
-    assert logic.list_official(roots, "vae/vae_v2.safetensors", check=os.path.isfile) == [
+    assert model_folders.list_official(roots, "vae/vae_v2.safetensors", check=os.path.isfile) == [
         f"stepvideo/{tiny.NAME}/vae/vae_v2.safetensors"]
     # a user's own download of the same name comes first (the built-in root is registered last)
     user = tmp_path / "user"
     _official_layout(user / tiny.NAME)
-    assert logic.resolve_official([str(user), str(builtin)], expect["transformer"]) == str(user / tiny.NAME / "transformer")
+    assert model_folders.resolve_official([str(user), str(builtin)], expect["transformer"]) == str(user / tiny.NAME / "transformer")
 
 
 @pytest.mark.skipif(not (tiny.TINY_DIR / "transformer").is_dir(), reason="Step-Video-Tiny's weights are not in models/")
 def test_shipped_tiny_model_is_listed():
     import os
 
-    roots = [logic.BUILTIN_MODELS_DIR]
+    roots = [model_folders.BUILTIN_MODELS_DIR]
     for part in ("transformer", "step_llm", "hunyuan_clip"):
-        assert logic.list_official(roots, part) == [f"stepvideo/{tiny.NAME}/{part}"]
-    assert logic.list_official(roots, "vae/vae_v2.safetensors", check=os.path.isfile) == [
+        assert model_folders.list_official(roots, part) == [f"stepvideo/{tiny.NAME}/{part}"]
+    assert model_folders.list_official(roots, "vae/vae_v2.safetensors", check=os.path.isfile) == [
         f"stepvideo/{tiny.NAME}/vae/vae_v2.safetensors"]
 
 
 def test_latent_channel_check_names_both_counts():
-    logic.check_latent_channels(torch.zeros(1, 16, 3, 2, 2), 16, "this VAE")
+    conversions.check_latent_channels(torch.zeros(1, 16, 3, 2, 2), 16, "this VAE")
     with pytest.raises(ValueError, match="has 64 channels but this VAE takes 16.*Step-Video-Tiny"):
-        logic.check_latent_channels(torch.zeros(1, 64, 3, 2, 2), 16, "this VAE")
+        conversions.check_latent_channels(torch.zeros(1, 64, 3, 2, 2), 16, "this VAE")
 
 
 def test_preview_tables_fit_the_channel_count():
     for channels in (64, 16, 8):
-        factors, bias = logic.preview_rgb(channels)
+        factors, bias = previews.preview_rgb(channels)
         assert len(factors) == channels and all(len(row) == 3 for row in factors) and len(bias) == 3
 
 
@@ -228,21 +231,21 @@ def test_fit_preview_rgb_recovers_a_linear_map():
     rgb = latents.movedim(1, -1) @ true_factors + true_bias  # [B, T, h, w, 3]
     # each latent's colour over its 16x16 patch and its span of frames (6 frames each here)
     video = rgb.movedim(-1, 1).repeat_interleave(6, 2).repeat_interleave(16, 3).repeat_interleave(16, 4)
-    factors, bias = logic.fit_preview_rgb(latents, video)
+    factors, bias = previews.fit_preview_rgb(latents, video)
     torch.testing.assert_close(torch.tensor(factors), true_factors, rtol=0, atol=1e-4)
     torch.testing.assert_close(torch.tensor(bias), true_bias, rtol=0, atol=1e-4)
-    assert logic.preview_rgb_error(factors, bias, latents, video) < 1e-4
-    assert logic.preview_rgb_error(*logic.preview_rgb(16), latents, video) > 0.1
+    assert previews.preview_rgb_error(factors, bias, latents, video) < 1e-4
+    assert previews.preview_rgb_error(*previews.preview_rgb(16), latents, video) > 0.1
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (tiny.TINY_DIR / "vae" / "vae_v2.safetensors").is_file(),
                     reason="Step-Video-Tiny's weights are not in models/")
 def test_tiny_preview_table_fits_the_shipped_vae():
-    """The table in logic.TINY_PREVIEW_RGB previews the shipped VAE's latents as well as a fresh fit does."""
+    """The table in previews.TINY_PREVIEW_RGB previews the shipped VAE's latents as well as a fresh fit does."""
     import random
 
-    from stepvideo_core import synthetic
+    from stepvideo_core.tiny import synthetic
     from stepvideo_core.vae import load_vae
 
     vae = load_vae(tiny.TINY_DIR / "vae" / "vae_v2.safetensors", dtype=torch.float32)
@@ -252,13 +255,13 @@ def test_tiny_preview_table_fits_the_shipped_vae():
     with torch.no_grad():
         latents = vae.encode(clips.movedim(1, 2), sample=False)  # [b, T, C, h, w]
         video = vae.decode(latents).movedim(2, 1)  # what the latents really show, [b, 3, F, H, W]
-    latents = logic.to_comfy_latent(latents)
-    refit = logic.fit_preview_rgb(latents, video)
-    best = logic.preview_rgb_error(*refit, latents, video)
+    latents = conversions.to_comfy_latent(latents)
+    refit = previews.fit_preview_rgb(latents, video)
+    best = previews.preview_rgb_error(*refit, latents, video)
     table = "TINY_PREVIEW_RGB = (" + repr([[round(v, 4) for v in row] for row in refit[0]]) + ", " + repr(
         [round(v, 4) for v in refit[1]]) + ")"
-    assert logic.TINY_PREVIEW_RGB is not None, f"no table for the shipped VAE yet; put this in nodes/logic.py:\n{table}"
-    shipped = logic.preview_rgb_error(*logic.TINY_PREVIEW_RGB, latents, video)
+    assert previews.TINY_PREVIEW_RGB is not None, f"no table for the shipped VAE yet; put this in nodes/previews.py:\n{table}"
+    shipped = previews.preview_rgb_error(*previews.TINY_PREVIEW_RGB, latents, video)
     assert shipped < best * 1.25 + 0.01, f"the table no longer fits the VAE ({shipped:.3f} vs {best:.3f}):\n{table}"
 
 
@@ -266,7 +269,7 @@ def test_lora_patch_keys_and_report():
     from stepvideo_core.lora import LoraPair
 
     pairs = {"transformer_blocks.0.attn1.wqkv": LoraPair(torch.zeros(6, 2), torch.zeros(2, 4))}
-    keys = logic.lora_patch_keys(pairs)
+    keys = conversions.lora_patch_keys(pairs)
     assert list(keys) == ["diffusion_model.transformer_blocks.0.attn1.wqkv.weight"]
-    msg = logic.lora_report(3, 3, 12, ["a", "b", "c", "d"])
+    msg = validation.lora_report(3, 3, 12, ["a", "b", "c", "d"])
     assert "3 of 3 DiT layer(s)" in msg and "4 tensor(s) matched no layer" in msg and "d" not in msg.split("e.g.")[1]

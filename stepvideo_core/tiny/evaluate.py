@@ -1,9 +1,9 @@
 """Generate with Step-Video-Tiny and score the clips with the oracle.
 
-    python -m stepvideo_core.evaluate                      # held-out combinations, English and Chinese
-    python -m stepvideo_core.evaluate --lora models/loras/step-video-tiny-dpo.safetensors
-    python -m stepvideo_core.evaluate --vae                # the VAE alone: reconstructions of ground truth
-    python -m stepvideo_core.evaluate --reliance           # how much the DiT reads each kind of caption word
+    python -m stepvideo_core.tiny.evaluate                      # held-out combinations, English and Chinese
+    python -m stepvideo_core.tiny.evaluate --lora models/loras/step-video-tiny-dpo.safetensors
+    python -m stepvideo_core.tiny.evaluate --vae                # the VAE alone: reconstructions of ground truth
+    python -m stepvideo_core.tiny.evaluate --reliance           # how much the DiT reads each kind of caption word
 
 The prompts are the world's captions of combinations never seen in training (``synthetic.HELD_OUT``), one
 phrasing per language; each is sampled with a few seeds at the tiny model's own settings.
@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import oracle, synthetic, tiny
-from .pipeline import GenerationSettings, latent_shape, sample_latents
-from .scheduler import make_noise
-from .text_encoding import encode_prompts
-from .video_io import to_uint8
+from ..pipeline import GenerationSettings, latent_shape, sample_latents
+from ..scheduler import make_noise
+from ..text_encoding import encode_prompts
+from ..video_io import to_uint8
+from . import model as tiny
+from . import oracle, synthetic
 
 LANGUAGES = ("en", "zh")
 
@@ -180,7 +181,7 @@ def main(argv=None) -> None:
         print(json.dumps(caption_reliance(model), indent=1))
         return
     if args.lora:
-        from .lora import attach, load_lora
+        from ..lora import attach, load_lora
 
         attach(model.dit, load_lora(args.lora, model.dit), args.strength)
     report = evaluate(model, held_out_prompts(), seeds=tuple(range(args.seeds)))

@@ -1,7 +1,7 @@
 """Train Step-Video-Tiny from nothing on the synthetic world, in stages, with fixed seeds, on a CPU.
 
-    python -m stepvideo_core.train_tiny --work runs/tiny            # every stage, then export to models/
-    python -m stepvideo_core.train_tiny --work runs/tiny --stage vae
+    python -m stepvideo_core.tiny.train --work runs/tiny            # every stage, then export to models/
+    python -m stepvideo_core.tiny.train --work runs/tiny --stage vae
 
 Stages: ``tokenizers`` (SentencePiece for Step-LLM, a WordPiece vocabulary for the BERT), ``vae`` (the Video-VAE
 on reconstruction in three phases, then its output convolution solved by least squares), ``latents`` (the
@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from . import synthetic, tiny
-from .dit import StepVideoDiT
-from .scheduler import time_shift
-from .step_llm import CONTROL_TOKENS, MASK_TOKENS, TOKENIZER_FILE, StepLLM, StepLLMTokenizer
-from .text_encoding import NEGATIVE_MAGIC, POSITIVE_MAGIC, combined_mask
-from .vae import NORM_GROUPS_KEY, VideoVAE, load_vae
+from ..dit import StepVideoDiT
+from ..scheduler import time_shift
+from ..step_llm import CONTROL_TOKENS, MASK_TOKENS, TOKENIZER_FILE, StepLLM, StepLLMTokenizer
+from ..text_encoding import NEGATIVE_MAGIC, POSITIVE_MAGIC, combined_mask
+from ..vae import NORM_GROUPS_KEY, VideoVAE, load_vae
+from . import model as tiny
+from . import synthetic
 
 SEED = 20261121
 

@@ -1,4 +1,4 @@
-"""Step-Video-Tiny: the official architecture at small sizes, trained by ``train_tiny`` on the synthetic world.
+"""Step-Video-Tiny: the official architecture at small sizes, trained by ``tiny.train`` on the synthetic world.
 
 The weights ship with the pack in the official download's layout (``transformer/``, ``vae/vae_v2.safetensors``,
 ``step_llm/``, ``hunyuan_clip/``), so the same loaders that read the 30B release read them. Its latents have
@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
-from .dit import DiTConfig, StepVideoDiT, load_dit
-from .pipeline import GenerationSettings
-from .step_llm import StepLLMConfig
-from .text_encoding import TextEncoders, load_text_encoders
-from .vae import VAEConfig, VideoVAE, load_vae
+from ..dit import DiTConfig, StepVideoDiT, load_dit
+from ..pipeline import GenerationSettings
+from ..step_llm import StepLLMConfig
+from ..text_encoding import TextEncoders, load_text_encoders
+from ..vae import VAEConfig, VideoVAE, load_vae
 
-TINY_DIR = Path(__file__).resolve().parent.parent / "models" / "step-video-tiny"
+TINY_DIR = Path(__file__).resolve().parents[2] / "models" / "step-video-tiny"
 NAME = "step-video-tiny"
 
 VAE_CONFIG = VAEConfig(z_channels=16, encoder_channels=8, encoder_channel_mult=(1, 4, 8, 8), encoder_num_res_blocks=1,
@@ -54,7 +54,7 @@ def load_tiny(root: str | Path = TINY_DIR, device: torch.device | str = "cpu") -
     p = paths(root)
     if not p["transformer"].exists():
         raise FileNotFoundError(f"Step-Video-Tiny weights not found in {root}; train them with "
-                                "`python -m stepvideo_core.train_tiny` or restore models/step-video-tiny from git.")
+                                "`python -m stepvideo_core.tiny.train` or restore models/step-video-tiny from git.")
     return TinyModel(load_dit(p["transformer"], weight_dtype=torch.float32, device=device),
                      load_vae(p["vae"], dtype=torch.float32, device=device),
                      load_text_encoders(p["step_llm"], p["hunyuan_clip"], weight_dtype=torch.float32, device=device))

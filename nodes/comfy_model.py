@@ -1,7 +1,7 @@
 """The Step-Video DiT as a native ComfyUI MODEL: a ``BaseModel`` subclass inside a ``ModelPatcher``.
 
 Flow sampling (``ModelType.FLOW``) with the Step-Video shift, so core samplers, ``ModelSamplingSD3`` and the
-core LoRA loaders work. See ``logic.py`` for the convention bridge (t = 1 - sigma, output = -velocity).
+core LoRA loaders work. See ``conversions.py`` for the convention bridge (t = 1 - sigma, output = -velocity).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 from ..stepvideo_core.attention import sdpa_attention
 from ..stepvideo_core.dit import load_dit
 from ..stepvideo_core.ops import FP8_DTYPES
-from .logic import CLIP_KEY, LATENT_CHANNELS, MASK_KEY, preview_rgb
+from .conversions import CLIP_KEY, LATENT_CHANNELS, MASK_KEY
+from .previews import preview_rgb
 
 log = logging.getLogger("stepvideo")
 

@@ -1,7 +1,7 @@
 """Video-DPO for Step-Video-Tiny: preference pairs scored by the oracle, and a Diffusion-DPO LoRA on the DiT.
 
-    python -m stepvideo_core.dpo --work runs/dpo                 # pairs, training, LoRA file
-    python -m stepvideo_core.dpo --work runs/dpo --stage pairs
+    python -m stepvideo_core.tiny.dpo --work runs/dpo                 # pairs, training, LoRA file
+    python -m stepvideo_core.tiny.dpo --work runs/dpo --stage pairs
 
 The objective is Diffusion-DPO (Wallace et al., 2023) in Step-Video's flow-matching convention. For a prompt c
 with a preferred clip x_w and a rejected one x_l (latents), one time t and one noise draw e shared by both:
@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from . import oracle, synthetic, tiny
+from ..lora import TARGET_MODULES, LoraSet, attach, new_trainable_lora, save_lora
+from ..text_encoding import TextConditioning, encode_prompts
+from . import model as tiny
+from . import oracle, synthetic
 from .evaluate import sample_clips
-from .lora import TARGET_MODULES, LoraSet, attach, new_trainable_lora, save_lora
-from .text_encoding import TextConditioning, encode_prompts
-from .train_tiny import flow_matching_loss, sample_training_times
+from .train import flow_matching_loss, sample_training_times
 
 SEED = 7
 LORA_DIR = tiny.TINY_DIR.parent / "loras"
