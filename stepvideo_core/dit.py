@@ -249,6 +249,18 @@ def timestep_sinusoid(t_scaled: torch.Tensor, channels: int = TIMESTEP_CHANNELS)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
+@dataclass
+class BlockContext:
+    """What every transformer block reads besides the video tokens; built once per forward by ``prepare``."""
+
+    modulation: torch.Tensor  # [b, 6, D]: AdaLN-single shift/scale/gate for attention and feed-forward
+    text: torch.Tensor  # [b, keys, D]: projected CLIP + Step-LLM states
+    text_mask: torch.Tensor  # [b, 1, 1, keys], True = attend
+    rope: Rope3D
+    attention: AttentionFn
+    ff_chunk_size: int
+
+
 class StepVideoDiT(nn.Module):
     def __init__(self, config: DiTConfig | None = None, operations=None, device=None, dtype=None):
         super().__init__()
@@ -296,6 +308,57 @@ class StepVideoDiT(nn.Module):
         key_mask = torch.arange(max_len, device=text.device)[None, :] < lengths[:, None]
         return text[:, :max_len], key_mask[:, None, None, :]
 
+    def prepare(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+        encoder_hidden_states_2: torch.Tensor,
+    ) -> tuple[torch.Tensor, BlockContext, torch.Tensor, tuple[int, int, int]]:
+        """Patchify and embed: (video tokens [b, N, D], what every block reads, embedded timestep, token grid).
+
+        ``forward`` is ``prepare`` -> ``run_blocks`` -> ``finish`` -> ``unpatchify``; features that change one stage
+        (sequence-parallel sharding of the tokens, extra conditions, per-block hooks) change that stage only.
+        """
+        cfg = self.config
+        dtype = self.compute_dtype
+        b, frames, _, height, width = hidden_states.shape
+        p = cfg.patch_size
+        if height % p or width % p:
+            raise ValueError(f"latent height/width ({height}x{width}) must be multiples of the patch size {p}")
+        grid = (frames, height // p, width // p)
+        timestep = timestep.reshape(-1).to(hidden_states.device)
+        if timestep.numel() == 1 and b > 1:
+            timestep = timestep.expand(b)
+
+        x = self.pos_embed(hidden_states.to(dtype).flatten(0, 1))  # [(b F), h*w, D]
+        x = x.reshape(b, frames * grid[1] * grid[2], cfg.inner_dim)
+        modulation, embedded = self.embed_timestep(timestep, dtype)
+        text, text_mask = self.embed_text(encoder_hidden_states, encoder_attention_mask, encoder_hidden_states_2, dtype)
+        rope = Rope3D(grid, cfg.rope_split, dtype, x.device, cfg.reference_rounding)
+        context = BlockContext(modulation, text, text_mask, rope, self.attention, cfg.ff_chunk_size)
+        return x, context, embedded, grid
+
+    def run_blocks(self, x: torch.Tensor, context: BlockContext) -> torch.Tensor:
+        for block in self.transformer_blocks:
+            x = block(x, context.modulation, context.text, context.text_mask, context.rope, context.attention,
+                      context.ff_chunk_size)
+        return x
+
+    def finish(self, x: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """The final modulated norm and projection, token by token: [b, N, D] -> [b, N, p*p*C_out]."""
+        table = self.scale_shift_table.to(device=x.device, dtype=x.dtype)
+        shift, scale = (table[None] + embedded[:, None]).chunk(2, dim=1)
+        return self.proj_out(self.norm_out(x) * (1 + scale) + shift)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[b, N, p*p*C_out] tokens back to latents [b, F, C_out, h, w]."""
+        frames, gh, gw = grid
+        p, c = self.config.patch_size, self.config.out_channels
+        x = x.reshape(x.shape[0], frames, gh, gw, p, p, c)
+        return x.permute(0, 1, 6, 2, 4, 3, 5).reshape(x.shape[0], frames, c, gh * p, gw * p)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -305,31 +368,10 @@ class StepVideoDiT(nn.Module):
         encoder_hidden_states_2: torch.Tensor,
     ) -> torch.Tensor:
         """Velocity for latents ``[b, F, C, h, w]`` at reference timesteps ``[b]`` (0 = noise, 1 = data)."""
-        cfg = self.config
-        dtype = self.compute_dtype
-        b, frames, _, height, width = hidden_states.shape
-        p = cfg.patch_size
-        if height % p or width % p:
-            raise ValueError(f"latent height/width ({height}x{width}) must be multiples of the patch size {p}")
-        gh, gw = height // p, width // p
-        timestep = timestep.reshape(-1).to(hidden_states.device)
-        if timestep.numel() == 1 and b > 1:
-            timestep = timestep.expand(b)
-
-        x = self.pos_embed(hidden_states.to(dtype).flatten(0, 1))  # [(b F), h*w, D]
-        x = x.reshape(b, frames * gh * gw, cfg.inner_dim)
-        modulation, embedded = self.embed_timestep(timestep, dtype)
-        text, text_mask = self.embed_text(encoder_hidden_states, encoder_attention_mask, encoder_hidden_states_2, dtype)
-        rope = Rope3D((frames, gh, gw), cfg.rope_split, dtype, x.device, cfg.reference_rounding)
-
-        for block in self.transformer_blocks:
-            x = block(x, modulation, text, text_mask, rope, self.attention, cfg.ff_chunk_size)
-
-        table = self.scale_shift_table.to(device=x.device, dtype=x.dtype)
-        shift, scale = (table[None] + embedded[:, None]).chunk(2, dim=1)
-        x = self.proj_out(self.norm_out(x) * (1 + scale) + shift)
-        x = x.reshape(b, frames, gh, gw, p, p, cfg.out_channels)
-        return x.permute(0, 1, 6, 2, 4, 3, 5).reshape(b, frames, cfg.out_channels, height, width)
+        x, context, embedded, grid = self.prepare(hidden_states, timestep, encoder_hidden_states,
+                                                  encoder_attention_mask, encoder_hidden_states_2)
+        x = self.run_blocks(x, context)
+        return self.unpatchify(self.finish(x, embedded), grid)
 
 
 def load_dit(
