@@ -6,6 +6,10 @@
 // (options.serialize = false) and out of the saved workflow (widget.serialize = false), and they are added after
 // the node's own widgets so that the saved widgets_values of the real inputs keep their indices.
 // Text is only ever set with textContent (no HTML parsing of any value).
+//
+// The numbers and the wording of the notes mirror the Python rules in stepvideo_core/video_shape.py (the one home
+// of the video shape rules; the server checks them again): change both together (tests/test_video_shape.py
+// checks that the numbers agree).
 
 import { app } from "../../scripts/app.js";
 
@@ -16,6 +20,8 @@ const CHUNK_FRAMES = 17; // 17 video frames -> 3 latent frames
 const CHUNK_LATENTS = 3;
 const CHANNELS = 64;
 const MAX_TRAINED_FRAMES = 204;
+const MAX_SIDE = 4096;
+const MAX_FRAMES = 1700;
 const OFFICIAL_TOKENS = (204 / CHUNK_FRAMES) * CHUNK_LATENTS * (544 / SPATIAL) * (992 / SPATIAL); // 75,888
 
 const CUSTOM = "custom";
@@ -77,10 +83,17 @@ function limits(w, step, fallbackMin, fallbackMax) {
 }
 
 const RULES = {
-    width: [SPATIAL, 16, 4096],
-    height: [SPATIAL, 16, 4096],
-    frames: [CHUNK_FRAMES, 17, 1700],
+    width: [SPATIAL, SPATIAL, MAX_SIDE],
+    height: [SPATIAL, SPATIAL, MAX_SIDE],
+    frames: [CHUNK_FRAMES, CHUNK_FRAMES, MAX_FRAMES],
 };
+
+// "frames 100 → 102 (must be a multiple of 17)": the rule in the words of video_shape.request_error.
+function snapNote(name, before, after, min, max) {
+    const step = RULES[name][0];
+    const rule = before < min ? `must be at least ${min}` : before > max ? `must be at most ${max}` : `must be a multiple of ${step}`;
+    return `${name} ${before} → ${after} (${rule})`;
+}
 
 // Snap one widget in place; returns a note when the value changed.
 function snapWidget(node, name) {
@@ -92,7 +105,7 @@ function snapWidget(node, name) {
     const after = snap(before, step, min, max);
     if (after === before) return null;
     w.value = after;
-    return `${name} ${before} → ${after} (multiple of ${step})`;
+    return snapNote(name, before, after, min, max);
 }
 
 function makeLine(cls) {
@@ -187,7 +200,8 @@ function setupNode(node) {
             const typed = Number(value);
             if (note) state.notes = [note];
             else if (Number.isFinite(typed) && typed !== w.value) {
-                state.notes = [`${name} ${typed} → ${w.value} (multiple of ${RULES[name][0]})`];
+                const [min, max] = limits(w, RULES[name][0], RULES[name][1], RULES[name][2]);
+                state.notes = [snapNote(name, typed, w.value, min, max)];
             } else state.notes = [];
             refresh(node, true);
             return result;

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..stepvideo_core import video_shape
 from ..stepvideo_core.scheduler import PRESETS, SamplerPreset
 from ..stepvideo_core.tiny import model as tiny
-from ..stepvideo_core.vae import FRAMES_PER_CHUNK, SPATIAL_FACTOR, latent_frames
 from .conversions import LATENT_CHANNELS
 
 WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
@@ -73,39 +73,14 @@ def preset_summary() -> str:
 # ---- empty latent validation -------------------------------------------------------------------------------
 
 
-def _nearest_multiple(value: int, step: int) -> tuple[int, int]:
-    lower = max(value // step * step, step)
-    upper = max(-(-value // step) * step, step)
-    return lower, upper
-
-
 def validate_video_request(width, height, frames, batch_size=1) -> bool | str:
-    """True, or one message listing every problem with the nearest valid values."""
-    problems = []
-    for name, v in (("width", width), ("height", height)):
-        if v is None:
-            continue
-        if v < SPATIAL_FACTOR or v % SPATIAL_FACTOR:
-            lo, hi = _nearest_multiple(int(v), SPATIAL_FACTOR)
-            problems.append(f"{name} {v} must be a multiple of {SPATIAL_FACTOR} (nearest valid: "
-                            f"{lo} or {hi})" if lo != hi else f"{name} {v} must be at least {SPATIAL_FACTOR}")
-    if frames is not None and (frames < FRAMES_PER_CHUNK or frames % FRAMES_PER_CHUNK):
-        lo, hi = _nearest_multiple(int(frames), FRAMES_PER_CHUNK)
-        if lo != hi:
-            problems.append(f"frames {frames} must be a multiple of {FRAMES_PER_CHUNK} (17 frames -> 3 latent frames; "
-                            f"nearest valid: {lo} or {hi})")
-        else:
-            problems.append(f"frames {frames} must be at least {FRAMES_PER_CHUNK}")
-    if batch_size is not None and batch_size < 1:
-        problems.append(f"batch_size {batch_size} must be at least 1")
-    return True if not problems else "Step-Video: " + "; ".join(problems) + "."
+    """validate_inputs form (True or the message) of ``video_shape.request_error``; linked inputs arrive as None."""
+    return video_shape.request_error(width, height, frames, batch_size) or True
 
 
 def empty_latent_shape(width: int, height: int, frames: int, batch_size: int = 1) -> tuple[int, int, int, int, int]:
-    msg = validate_video_request(width, height, frames, batch_size)
-    if msg is not True:
-        raise ValueError(msg)
-    return (int(batch_size), LATENT_CHANNELS, latent_frames(int(frames)), height // SPATIAL_FACTOR, width // SPATIAL_FACTOR)
+    """ComfyUI's latent layout ``[b, C, F, h, w]`` of a request checked by ``video_shape``."""
+    return (batch_size, LATENT_CHANNELS, *video_shape.latent_grid(width, height, frames, batch_size))
 
 
 def not_found(what: str, value: str, where: str) -> str:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from .dit import StepVideoDiT
 from .scheduler import PRESETS, StepCallback, VelocityFn, denoise_sigmas, guided_velocity, make_noise, sample_euler
 from .text_encoding import TextConditioning
-from .vae import check_video_size, latent_frames, latent_size, pipeline_num_frames
+from .video_shape import latent_grid
 
 
 @dataclass
@@ -30,10 +30,10 @@ class GenerationSettings:
 
 
 def latent_shape(settings: GenerationSettings, channels: int, batch: int = 1) -> tuple[int, ...]:
-    """``[b, latent frames, C, H/16, W/16]``; frame and size rules are checked (and explained) by the VAE helpers."""
-    check_video_size(settings.height, settings.width)
-    h, w = latent_size(settings.height, settings.width)
-    return (batch, latent_frames(settings.num_frames), channels, h, w)
+    """``[b, latent frames, C, H/16, W/16]``; the request is checked (and explained) by ``video_shape``, exactly
+    as the nodes check it."""
+    frames, h, w = latent_grid(settings.width, settings.height, settings.num_frames, batch)
+    return (batch, frames, channels, h, w)
 
 
 def dit_velocity(dit: StepVideoDiT, positive: TextConditioning, negative: TextConditioning | None) -> VelocityFn:
@@ -74,8 +74,10 @@ def sample_latents(
 
 
 def generate(dit, vae, positive, negative, settings: GenerationSettings, callback=None, decode_kwargs=None) -> torch.Tensor:
-    """Latents sampled then decoded: video ``[b, T, 3, H, W]`` in [-1, 1]."""
-    settings = replace(settings, num_frames=pipeline_num_frames(settings.num_frames))
+    """Latents sampled then decoded: video ``[b, T, 3, H, W]`` in [-1, 1].
+
+    Deviation: the official pipeline rounds the frame count down to a multiple of 17 (at least 1), so 16 frames
+    silently gave one image; here a count that is not a multiple of 17 raises, naming the nearest valid counts."""
     latents = sample_latents(dit, positive, negative, settings, callback=callback)
     vae_dtype = next(vae.parameters()).dtype
     return vae.decode(latents.to(vae_dtype), **(decode_kwargs or {})).float()

@@ -16,11 +16,9 @@ Deliberate differences from the reference (each also noted where it happens): sp
 reference's workaround for a CUDA indexing limit; PyTorch handles those sizes itself). Memory layout and
 evaluation order differ (channels-last activations, frame groups), which changes results only by rounding.
 
-Frame rule: a chunk of 17 frames encodes to 3 latents and 3 latents decode to 17 frames. A video of
-``17q + r`` frames is accepted when the trailing ``r`` is 0, 1 or 9 (1 frame -> 1 latent, 9 frames -> 2
-latents), as in the reference; anything else raises a ``ValueError`` naming the nearest valid counts. The
-official pipeline only ever uses multiples of 17 (or a single frame). Height and width must be multiples of
-16; otherwise a ``ValueError`` names the nearest valid sizes. Any latent count and latent size decodes.
+Frame and size rules (17 frames -> 3 latents, trailing 1 or 9 frames, sizes in multiples of 16) live in
+``video_shape.py``; ``encode`` raises its ``ValueError`` naming the nearest valid values. Any latent count and
+latent size decodes.
 """
 
 from __future__ import annotations
@@ -36,75 +34,9 @@ from torch import nn
 
 from .loading import Checkpoint, CheckpointError, identify_foreign, load_streaming, strip_known_prefix
 from .ops import FP8_DTYPES, default_ops
-
-FRAMES_PER_CHUNK = 17
-LATENTS_PER_CHUNK = 3
-SPATIAL_FACTOR = 16
-# Trailing frames (after whole 17-frame chunks) that the encoder accepts, and the latents they give.
-_TAIL_FRAMES_TO_LATENTS = {0: 0, 1: 1, 9: 2}
-_TAIL_LATENTS_TO_FRAMES = {0: 0, 1: 1, 2: 9}
+from .video_shape import FRAMES_PER_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR, latent_frames, latent_size, video_frames
 
 ProgressCallback = Callable[[int, int], None]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Frame and size rules
-# ----------------------------------------------------------------------------------------------------------
-
-
-def valid_num_frames(num_frames: int) -> bool:
-    """True when a video of this many frames can be encoded: 17q + r frames with r in {0, 1, 9}, at least 1."""
-    return num_frames >= 1 and num_frames % FRAMES_PER_CHUNK in _TAIL_FRAMES_TO_LATENTS
-
-
-def nearest_valid_num_frames(num_frames: int) -> tuple[int, int]:
-    """The closest valid frame counts at or below / at or above ``num_frames`` (multiples of 17, or 1)."""
-    lower = max(num_frames // FRAMES_PER_CHUNK * FRAMES_PER_CHUNK, 1)
-    upper = max(-(-num_frames // FRAMES_PER_CHUNK) * FRAMES_PER_CHUNK, 1)
-    return lower, upper
-
-
-def latent_frames(num_frames: int) -> int:
-    """Latent frames for a video: 3 per 17-frame chunk (17 -> 3, 34 -> 6, 204 -> 36; 1 -> 1, 26 -> 5)."""
-    if not isinstance(num_frames, int) or not valid_num_frames(num_frames):
-        lower, upper = nearest_valid_num_frames(int(num_frames))
-        raise ValueError(
-            f"The Step-Video VAE encodes chunks of {FRAMES_PER_CHUNK} frames (17 frames -> 3 latents); "
-            f"{num_frames} frames is not a valid count. Use a multiple of 17 (nearest: {lower} or {upper}); "
-            "a single frame, or a trailing 1 or 9 frames after whole chunks, is also accepted."
-        )
-    q, r = divmod(num_frames, FRAMES_PER_CHUNK)
-    return q * LATENTS_PER_CHUNK + _TAIL_FRAMES_TO_LATENTS[r]
-
-
-def video_frames(num_latents: int) -> int:
-    """Frames decoded from ``num_latents`` latent frames: 17 per 3 latents (3 -> 17, 36 -> 204, 1 -> 1)."""
-    if num_latents < 1:
-        raise ValueError(f"need at least one latent frame, got {num_latents}")
-    q, r = divmod(num_latents, LATENTS_PER_CHUNK)
-    return q * FRAMES_PER_CHUNK + _TAIL_LATENTS_TO_FRAMES[r]
-
-
-def pipeline_num_frames(num_frames: int) -> int:
-    """The official pipeline's rounding of a requested frame count: down to a multiple of 17, at least 1."""
-    return max(num_frames // FRAMES_PER_CHUNK * FRAMES_PER_CHUNK, 1)
-
-
-def check_video_size(height: int, width: int) -> None:
-    """Raise a ``ValueError`` naming the nearest valid sizes unless both are positive multiples of 16."""
-    bad = []
-    for name, v in (("height", height), ("width", width)):
-        if v < SPATIAL_FACTOR or v % SPATIAL_FACTOR:
-            lo = max(v // SPATIAL_FACTOR * SPATIAL_FACTOR, SPATIAL_FACTOR)
-            hi = max(-(-v // SPATIAL_FACTOR) * SPATIAL_FACTOR, SPATIAL_FACTOR)
-            bad.append(f"{name} {v} (nearest valid: {lo} or {hi})" if lo != hi else f"{name} {v} (use {lo})")
-    if bad:
-        raise ValueError(f"The Step-Video VAE needs height and width that are multiples of 16: {', '.join(bad)}.")
-
-
-def latent_size(height: int, width: int) -> tuple[int, int]:
-    check_video_size(height, width)
-    return height // SPATIAL_FACTOR, width // SPATIAL_FACTOR
 
 
 # ----------------------------------------------------------------------------------------------------------

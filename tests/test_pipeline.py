@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +7,7 @@ import torch
 from stepvideo_core.pipeline import GenerationSettings, dit_velocity, generate, latent_shape, sample_latents
 from stepvideo_core.text_encoding import TextConditioning
 from stepvideo_core.video_io import contact_sheet, save_mp4, to_uint8
+from stepvideo_core.video_shape import request_error
 from tests.test_dit import small_dit, text_inputs
 
 CAPTION = (24, 12)
@@ -48,12 +51,29 @@ def test_generate_decodes_whole_chunks_of_17_frames():
 
     vae = small_vae()
     dit = small_dit(channels=vae.config.z_channels, caption=CAPTION, layers=1)
-    settings = GenerationSettings(num_frames=40, height=32, width=32, steps=2, cfg=3.0, shift=13.0)
+    settings = GenerationSettings(num_frames=34, height=32, width=32, steps=2, cfg=3.0, shift=13.0)
     with torch.no_grad():
         video = generate(dit, vae, conditioning(5, 1), conditioning(2, 2), settings)
-    assert video.shape == (1, 34, 3, 32, 32), "40 frames round down to 34 as in the official pipeline"
-    with pytest.raises(ValueError, match="multiples of 16"):
-        latent_shape(GenerationSettings(height=500), 64)
+        assert video.shape == (1, 34, 3, 32, 32)
+        # Unlike the official pipeline (which rounds down: 16 frames gave one image), bad requests raise,
+        # with the message the nodes give, before any sampling.
+        for frames, expected in ((16, "frames 16 must be at least 17 (nearest valid: 17)"),
+                                 (18, "frames 18 must be a multiple of 17 (nearest valid: 17 or 34)"),
+                                 (40, "frames 40 must be a multiple of 17 (nearest valid: 34 or 51)")):
+            with pytest.raises(ValueError) as err:
+                generate(dit, vae, conditioning(5, 1), None, replace(settings, num_frames=frames))
+            assert expected in str(err.value)
+            assert str(err.value) == request_error(32, 32, frames)
+
+
+def test_latent_shape_checks_the_request_as_the_nodes_do():
+    assert latent_shape(GenerationSettings(), 64) == (1, 36, 64, 34, 62)  # official 992x544x204
+    assert latent_shape(GenerationSettings(num_frames=17, height=128, width=96), 16, batch=2) == (2, 3, 16, 8, 6)
+    for bad in (dict(height=500), dict(num_frames=0), dict(num_frames=10_000), dict(width=100_000)):
+        with pytest.raises(ValueError) as err:
+            latent_shape(GenerationSettings(**bad), 64)
+        s = GenerationSettings(**bad)
+        assert str(err.value) == request_error(s.width, s.height, s.num_frames)
 
 
 def test_uint8_conversion_truncates_like_the_reference_and_mp4_has_every_frame(tmp_path):

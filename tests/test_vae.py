@@ -16,14 +16,9 @@ from stepvideo_core.vae import (
     VAEConfig,
     VideoVAE,
     blend_chunk_borders,
-    check_video_size,
-    latent_frames,
     load_vae,
-    nearest_valid_num_frames,
     norm_frames,
     tile_starts,
-    valid_num_frames,
-    video_frames,
 )
 
 # Reduced widths (every GroupNorm still has 32 groups) and a small latent; same structure as the official model.
@@ -64,38 +59,13 @@ def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 2.0) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
-# ---- frame and size rules ------------------------------------------------------------------------------------
-
-
-def test_frame_rules_match_reference_counts():
-    assert [latent_frames(n) for n in (1, 17, 34, 51, 102, 136, 204)] == [1, 3, 6, 9, 18, 24, 36]
-    assert latent_frames(18) == 4 and latent_frames(26) == 5  # trailing 1 / 9 frames, as the reference allows
-    assert [video_frames(n) for n in (1, 2, 3, 6, 36)] == [1, 9, 17, 34, 204]
-    for n in range(1, 120):
-        if valid_num_frames(n):
-            assert video_frames(latent_frames(n)) == n
-
-
-def test_invalid_frame_count_names_nearest_values():
-    assert not valid_num_frames(20) and nearest_valid_num_frames(20) == (17, 34)
-    with pytest.raises(ValueError, match=r"nearest: 17 or 34"):
-        latent_frames(20)
-    with pytest.raises(ValueError, match=r"nearest: 34 or 51"):
-        latent_frames(40)
-
-
-def test_invalid_size_names_nearest_values():
-    check_video_size(544, 992)
-    with pytest.raises(ValueError, match=r"height 540 \(nearest valid: 528 or 544\)"):
-        check_video_size(540, 960)
-    with pytest.raises(ValueError, match=r"width 8 \(use 16\)"):
-        check_video_size(32, 8)
+# ---- frame and size rules (the rules themselves: tests/test_video_shape.py) ----------------------------------
 
 
 def test_encode_rejects_bad_shapes_before_running(vae):
-    with pytest.raises(ValueError, match="nearest: 17 or 34"):
+    with pytest.raises(ValueError, match=r"frames 20 must be a multiple of 17 \(nearest valid: 17 or 34\)"):
         vae.encode(torch.zeros(1, 20, 3, 32, 32))
-    with pytest.raises(ValueError, match="multiples of 16"):
+    with pytest.raises(ValueError, match=r"height 40 must be a multiple of 16 \(nearest valid: 32 or 48\)"):
         vae.encode(torch.zeros(1, 17, 3, 40, 32))
     with pytest.raises(ValueError, match=r"\[b, L, 8, h, w\]"):
         vae.decode(torch.zeros(1, 3, 16, 2, 2))
