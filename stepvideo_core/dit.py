@@ -188,11 +188,11 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim, operations, device, dtype)
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim, device=device, dtype=dtype) / dim**0.5)
 
-    def forward(self, x, modulation, text, text_mask, rope, attention, ff_chunk_size=0):
+    def forward(self, x, modulation, text, text_mask, rope, attention, ff_chunk_size=0, self_attention=None):
         table = self.scale_shift_table.to(device=x.device, dtype=x.dtype)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (table[None] + modulation).chunk(6, dim=1)
         h = self.norm1(x) * (1 + scale_msa) + shift_msa
-        x = gate_msa * self.attn1(h, rope, attention) + x
+        x = gate_msa * self.attn1(h, rope, self_attention or attention) + x
         # Cross-attention in Step-Video has no pre-norm, no modulation and no gate.
         x = self.attn2(x, text, text_mask, attention) + x
         h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
@@ -259,6 +259,8 @@ class BlockContext:
     rope: Rope3D
     attention: AttentionFn
     ff_chunk_size: int
+    # Self-attention when it differs from ``attention`` (sequence parallel: the tokens are sharded over ranks).
+    self_attention: AttentionFn | None = None
 
 
 class StepVideoDiT(nn.Module):
@@ -343,7 +345,7 @@ class StepVideoDiT(nn.Module):
     def run_blocks(self, x: torch.Tensor, context: BlockContext) -> torch.Tensor:
         for block in self.transformer_blocks:
             x = block(x, context.modulation, context.text, context.text_mask, context.rope, context.attention,
-                      context.ff_chunk_size)
+                      context.ff_chunk_size, context.self_attention)
         return x
 
     def finish(self, x: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:

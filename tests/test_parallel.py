@@ -1,0 +1,133 @@
+"""Sequence, guidance and weight-sharded generation on gloo (CPU) against the one-process result.
+
+Each world size is spawned once (module fixture) and runs every layout in one go, since starting processes
+dominates the time; the tests then compare what the ranks returned with single-process sampling.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from stepvideo_core import parallel
+from stepvideo_core.attention import math_attention
+from stepvideo_core.parallel import DistributedGroup, ParallelContext, ParallelError, ParallelPlan, TokenShard
+from stepvideo_core.pipeline import GenerationSettings, sample_latents
+from stepvideo_core.text_encoding import TextConditioning
+from tests.test_dit import small_dit, text_inputs
+
+CAPTION = (24, 12)
+# 17 frames at 64x80: 3 x 4 x 5 = 60 latent tokens, which 2 and 3 ranks split unevenly once padded (60 = 2 x 30,
+# and at 48x80: 3 x 3 x 5 = 45 = 3 x 15): both an even and an odd token count get used below.
+SETTINGS = GenerationSettings(num_frames=17, height=64, width=80, steps=3, cfg=4.0, shift=5.0, seed=3)
+ODD_SETTINGS = GenerationSettings(num_frames=17, height=48, width=80, steps=3, cfg=4.0, shift=5.0, seed=4)
+
+
+def reduced_dit(heads: int):
+    return small_dit(heads=heads, head_dim=8, layers=2, channels=4, caption=CAPTION, seed=5)
+
+
+def conditioning():
+    llm, mask, clip = text_inputs(2, 320, CAPTION, (9, 4), seed=2)
+    pos = TextConditioning(llm[:1], mask[:1], clip[:1])
+    neg = TextConditioning(llm[1:], mask[1:], clip[1:])
+    return pos, neg
+
+
+def layouts(world: int, heads: int):
+    """(name, plan) for every layout worth checking at this world size."""
+    out = [("sequence", ParallelPlan.choose(world, heads, guided=True, guidance_parallel=False))]
+    if world % 2 == 0:
+        out.append(("guidance", ParallelPlan.choose(world, heads, guided=True, guidance_parallel=True)))
+        if world >= 4:
+            out.append(("both", ParallelPlan.choose(world, heads, guided=True)))
+    out.append(("ring", ParallelPlan.choose(world, heads, guided=True, guidance_parallel=False, ulysses=1)))
+    out.append(("sharded", ParallelPlan.choose(world, heads, guided=True, shard_weights=True)))
+    return out
+
+
+def _worker(rank: int, world: int, store: str, heads: int, results: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    group = DistributedGroup(rank, world, torch.device("cpu"))
+    pos, neg = conditioning()
+    out = {}
+    with torch.no_grad():
+        for name, plan in layouts(world, heads):
+            ctx = ParallelContext.build(plan, group)
+            dit = reduced_dit(heads)
+            if plan.shard_weights:
+                parallel.shard_dit_weights(dit, ctx)
+            got_pos, got_neg = parallel.broadcast_conditioning(pos if rank == 0 else None, neg if rank == 0 else None, ctx)
+            for key, settings in (("even", SETTINGS), ("odd", ODD_SETTINGS)):
+                out[f"{name}/{key}"] = parallel.sample_latents(dit, ctx, got_pos, got_neg, settings)
+            out[f"{name}/plan"] = plan
+    torch.save(out, os.path.join(results, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_world(world: int, heads: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "store"), heads, tmp), nprocs=world, join=True)
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def single_process(heads: int) -> dict:
+    dit = reduced_dit(heads)
+    pos, neg = conditioning()
+    with torch.no_grad():
+        return {key: sample_latents(dit, pos, neg, s) for key, s in (("even", SETTINGS), ("odd", ODD_SETTINGS))}
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor, what: str):
+    err = (got - want).abs().max().item()
+    assert err <= 1e-5 * want.abs().max().item(), f"{what}: max |diff| {err:.3g} vs max |ref| {want.abs().max():.3g}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,heads", [(2, 4), (3, 6), (3, 4), (4, 4)])
+def test_parallel_latents_equal_single_process(world, heads):
+    ranks = run_world(world, heads)
+    want = single_process(heads)
+    names = {k.split("/")[0] for k in ranks[0]}
+    for name in names:
+        for key in ("even", "odd"):
+            for r, result in enumerate(ranks):
+                assert_same(result[f"{name}/{key}"], want[key], f"{name} ({result[f'{name}/plan'].describe()}) rank {r} {key}")
+    if world == 3 and heads == 4:
+        assert ranks[0]["sequence/plan"].ring == 3, "4 heads on 3 ranks cannot use Ulysses: the ring path ran"
+
+
+def test_plan_prefers_guidance_then_ulysses_and_explains_bad_layouts():
+    assert ParallelPlan.choose(8, 48, guided=True) == ParallelPlan(guidance=2, ring=1, ulysses=4)
+    assert ParallelPlan.choose(8, 48, guided=False) == ParallelPlan(guidance=1, ring=1, ulysses=8)
+    assert ParallelPlan.choose(6, 4, guided=False) == ParallelPlan(guidance=1, ring=3, ulysses=2)
+    assert ParallelPlan.choose(5, 48, guided=True) == ParallelPlan(guidance=1, ring=5, ulysses=1)
+    with pytest.raises(ParallelError, match="odd"):
+        ParallelPlan.choose(3, 48, guided=True, guidance_parallel=True)
+    with pytest.raises(ParallelError, match=r"choose one of \[1, 2\]"):
+        ParallelPlan.choose(4, 6, guided=False, ulysses=4)
+
+
+def test_token_shards_cover_the_sequence_once_and_pad_the_end():
+    x = torch.arange(10.0).view(1, 10, 1)
+    shards = [TokenShard(10, 4, i) for i in range(4)]
+    assert [s.size for s in shards] == [3] * 4
+    taken = torch.cat([s.take(x) for s in shards], dim=1)
+    assert torch.equal(taken[0, :10, 0], torch.arange(10.0)) and torch.equal(taken[0, 10:, 0], torch.zeros(2))
+
+
+def test_lse_merge_of_key_blocks_is_full_attention():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 7, 8, generator=g) for _ in range(3))
+    o1, l1 = parallel._attention_with_lse(q, k[:, :, :4], v[:, :, :4], 4)
+    o2, l2 = parallel._attention_with_lse(q, k[:, :, 4:], v[:, :, 4:], 3)
+    lse = torch.logaddexp(l1, l2)
+    merged = o1 * torch.exp(l1 - lse) + o2 * torch.exp(l2 - lse)
+    torch.testing.assert_close(merged, math_attention(q, k, v), atol=1e-6, rtol=1e-5)
