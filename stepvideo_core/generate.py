@@ -1,7 +1,15 @@
-"""Text to video with the built-in Step-Video-Tiny on the CPU: an MP4 and a PNG contact sheet.
+"""Text to video from the command line: the built-in Step-Video-Tiny (default) or the official release.
 
-    python -m stepvideo_core.generate "a blue square moves right"
+    python -m stepvideo_core.generate "a blue square moves right"                  # Step-Video-Tiny on the CPU
     python -m stepvideo_core.generate "红色的圆形向左移动" --seed 7 --out outputs
+    python -m stepvideo_core.generate "一只熊猫在竹林里吃竹子" --model models/stepvideo/stepvideo-t2v \\
+        --weight-dtype fp8 --frames 136 --tile-size 16                           # the 30B release on one GPU
+    torchrun --standalone --nproc-per-node 4 -m stepvideo_core.generate "..." --model ... --shard-weights
+
+Under ``torchrun`` the same command splits one generation over the processes (see ``parallel.py``): guidance
+parallel when the count is even, sequence parallel over the video tokens, optionally the DiT's block weights
+sharded (``--shard-weights``), and the VAE's chunks decoded on different ranks. Step-LLM and CLIP run once on
+rank 0; rank 0 writes the outputs. The seed gives the same latents for any number of processes.
 
 Step-Video-Tiny knows a small world: circles, squares and triangles in red, green, blue, yellow, purple or
 orange, moving left, right, up or down, growing, shrinking or standing still, on black, white or gray. Any
@@ -12,51 +20,238 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .pipeline import generate
-from .text_encoding import encode_prompts
+from . import parallel
+from .attention import BACKENDS, get_attention
+from .dit import load_dit
+from .pipeline import GenerationSettings, sample_latents
+from .scheduler import PRESETS, denoise_sigmas
+from .text_encoding import encode_prompts, load_text_encoders
 from .tiny import model as tiny
+from .vae import load_vae
 from .video_io import contact_sheet, save_mp4, save_png, to_uint8
+from .video_shape import check_request
+
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
+# Step-Video-Tiny's request when nothing else is asked; the release defaults to the official 992x544, 204 frames.
+RELEASE_SIZE = (992, 544, 204)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@dataclass(frozen=True)
+class ModelPaths:
+    """The four parts, as laid out in the official download (``transformer/``, ``step_llm/``, ...)."""
+
+    dit: Path
+    step_llm: Path
+    clip: Path
+    vae: Path
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ModelPaths:
+        root = Path(args.model)
+        return cls(Path(args.dit or root / "transformer"), Path(args.step_llm or root / "step_llm"),
+                   Path(args.clip or root / "hunyuan_clip"), Path(args.vae or root / "vae" / "vae_v2.safetensors"))
+
+    def missing(self) -> list[str]:
+        return [f"{name} ({path})" for name, path in vars(self).items() if not path.exists()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m stepvideo_core.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", default="a blue square moves right")
-    p.add_argument("--out", default="outputs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=tiny.SETTINGS.steps)
-    p.add_argument("--cfg", type=float, default=tiny.SETTINGS.cfg)
-    p.add_argument("--lora", default=None, help="a LoRA file for the tiny DiT (e.g. the shipped DPO LoRA)")
-    p.add_argument("--lora-strength", type=float, default=1.0)
-    p.add_argument("--model", default=str(tiny.TINY_DIR))
-    args = p.parse_args(argv)
+    p.add_argument("--negative", default=None, help="negative prompt (the official negative suffix is appended)")
 
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=str(tiny.TINY_DIR),
+                   help="folder in the official layout: transformer/, step_llm/, hunyuan_clip/, vae/vae_v2.safetensors "
+                        "(default: the built-in Step-Video-Tiny)")
+    m.add_argument("--dit", help="DiT folder or .safetensors file (overrides --model's transformer/)")
+    m.add_argument("--step-llm", help="Step-LLM folder (overrides --model's step_llm/)")
+    m.add_argument("--clip", help="Hunyuan-CLIP folder (overrides --model's hunyuan_clip/)")
+    m.add_argument("--vae", help="VAE file (overrides --model's vae/vae_v2.safetensors)")
+    m.add_argument("--weight-dtype", choices=("auto", *WEIGHT_DTYPES), default="auto",
+                   help="DiT and Step-LLM storage dtype; fp8 stores e4m3 and computes in bf16 "
+                        "(auto: fp32 on the CPU, bf16 on a GPU)")
+    m.add_argument("--attention", choices=BACKENDS, default="sdpa", help="attention back-end of the DiT")
+    m.add_argument("--lora", help="a LoRA file for the DiT (e.g. models/loras/step-video-tiny-dpo.safetensors)")
+    m.add_argument("--lora-strength", type=float, default=1.0)
+    m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU if there is one; under torchrun the "
+                                    "GPU numbered LOCAL_RANK)")
+
+    s = p.add_argument_group("sampling")
+    s.add_argument("--preset", choices=tuple(PRESETS),
+                   help="steps/cfg/shift preset (default: tiny for Step-Video-Tiny, standard otherwise); "
+                        + ", ".join(f"{k}: {v.steps} steps, cfg {v.cfg:g}, shift {v.shift:g}" for k, v in PRESETS.items()))
+    s.add_argument("--width", type=int, help="pixels, a multiple of 16 (default 128 tiny, 992 release)")
+    s.add_argument("--height", type=int, help="pixels, a multiple of 16 (default 128 tiny, 544 release)")
+    s.add_argument("--frames", type=int, help="a multiple of 17 (default 17 tiny, 204 release)")
+    s.add_argument("--steps", type=int, help="overrides the preset's steps")
+    s.add_argument("--cfg", type=float, help="overrides the preset's guidance scale")
+    s.add_argument("--shift", type=float, help="overrides the preset's time shift")
+    s.add_argument("--seed", type=int, default=0)
+
+    d = p.add_argument_group("decoding")
+    d.add_argument("--tile-size", type=int, help="decode in spatial tiles of this many latents (16 = 256 px) to "
+                                                 "bound memory; default: whole frames")
+    d.add_argument("--tile-overlap", type=int, default=4, help="latents shared by neighbouring tiles")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="outputs", help="folder for the MP4 and the PNG contact sheet")
+    o.add_argument("--out-latents", help="also save the final latents [b, F, C, h, w] (fp32) as safetensors "
+                                         "under the key 'latents'")
+
+    par = p.add_argument_group("several processes (under torchrun)")
+    par.add_argument("--guidance-parallel", choices=("auto", "on", "off"), default="auto",
+                     help="run the conditional and unconditional branches on different ranks (auto: when the "
+                          "process count is even and cfg != 1)")
+    par.add_argument("--ulysses", type=int, help="Ulysses degree of sequence parallel (default: the largest that "
+                                                 "divides both the ranks per branch and the head count; ring "
+                                                 "attention covers the rest)")
+    par.add_argument("--shard-weights", action="store_true",
+                     help="shard the DiT's block weights over all ranks (FSDP2), for GPUs too small to hold it")
+    return p
+
+
+def resolve_settings(args: argparse.Namespace, is_tiny: bool) -> GenerationSettings:
+    """Preset, then explicit values; the request is checked with the nodes' rules and messages."""
+    preset = PRESETS[args.preset or ("tiny" if is_tiny else "standard")]
+    width, height, frames = (tiny.SETTINGS.width, tiny.SETTINGS.height, tiny.SETTINGS.num_frames) if is_tiny \
+        else RELEASE_SIZE
+    settings = GenerationSettings(
+        num_frames=frames if args.frames is None else args.frames,
+        height=height if args.height is None else args.height,
+        width=width if args.width is None else args.width,
+        steps=preset.steps if args.steps is None else args.steps,
+        cfg=preset.cfg if args.cfg is None else args.cfg,
+        shift=preset.shift if args.shift is None else args.shift,
+        seed=args.seed,
+    )
+    check_request(settings.width, settings.height, settings.num_frames)
+    denoise_sigmas(settings.steps, settings.shift)  # raises on steps < 1 or shift <= 0, naming the value
+    if args.tile_size is not None and (args.tile_size < 1 or args.tile_overlap < 0 or 2 * args.tile_overlap > args.tile_size):
+        raise ValueError(f"--tile-size {args.tile_size} / --tile-overlap {args.tile_overlap}: need tiles of at least "
+                         "1 latent and an overlap of at most half a tile (e.g. --tile-size 16 --tile-overlap 4)")
+    return settings
+
+
+def pick_device(args: argparse.Namespace, group: parallel.DistributedGroup | None) -> torch.device:
+    if group is not None:
+        return group.device
+    if args.device:
+        return torch.device(args.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def step_progress(enabled: bool, total: int, desc: str):
+    """A tqdm bar (steps, time per step, ETA) fed by a ``callback(done, total, ...)``; silent when disabled."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
+
+    def callback(done, _total, *_):
+        bar.update(done - bar.n)
+
+    return bar, callback
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Generate as ``args`` say; returns what was written (on rank 0) and the latents."""
     start = time.perf_counter()
-    model = tiny.load_tiny(args.model)
+    paths = ModelPaths.from_args(args)
+    if paths.missing():
+        raise FileNotFoundError(f"model part(s) not found: {', '.join(paths.missing())}. Point --model at a folder in the "
+                                "official layout (transformer/, step_llm/, hunyuan_clip/, vae/vae_v2.safetensors) or "
+                                "give each part with --dit/--step-llm/--clip/--vae.")
+    is_tiny = paths.dit.resolve() == (tiny.TINY_DIR / "transformer").resolve()
+    settings = resolve_settings(args, is_tiny)
+    group = parallel.init_from_environment(device=args.device)
+    device = pick_device(args, group)
+    rank = group.rank if group else 0
+    weight_dtype = WEIGHT_DTYPES[args.weight_dtype] if args.weight_dtype != "auto" else (
+        torch.float32 if device.type == "cpu" else torch.bfloat16)
+    compute_dtype = torch.bfloat16 if weight_dtype == torch.float8_e4m3fn else weight_dtype
+    guided = settings.cfg != 1.0
+    ctx = None
+
+    # Text: encoded once (on rank 0), the encoders dropped before the DiT loads.
+    positive = negative = None
+    if rank == 0:
+        encoders = load_text_encoders(paths.step_llm, paths.clip, weight_dtype=weight_dtype, device=device)
+        with torch.no_grad():
+            positive, negative = encode_prompts(encoders, args.prompt, args.negative, dtype=compute_dtype,
+                                                after="release")
+        del encoders
+
+    shard = args.shard_weights and group is not None
+    dit = load_dit(paths.dit, weight_dtype=weight_dtype, device="cpu" if shard else device)
+    dit.set_attention(get_attention(args.attention))
     if args.lora:
         from .lora import attach, load_lora
 
-        attach(model.dit, load_lora(args.lora, model.dit), args.lora_strength)
-    settings = replace(tiny.SETTINGS, seed=args.seed, steps=args.steps, cfg=args.cfg)
+        attach(dit, load_lora(args.lora, dit), args.lora_strength)
+    if group is not None:
+        plan = parallel.ParallelPlan.choose(
+            group.world_size, dit.config.num_attention_heads, guided,
+            guidance_parallel={"auto": None, "on": True, "off": False}[args.guidance_parallel],
+            ulysses=args.ulysses, shard_weights=args.shard_weights)
+        ctx = parallel.ParallelContext.build(plan, group)
+        if plan.shard_weights:
+            parallel.shard_dit_weights(dit, ctx)
+        if rank == 0:
+            print(f"parallel: {plan.describe()}", file=sys.stderr)
+        positive, negative = parallel.broadcast_conditioning(positive, negative, ctx)
 
-    def progress(done, total, x, denoised):
-        print(f"\rstep {done}/{total}", end="", flush=True)
+    bar, callback = step_progress(rank == 0, settings.steps, "sampling")
+    with torch.no_grad(), bar:
+        if ctx is None:
+            latents = sample_latents(dit, positive, negative, settings, callback=callback)
+        else:
+            latents = parallel.sample_latents(dit, ctx, positive, negative, settings, callback=callback)
+    del dit
 
+    written = {"latents": latents}
+    if rank == 0 and args.out_latents:
+        from safetensors.torch import save_file
+
+        Path(args.out_latents).parent.mkdir(parents=True, exist_ok=True)
+        save_file({"latents": latents.float().cpu().contiguous()}, args.out_latents)
+        written["out_latents"] = Path(args.out_latents)
+
+    vae = load_vae(paths.vae, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, device=device)
+    decode_kwargs = {"tile_size": args.tile_size, "tile_overlap": args.tile_overlap}
     with torch.no_grad():
-        pos, neg = encode_prompts(model.text, args.prompt, after="release")
-        video = generate(model.dit, model.vae, pos, neg, settings, progress)
-    frames = to_uint8(video[0])
-    stem = "tiny_" + hashlib.sha256(f"{args.prompt}|{args.seed}".encode()).hexdigest()[:8]
-    out = Path(args.out)
-    mp4 = save_mp4(frames, out / f"{stem}.mp4")
-    png = save_png(contact_sheet(frames), out / f"{stem}.png")
-    print(f"\n{args.prompt!r}: {len(frames)} frames {settings.width}x{settings.height} in "
-          f"{time.perf_counter() - start:.1f} s -> {mp4}, {png}")
+        z = latents.to(vae.compute_dtype)
+        video = vae.decode(z, **decode_kwargs) if ctx is None else parallel.decode(vae, z, ctx, **decode_kwargs)
+    if rank == 0:
+        frames = to_uint8(video[0].float())
+        tag = "tiny" if is_tiny else "stepvideo"
+        stem = f"{tag}_" + hashlib.sha256(f"{args.prompt}|{args.seed}".encode()).hexdigest()[:8]
+        out = Path(args.out)
+        written["mp4"] = save_mp4(frames, out / f"{stem}.mp4")
+        written["png"] = save_png(contact_sheet(frames), out / f"{stem}.png")
+        print(f"{args.prompt!r}: {len(frames)} frames {settings.width}x{settings.height} in "
+              f"{time.perf_counter() - start:.1f} s -> {written['mp4']}, {written['png']}"
+              + (f", latents {written['out_latents']}" if "out_latents" in written else ""))
+    return written
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad values and missing files: the message, without a traceback
+        parser.exit(2, f"error: {e}\n")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

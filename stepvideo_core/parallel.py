@@ -53,7 +53,8 @@ from .dit import Rope3D, StepVideoDiT
 from .pipeline import GenerationSettings, latent_shape
 from .scheduler import StepCallback, denoise_sigmas, make_noise, sample_euler
 from .text_encoding import TextConditioning
-from .vae import LATENTS_PER_CHUNK, VideoVAE, blend_chunk_borders, video_frames
+from .vae import VideoVAE, blend_chunk_borders
+from .video_shape import LATENTS_PER_CHUNK, video_frames
 
 
 class ParallelError(ValueError):

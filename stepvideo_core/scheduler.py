@@ -25,6 +25,8 @@ PRESETS = {
     "standard": SamplerPreset(steps=50, cfg=9.0, shift=13.0),
     # stepvideo-t2v-turbo (step-distilled weights): 10-15 steps, guidance 5, time shift 17.
     "turbo": SamplerPreset(steps=10, cfg=5.0, shift=17.0),
+    # What the built-in Step-Video-Tiny was trained and evaluated with (a milder shift for 3 latent frames).
+    "tiny": SamplerPreset(steps=20, cfg=5.0, shift=3.0),
 }
 
 

@@ -28,8 +28,8 @@ CLIP_CONFIG = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, 
                    max_position_embeddings=80, type_vocab_size=2)
 DIT_CONFIG = DiTConfig(num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16, num_layers=4,
                        caption_channels=(128, 128))
-# What the tiny model was trained for: 128x128, 17 frames, and a milder time shift than the 30B presets.
-SETTINGS = GenerationSettings(num_frames=17, height=128, width=128, steps=20, cfg=5.0, shift=3.0)
+# What the tiny model was trained for: 128x128, 17 frames, and the scheduler's "tiny" preset.
+SETTINGS = GenerationSettings.from_preset("tiny", num_frames=17, height=128, width=128)
 
 
 def llm_config(vocab_size: int) -> StepLLMConfig:
