@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionFn, sdpa_attention
-from .loading import Checkpoint, CheckpointError, identify_foreign, load_streaming, strip_known_prefix
+from .loading import load_checkpoint_model
 from .ops import FP8_DTYPES, RMSNorm, default_ops
 
 BLOCK_NORM_EPS = 1e-5  # block norm1/norm2; the model-level norm_eps applies only to caption_norm and norm_out
@@ -394,18 +394,9 @@ def load_dit(
         compute_dtype = torch.bfloat16 if weight_dtype in FP8_DTYPES else weight_dtype
     if compute_dtype in FP8_DTYPES:
         raise ValueError("fp8 is a storage dtype; compute in bfloat16 or float16")
-    ckpt = Checkpoint(path)
-    key_map = strip_known_prefix(ckpt.keys(), {"pos_embed.proj.weight"})
-    shapes = {key_map(k): v for k, v in ckpt.shapes().items()}
-    try:
-        config = DiTConfig.from_shapes(shapes, **config_overrides)
-    except ValueError:
-        foreign = identify_foreign(shapes)
-        what = f"looks like {foreign}" if foreign else "is not"
-        raise CheckpointError(f"{ckpt.path} {what} a Step-Video-T2V DiT checkpoint (no 'pos_embed.proj.weight' / block keys).") from None
-    with torch.device("meta"):
-        model = StepVideoDiT(config, operations=operations)
-    load_streaming(model, ckpt, model_name="Step-Video DiT", weight_dtype=weight_dtype, compute_dtype=compute_dtype,
-                   device=device, key_map=key_map)
+    model = load_checkpoint_model(
+        path, model_name="Step-Video DiT", anchors=("pos_embed.proj.weight",), weight_dtype=weight_dtype,
+        compute_dtype=compute_dtype, device=device,
+        build=lambda ckpt, shapes: StepVideoDiT(DiTConfig.from_shapes(shapes, **config_overrides), operations=operations))
     model.compute_dtype = compute_dtype
-    return model.eval().requires_grad_(False)
+    return model

@@ -1,39 +1,27 @@
 """Streaming, validated loading of safetensors checkpoints into models built on the meta device.
 
-The reader parses the safetensors header itself and reads each tensor with ``readinto`` straight into its
-own buffer, so a load holds at most the finished model plus one tensor in host RAM (no second copy of the
-weights, no memory-mapped page cache counted against the process). Every problem a user can meet with a
-downloaded file (truncated, corrupt, another model's weights, a folder without its index) becomes a
-``CheckpointError`` that names the file and says what to do.
+Files are read with ``safetensors.safe_open``, one tensor at a time: each tensor is copied (and converted)
+into its own buffer and the file mapping of that tensor is released before the next, so a load holds at
+most the finished model plus one tensor in host RAM (no second copy of the weights). Every problem a user can
+meet with a downloaded file (truncated, corrupt, another model's weights, a folder without its index)
+becomes a ``CheckpointError`` that names the file and says what to do. :func:`load_checkpoint_model` is the
+one skeleton of the model loaders (DiT, VAE, Step-LLM): open, map keys, infer the config, build on the meta
+device, stream.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from .ops import FP8_DTYPES, is_weight_layer
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 # Prefixes other tools put in front of the official key names (ComfyUI's saved models, diffusers pipelines).
 KNOWN_KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
@@ -58,64 +46,65 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the fix."""
 
 
+def _safetensors_error(path: Path, error: SafetensorError) -> CheckpointError:
+    """safetensors' own message, said as what happened to the file and what to do."""
+    detail = str(error).removeprefix("Error while deserializing header: ")
+    size = path.stat().st_size if path.is_file() else 0
+    if "header too small" in detail:
+        return CheckpointError(f"{path} is empty or truncated ({size} bytes); download it again.")
+    if "not fully covered" in detail:
+        return CheckpointError(f"{path} is truncated: the tensors its header lists do not fit its {size} bytes. "
+                               "The download was probably interrupted; download it again.")
+    return CheckpointError(f"{path} is not a safetensors file, or its header is corrupt ({detail}). Download it again.")
+
+
+def _safetensors_path(path: Path) -> Path:
+    """``path`` when it is a ``.safetensors`` file; otherwise a ``CheckpointError`` saying what it is."""
+    if not path.exists():
+        raise CheckpointError(f"Checkpoint not found: {path} (no such file or folder).")
+    if path.suffix not in (".safetensors", ".sft"):
+        raise CheckpointError(
+            f"{path} is a {path.suffix or 'extensionless'} file; only .safetensors checkpoints are loaded "
+            "(pickle-based formats can run code). Use the official .safetensors files."
+        )
+    return path
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of one small ``.safetensors`` file (``safetensors.torch.load_file``), with the loader's errors;
+    for files that are used whole (LoRAs). Models stream through :class:`Checkpoint` instead."""
+    path = _safetensors_path(Path(path))
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise _safetensors_error(path, e) from None
+
+
 class SafetensorsFile:
-    """One ``.safetensors`` file: header validated on open, tensors read one at a time."""
+    """One ``.safetensors`` file: header validated on open (by ``safe_open``), tensors read one at a time."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"Checkpoint file not found: {self.path}")
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{self.path} is empty or truncated ({size} bytes); download it again.")
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > min(size - 8, 100 * 2**20):
-                raise CheckpointError(
-                    f"{self.path} is not a safetensors file, or its header is corrupt "
-                    f"(header length {header_len} in a {size}-byte file). Download it again."
-                )
-            try:
-                header = json.loads(f.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{self.path} has a corrupt safetensors header ({e}); download it again.") from None
-        self.metadata = header.pop("__metadata__", None) or {}
-        self.data_start = 8 + header_len
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        end_max = 0
-        for key, info in header.items():
-            try:
-                dtype = SAFETENSORS_DTYPES[info["dtype"]]
-                start, end = info["data_offsets"]
-                shape = tuple(info["shape"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: entry {key!r} of the header is malformed; the file is corrupt.") from None
-            self.entries[key] = (dtype, shape, start, end)
-            end_max = max(end_max, end)
-        if self.data_start + end_max > size:
-            raise CheckpointError(
-                f"{self.path} is truncated: its header describes {self.data_start + end_max} bytes but the file "
-                f"has {size}. The download was probably interrupted; download it again."
-            )
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                self.metadata: dict[str, str] = f.metadata() or {}
+                self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except SafetensorError as e:
+            raise _safetensors_error(self.path, e) from None
 
     def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.entries[key][1]
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.entries[key][0]
+        return list(self.shapes)
 
     def read(self, key: str) -> torch.Tensor:
-        dtype, shape, start, end = self.entries[key]
-        buf = torch.empty(end - start, dtype=torch.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(self.data_start + start)
-            if end > start and f.readinto(memoryview(buf.numpy())) != end - start:
-                raise CheckpointError(f"{self.path}: could not read tensor {key!r}; the file is truncated.")
-        return buf.view(dtype).reshape(shape)
+        """The tensor as stored. It may be a view of the file's memory map: copy it before keeping it."""
+        try:
+            # Opened per read: the mapping goes with the tensor, not with a handle kept for the whole load.
+            with safe_open(self.path, framework="pt") as f:
+                return f.get_tensor(key)
+        except SafetensorError as e:
+            raise _safetensors_error(self.path, e) from None
 
 
 class Checkpoint:
@@ -127,21 +116,14 @@ class Checkpoint:
         self.key_to_file: dict[str, Path] = {}
         if self.path.is_dir():
             self._open_folder()
-        elif self.path.is_file():
-            if self.path.suffix not in (".safetensors", ".sft"):
-                raise CheckpointError(
-                    f"{self.path} is a {self.path.suffix or 'extensionless'} file; only .safetensors checkpoints "
-                    "are loaded (pickle-based formats can run code). Use the official .safetensors files."
-                )
-            self._add_file(self.path)
         else:
-            raise CheckpointError(f"Checkpoint not found: {self.path} (no such file or folder).")
+            self._add_file(_safetensors_path(self.path))
 
     def _add_file(self, file: Path, keys: Iterable[str] | None = None) -> None:
         st = self.files.get(file) or SafetensorsFile(file)
         self.files[file] = st
         for key in st.keys() if keys is None else keys:
-            if key not in st.entries:
+            if key not in st.shapes:
                 raise CheckpointError(f"{file} does not contain {key!r}, which the index says it holds; the shard is wrong or corrupt.")
             self.key_to_file[key] = file
 
@@ -181,13 +163,15 @@ class Checkpoint:
         return list(self.key_to_file)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self.files[self.key_to_file[key]].shape(key)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.files[self.key_to_file[key]].dtype(key)
+        return self.files[self.key_to_file[key]].shapes[key]
 
     def read(self, key: str) -> torch.Tensor:
+        """The tensor as stored (possibly a view of the file's memory map: copy it before keeping it)."""
         return self.files[self.key_to_file[key]].read(key)
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors metadata of every file, merged."""
+        return {k: v for f in self.files.values() for k, v in f.metadata.items()}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: self.shape(k) for k in self.keys()}
@@ -258,13 +242,11 @@ def load_streaming(
     compute_dtype: torch.dtype,
     device: torch.device | str = "cpu",
     key_map: Callable[[str], str] | None = None,
-    keep_dtype: Callable[[str], torch.dtype | None] | None = None,
 ) -> nn.Module:
     """Fill a model built on the meta device from ``ckpt``, one tensor at a time.
 
     Weights of weight layers (Linear, Conv, Embedding) are stored in ``weight_dtype`` (fp8 allowed); every other
     tensor (norms, tables, biases) in ``compute_dtype`` when ``weight_dtype`` is fp8, else in ``weight_dtype``.
-    ``keep_dtype(name)`` may pin a tensor to a dtype (e.g. fp32 norms).
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     mapping = check_keys(ckpt, expected, model_name, key_map or strip_known_prefix(ckpt.keys(), set(expected)))
@@ -272,10 +254,12 @@ def load_streaming(
     for name in expected:
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
-        dtype = (keep_dtype(name) if keep_dtype else None) or (
-            weight_dtype if attr == "weight" and is_weight_layer(owner) else other_dtype
-        )
-        tensor = to_storage_dtype(ckpt.read(mapping[name]), dtype).to(device)
+        dtype = weight_dtype if attr == "weight" and is_weight_layer(owner) else other_dtype
+        stored = ckpt.read(mapping[name])
+        tensor = to_storage_dtype(stored, dtype).to(device)
+        if tensor.data_ptr() == stored.data_ptr():  # unchanged: still the file's mapping, so take a copy
+            tensor = tensor.clone()
+        del stored
         if attr in owner._parameters:
             owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
         else:
@@ -284,3 +268,37 @@ def load_streaming(
     if leftover:
         raise CheckpointError(f"{ckpt.path}: the model still has unloaded tensors: {_few(leftover)}.")
     return model
+
+
+def load_checkpoint_model(
+    path: str | os.PathLike,
+    *,
+    model_name: str,
+    anchors: tuple[str, ...],
+    build: Callable[[Checkpoint, dict[str, tuple[int, ...]]], nn.Module],
+    weight_dtype: torch.dtype,
+    compute_dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    hint: str = "",
+) -> nn.Module:
+    """The skeleton every model loader shares: open the checkpoint, strip a prefix other tools add, check that
+    the file is this model (its ``anchors`` keys; another model is named), ``build(ckpt, shapes)`` on the meta
+    device (it infers the config from the tensor shapes; its ``ValueError``/``KeyError`` become a
+    ``CheckpointError`` naming the file), then stream the weights in. ``hint`` ends the wrong-file message."""
+    ckpt = Checkpoint(path)
+    key_map = strip_known_prefix(ckpt.keys(), set(anchors))
+    shapes = {key_map(k): shape for k, shape in ckpt.shapes().items()}
+    if not all(a in shapes for a in anchors):
+        foreign = identify_foreign(shapes)
+        what = f"looks like {foreign}" if foreign else f"has no {' / '.join(map(repr, anchors))}, so it is not"
+        raise CheckpointError(f"{ckpt.path} {what}, not a {model_name} checkpoint.{' ' + hint if hint else ''}")
+    try:
+        with torch.device("meta"):
+            model = build(ckpt, shapes)
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{ckpt.path} is not a usable {model_name} checkpoint: {e}") from None
+    load_streaming(model, ckpt, model_name=model_name, weight_dtype=weight_dtype, compute_dtype=compute_dtype,
+                   device=device, key_map=key_map)
+    return model.eval().requires_grad_(False)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from .loading import Checkpoint
+from .loading import read_safetensors
 
 TARGET_MODULES = ("attn1.wqkv", "attn1.wo", "attn2.wq", "attn2.wkv", "attn2.wo", "ff.net.0.proj", "ff.net.2")
 
@@ -179,8 +179,7 @@ def _fuse(target, items, out_features, in_features, heads) -> LoraPair:
 
 
 def load_lora(path: str | Path, model: nn.Module) -> LoraSet:
-    ckpt = Checkpoint(path)
-    return parse_lora({k: ckpt.read(k) for k in ckpt.keys()}, model)
+    return parse_lora(read_safetensors(path), model)
 
 
 class LoraHook:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loading import Checkpoint, CheckpointError, identify_foreign, load_streaming, strip_known_prefix
+from .loading import load_checkpoint_model
 from .ops import FP8_DTYPES, RMSNorm, default_ops
 
 POSITION_BIASES = ("sqrt_alibi", "alibi", "none")
@@ -236,29 +236,22 @@ def load_step_llm(
         compute_dtype = torch.bfloat16 if weight_dtype in FP8_DTYPES else weight_dtype
     if compute_dtype in FP8_DTYPES:
         raise ValueError("fp8 is a storage dtype; compute in bfloat16, float16 or float32")
-    ckpt = Checkpoint(folder)
-    key_map = strip_known_prefix(ckpt.keys(), {EMBED_KEY})
-    shapes = {key_map(k): v for k, v in ckpt.shapes().items()}
-    if EMBED_KEY not in shapes:
-        foreign = identify_foreign(shapes)
-        what = f"looks like {foreign}" if foreign else f"has no {EMBED_KEY!r}, so it is not"
-        raise CheckpointError(f"{ckpt.path} {what}, not the Step-LLM text encoder (step_llm/ folder).")
     # config.json fixes what the shapes cannot (head count, eps); the shapes fix the rest, so reduced-depth
     # checkpoints load without editing their config.
     config_file = (Path(folder) if Path(folder).is_dir() else Path(folder).parent) / "config.json"
-    try:
+
+    def build(ckpt, shapes) -> StepLLM:
         from_json = StepLLMConfig.read_json(config_file) if config_file.is_file() else {}
         head_dim = from_json["hidden_size"] // from_json["num_attention_heads"] if "num_attention_heads" in from_json else 128
         extra = {k: from_json[k] for k in ("layernorm_epsilon", "position_bias") if k in from_json}
-        config = StepLLMConfig.from_shapes(shapes, head_dim=head_dim, **{**extra, **config_overrides})
-    except (ValueError, KeyError, TypeError, ZeroDivisionError) as e:
-        raise CheckpointError(f"{ckpt.path} is not a usable Step-LLM checkpoint: {e}") from None
-    with torch.device("meta"):
-        model = StepLLM(config, operations=operations)
-    load_streaming(model, ckpt, model_name="Step-LLM", weight_dtype=weight_dtype, compute_dtype=compute_dtype,
-                   device=device, key_map=key_map)
+        return StepLLM(StepLLMConfig.from_shapes(shapes, head_dim=head_dim, **{**extra, **config_overrides}),
+                       operations=operations)
+
+    model = load_checkpoint_model(folder, model_name="Step-LLM text encoder", anchors=(EMBED_KEY,), build=build,
+                                  weight_dtype=weight_dtype, compute_dtype=compute_dtype, device=device,
+                                  hint="Use the step_llm/ folder of stepfun-ai/stepvideo-t2v.")
     model.compute_dtype = compute_dtype
-    return model.eval().requires_grad_(False)
+    return model
 
 
 class PromptTruncatedWarning(UserWarning):

@@ -1,8 +1,8 @@
 """The Step-Video-T2V Video-VAE (version 2: 64 latent channels, 16x16 spatial, 17 frames -> 3 latents).
 
-Module and parameter names follow ``vae/vae_v2.safetensors`` so the official file loads strictly; the one
-stored-name quirk (``decoder.conv_out.{weight,bias}`` for a module that wraps its Conv3d in ``.conv``) is
-mapped at load time. Layers come from an injectable ``operations`` namespace (see ``ops.py``).
+Module and parameter names are those of ``vae/vae_v2.safetensors``, so the official state dict loads as stored
+with ``load_state_dict(strict=True)`` (the decoder's last conv is stored unwrapped, ``decoder.conv_out.weight``,
+and is a plain Conv3d here). Layers come from an injectable ``operations`` namespace (see ``ops.py``).
 
 Tensors inside the networks use the ``[b, c, t, h, w]`` layout; the public ``encode``/``decode`` use the
 pipeline's ``[b, t, c, h, w]``. Every temporal convolution is causal with *zero* padding (two zero frames in
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loading import Checkpoint, CheckpointError, identify_foreign, load_streaming, strip_known_prefix
+from .loading import CheckpointError, load_checkpoint_model
 from .ops import FP8_DTYPES, default_ops
 from .video_shape import FRAMES_PER_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR, latent_frames, latent_size, video_frames
 
@@ -78,7 +78,7 @@ class VAEConfig:
 
     @classmethod
     def from_shapes(cls, shapes: dict[str, tuple[int, ...]], **overrides) -> VAEConfig:
-        """Infer the architecture from checkpoint tensor shapes (official key names, ``.conv.`` quirk mapped)."""
+        """Infer the architecture from checkpoint tensor shapes (official key names)."""
         enc_ch = shapes["encoder.conv_in.conv.weight"][0]
         enc_levels = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down."))
         enc_blocks = 1 + max(int(k.split(".")[4]) for k in shapes if k.startswith("encoder.down.0.block."))
@@ -91,7 +91,7 @@ class VAEConfig:
         dec_temporal = tuple(i for i in range(dec_levels) if f"decoder.up.{i}.upsample.conv3d.conv1.conv.weight" in shapes)
         fields = dict(
             in_channels=shapes["encoder.conv_in.conv.weight"][1],
-            out_channels=shapes["decoder.conv_out.conv.weight"][0],
+            out_channels=shapes["decoder.conv_out.weight"][0],
             z_channels=shapes["decoder.conv_in.conv.weight"][1],
             encoder_channels=enc_ch,
             encoder_channel_mult=enc_mult,
@@ -448,7 +448,10 @@ class Decoder(nn.Module):
             stages.insert(0, stage)
         self.up = nn.ModuleList(stages)  # up[i] is level i; the forward pass runs from the top level down
         self.norm_out = ops.GroupNorm(cfg.norm_groups, cin, eps=cfg.norm_eps, **kw)
-        self.conv_out = CausalConv3d(cin, cfg.out_channels, 3, ops, **kw)
+        # The release stores this conv unwrapped (decoder.conv_out.weight/.bias, the reference renames it on
+        # load). It always gets its two zero frames from norm_frames, so it is a plain Conv3d here and the
+        # module's names are the file's: the official state dict loads with load_state_dict(strict=True).
+        self.conv_out = ops.Conv3d(cin, cfg.out_channels, 3, padding=(0, 1, 1), **kw)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Latents ``[b, z, l, h, w]`` -> frames ``[b, 3, 8l - 7, 16h, 16w]`` (one independent chunk)."""
@@ -468,7 +471,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        h = self.conv_out(norm_frames(h, self.norm_out, cfg.per_frame_norm, silu=True, front_pad=2), padded=True)
+        h = self.conv_out(norm_frames(h, self.norm_out, cfg.per_frame_norm, silu=True, front_pad=2))
         return h[:, :, cfg.decoder_dropped_frames:]
 
 
@@ -673,13 +676,6 @@ class VideoVAE(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def vae_key_map(key: str) -> str:
-    """Checkpoint name -> module name: ``decoder.conv_out.{weight,bias}`` live in ``decoder.conv_out.conv``."""
-    if key.startswith("decoder.conv_out.") and not key.startswith("decoder.conv_out.conv."):
-        return "decoder.conv_out.conv." + key[len("decoder.conv_out."):]
-    return key
-
-
 NORM_GROUPS_KEY = "norm_groups"  # safetensors metadata of a VAE whose GroupNorms do not use 32 groups
 
 
@@ -692,45 +688,34 @@ def load_vae(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: torc
     """
     if dtype in FP8_DTYPES:
         raise ValueError("the VAE runs in bfloat16, float16 or float32; fp8 is not supported for it")
-    ckpt = Checkpoint(path)
-    strip = strip_known_prefix(ckpt.keys(), {"decoder.conv_in.conv.weight"})
 
-    def key_map(k: str) -> str:
-        return vae_key_map(strip(k))
-
-    shapes = {key_map(k): tuple(v) for k, v in ckpt.shapes().items()}
-    if "decoder.conv_in.conv.weight" not in shapes or "encoder.conv_in.conv.weight" not in shapes:
-        foreign = identify_foreign(shapes)
-        what = f"looks like {foreign}" if foreign else "is not"
-        raise CheckpointError(f"{ckpt.path} {what} a Step-Video VAE checkpoint; use vae/vae_v2.safetensors from "
-                              "stepfun-ai/stepvideo-t2v.")
-    # Deviation: the reference also builds the v1 VAE; Step-Video-T2V's DiT uses v2 only, so v1 is refused.
-    if "encoder.conv_patchify.conv.conv.weight" not in shapes:
-        z = shapes["decoder.conv_in.conv.weight"][1]
-        raise CheckpointError(
-            f"{ckpt.path} is the version-1 Step-Video VAE ({z} latent channels, usually named vae.safetensors). "
-            "Step-Video-T2V's DiT works with the version-2 VAE: load vae/vae_v2.safetensors (64 latent channels) instead."
-        )
-    # GroupNorm's group count is in no tensor shape: the release uses the default (32); a reduced VAE such as
-    # Step-Video-Tiny's records its own in the file's safetensors metadata.
-    metadata = {k: v for f in ckpt.files.values() for k, v in f.metadata.items()}
-    if NORM_GROUPS_KEY in metadata and "norm_groups" not in config_overrides:
+    def build(ckpt, shapes) -> VideoVAE:
+        # Deviation: the reference also builds the v1 VAE; Step-Video-T2V's DiT uses v2 only, so v1 is refused.
+        if "encoder.conv_patchify.conv.conv.weight" not in shapes:
+            z = shapes["decoder.conv_in.conv.weight"][1]
+            raise CheckpointError(
+                f"{ckpt.path} is the version-1 Step-Video VAE ({z} latent channels, usually named vae.safetensors). "
+                "Step-Video-T2V's DiT works with the version-2 VAE: load vae/vae_v2.safetensors (64 latent channels) "
+                "instead.")
+        # GroupNorm's group count is in no tensor shape: the release uses the default (32); a reduced VAE such as
+        # Step-Video-Tiny's records its own in the file's safetensors metadata.
+        overrides = dict(config_overrides)
+        metadata = ckpt.metadata()
+        if NORM_GROUPS_KEY in metadata and "norm_groups" not in overrides:
+            try:
+                overrides["norm_groups"] = int(metadata[NORM_GROUPS_KEY])
+            except ValueError:
+                raise CheckpointError(f"{ckpt.path}: metadata {NORM_GROUPS_KEY}={metadata[NORM_GROUPS_KEY]!r} is "
+                                      "not an integer.") from None
+        config = VAEConfig.from_shapes(shapes, **overrides)
         try:
-            config_overrides["norm_groups"] = int(metadata[NORM_GROUPS_KEY])
-        except ValueError:
-            raise CheckpointError(f"{ckpt.path}: metadata {NORM_GROUPS_KEY}={metadata[NORM_GROUPS_KEY]!r} is not an "
-                                  "integer.") from None
-    try:
-        config = VAEConfig.from_shapes(shapes, **config_overrides)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{ckpt.path} is not a complete Step-Video VAE checkpoint ({e}).") from None
-    try:
-        with torch.device("meta"):
-            model = VideoVAE(config, operations=operations)
-    except ValueError as e:
-        raise CheckpointError(f"{ckpt.path} does not fit a Step-Video VAE: {e}. If its GroupNorms use another group "
-                              f"count than {config.norm_groups}, the file must name it in its safetensors metadata "
-                              f"({NORM_GROUPS_KEY!r}).") from None
-    load_streaming(model, ckpt, model_name="Step-Video VAE (v2)", weight_dtype=dtype, compute_dtype=dtype,
-                   device=device, key_map=key_map)
-    return model.eval().requires_grad_(False)
+            return VideoVAE(config, operations=operations)
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt.path} does not fit a Step-Video VAE: {e}. If its GroupNorms use another "
+                                  f"group count than {config.norm_groups}, the file must name it in its safetensors "
+                                  f"metadata ({NORM_GROUPS_KEY!r}).") from None
+
+    return load_checkpoint_model(path, model_name="Step-Video VAE (v2)", build=build, weight_dtype=dtype,
+                                 compute_dtype=dtype, device=device,
+                                 anchors=("decoder.conv_in.conv.weight", "encoder.conv_in.conv.weight"),
+                                 hint="Use vae/vae_v2.safetensors from stepfun-ai/stepvideo-t2v.")

@@ -265,10 +265,10 @@ def test_wrong_checkpoint_is_named(tmp_path):
 
     save_file({"pos_embed.proj.weight": torch.zeros(4, 4, 1, 1), "transformer_blocks.0.attn1.wqkv.weight": torch.zeros(12, 4)},
               str(tmp_path / "dit.safetensors"))
-    with pytest.raises(CheckpointError, match="Step-Video DiT.*not the Step-LLM"):
+    with pytest.raises(CheckpointError, match="Step-Video DiT.*not a Step-LLM"):
         load_step_llm(tmp_path / "dit.safetensors")
     save_file({"bert.embeddings.word_embeddings.weight": torch.zeros(4, 4)}, str(tmp_path / "bert.safetensors"))
-    with pytest.raises(CheckpointError, match="BERT.*not the Step-LLM"):
+    with pytest.raises(CheckpointError, match="BERT.*not a Step-LLM"):
         load_step_llm(tmp_path / "bert.safetensors")
     with pytest.raises(CheckpointError, match="not found"):
         load_step_llm(tmp_path / "nowhere")

@@ -241,7 +241,7 @@ def test_bf16_weights_decode_close_to_fp32(vae):
 
 
 def _save_official_layout(model: VideoVAE, path) -> dict[str, torch.Tensor]:
-    sd = {k.replace("decoder.conv_out.conv.", "decoder.conv_out."): v.contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(path))
     return sd
 
@@ -257,6 +257,24 @@ def test_load_roundtrip_with_conv_out_quirk(vae, tmp_path):
     z = latents(n=1, h=1, w=1)
     torch.testing.assert_close(loaded.decode(z), vae.decode(z), rtol=0, atol=0)
     assert load_vae(path).compute_dtype == torch.bfloat16
+
+
+def test_the_files_own_keys_load_strictly_into_the_module():
+    """No renaming anywhere: a VAE file in the release's layout is the module's state dict (the shipped tiny VAE
+    here; the full-size module has the release's 262 tensors and 498,818,819 parameters, per the model notes)."""
+    from safetensors.torch import load_file
+
+    from stepvideo_core.tiny import model as tiny
+
+    state = load_file(str(tiny.paths()["vae"]))
+    assert "decoder.conv_out.weight" in state and "decoder.conv_out.bias" in state
+    vae = VideoVAE(tiny.VAE_CONFIG)
+    assert vae.load_state_dict(state, strict=True).missing_keys == []
+    assert all(torch.equal(vae.state_dict()[k], v) for k, v in state.items())
+    with torch.device("meta"):
+        full = VideoVAE().state_dict()
+    assert len(full) == 262 and sum(t.numel() for t in full.values()) == 498_818_819
+    assert full["decoder.conv_out.weight"].shape == (3, 128, 3, 3, 3)
 
 
 def test_load_errors(vae, tmp_path):
@@ -291,7 +309,7 @@ def test_load_reads_norm_groups_from_metadata(tmp_path):
     config = VAEConfig(z_channels=8, encoder_channels=8, encoder_channel_mult=(1, 4, 8, 8), encoder_num_res_blocks=1,
                        decoder_channels=8, decoder_channel_mult=(1, 4, 8, 8), decoder_num_res_blocks=1, norm_groups=2)
     model = small_vae(config=config)
-    sd = {k.replace("decoder.conv_out.conv.", "decoder.conv_out."): v.contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     path = tmp_path / "vae_v2.safetensors"
     save_file(sd, str(path), metadata={NORM_GROUPS_KEY: "2"})
     loaded = load_vae(path, dtype=torch.float32)

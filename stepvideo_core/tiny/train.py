@@ -160,11 +160,8 @@ def train_tokenizers(work: Path) -> None:
 
 
 def vae_official_state(vae: VideoVAE) -> dict[str, torch.Tensor]:
-    """Module names -> the release's key names (its decoder output conv lacks the ``.conv`` level)."""
-    out = {}
-    for k, v in vae.state_dict().items():
-        out[k.replace("decoder.conv_out.conv.", "decoder.conv_out.", 1)] = v
-    return out
+    """The state dict under the release's key names, which are the module's own (tests/host builds with it)."""
+    return vae.state_dict()
 
 
 def save_vae(vae: VideoVAE, path: Path) -> None:
@@ -243,7 +240,7 @@ def calibrate_decoder_output(work: Path, init: Path, clips: int = 24, object_wei
     encoder, and with it the DiT's latents, stay as they are."""
     vae = load_vae(init, dtype=torch.float32)
     rng = random.Random(SEED + 5)
-    conv = vae.decoder.conv_out.conv
+    conv = vae.decoder.conv_out
     dropped = vae.config.decoder_dropped_frames
     captured = {}
     hook = vae.decoder.conv_out.register_forward_pre_hook(lambda module, args: captured.__setitem__("x", args[0]))
