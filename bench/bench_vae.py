@@ -74,7 +74,7 @@ def child(args) -> None:
     import torch
 
     from stepvideo_core.vae import VAEConfig, VideoVAE
-    from tests.test_vae import randomize
+    from tests.builders import randomize_fan_in
 
     overrides, n, h, w, tile, overlap, _ = json.loads(args.case)
     for k in ("encoder_channel_mult", "decoder_channel_mult"):
@@ -84,7 +84,7 @@ def child(args) -> None:
     device = torch.device(args.device)
     with torch.device("meta"):
         ours = VideoVAE(config)
-    ours = randomize(ours.to_empty(device="cpu"), seed=0).eval()
+    ours = randomize_fan_in(ours.to_empty(device="cpu"), seed=0).eval()
     ours.encoder = None  # decode only: keep the encoder's weights out of the process
     latents = torch.randn(1, n, config.z_channels, h, w, generator=torch.Generator().manual_seed(1))
 

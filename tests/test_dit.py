@@ -5,35 +5,8 @@ import torch
 
 from stepvideo_core.attention import math_attention
 from stepvideo_core.dit import DiTConfig, Rope3D, StepVideoDiT, timestep_sinusoid
+from tests.builders import small_dit, text_inputs
 from tests.naive_dit import naive_forward, rotate
-
-
-def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> dict:
-    """Fill every tensor with noise: zero-initialised tables or unit norms would hide layout bugs."""
-    g = torch.Generator().manual_seed(seed)
-    sd = model.state_dict()
-    for tensor in sd.values():
-        tensor.copy_(torch.randn(tensor.shape, generator=g) * scale)
-    return sd
-
-
-def small_dit(heads=2, head_dim=16, layers=2, channels=4, caption=(24, 12), seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = DiTConfig(num_attention_heads=heads, attention_head_dim=head_dim, in_channels=channels,
-                    out_channels=channels, num_layers=layers, caption_channels=caption, **kw)
-    model = StepVideoDiT(cfg).eval()
-    randomize(model, seed)
-    return model
-
-
-def text_inputs(b, llm_len, caption, valid, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    llm = torch.randn(b, llm_len, caption[0], generator=g)
-    clip = torch.randn(b, 77, caption[1], generator=g)
-    mask = torch.zeros(b, 77 + llm_len)
-    for i, n in enumerate(valid):
-        mask[i, : 77 + n] = 1
-    return llm, mask, clip
 
 
 def test_full_config_state_dict_matches_official_checkpoint():

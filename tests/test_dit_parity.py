@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from stepvideo_core.dit import DiTConfig, StepVideoDiT
+from tests.builders import randomize, text_inputs
 from tests.reference_impl import import_reference
-from tests.test_dit import randomize, text_inputs
 
 
 def build_pair(heads, head_dim, layers, channels, caption, patch=1, seed=0):

@@ -5,8 +5,7 @@ from safetensors.torch import save_file
 
 from stepvideo_core.dit import StepVideoDiT, load_dit
 from stepvideo_core.loading import Checkpoint, CheckpointError
-from tests.checkpoint_fixtures import write_sharded
-from tests.test_dit import small_dit, text_inputs
+from tests.builders import small_dit, text_inputs, write_sharded
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from stepvideo_core.lora import LoraError, attach, load_lora, new_trainable_lora, parse_lora, save_lora
-from tests.test_dit import small_dit, text_inputs
+from tests.builders import small_dit, text_inputs
 
 HEADS, HEAD_DIM = 2, 16
 DIM = HEADS * HEAD_DIM

@@ -8,7 +8,7 @@ from stepvideo_core.pipeline import GenerationSettings, dit_velocity, generate, 
 from stepvideo_core.text_encoding import TextConditioning
 from stepvideo_core.video_io import contact_sheet, save_mp4, to_uint8
 from stepvideo_core.video_shape import request_error
-from tests.test_dit import small_dit, text_inputs
+from tests.builders import small_dit, small_vae, text_inputs
 
 CAPTION = (24, 12)
 
@@ -47,8 +47,6 @@ def test_sampling_is_seeded_and_prompt_dependent():
 
 
 def test_generate_decodes_whole_chunks_of_17_frames():
-    from tests.test_vae import small_vae
-
     vae = small_vae()
     dit = small_dit(channels=vae.config.z_channels, caption=CAPTION, layers=1)
     settings = GenerationSettings(num_frames=34, height=32, width=32, steps=2, cfg=3.0, shift=13.0)

@@ -20,29 +20,7 @@ from stepvideo_core.vae import (
     norm_frames,
     tile_starts,
 )
-
-# Reduced widths (every GroupNorm still has 32 groups) and a small latent; same structure as the official model.
-SMALL = VAEConfig(z_channels=8, encoder_channels=32, encoder_channel_mult=(1, 1, 2, 2),
-                  decoder_channels=32, decoder_channel_mult=(1, 1, 2, 2))
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Deterministic weights that keep activations O(1): convs ~ N(0, 1/fan_in), norms ~ 1 +- 0.1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim > 1:
-                val = torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel())
-            elif ".norm" in name and name.endswith("weight"):
-                val = 1 + 0.1 * torch.randn(p.shape, generator=g)
-            else:
-                val = 0.05 * torch.randn(p.shape, generator=g)
-            p.copy_(val.to(p.dtype))
-    return model
-
-
-def small_vae(seed: int = 0, config: VAEConfig = SMALL, **kw) -> VideoVAE:
-    return randomize(VideoVAE(config, **kw), seed).eval()
+from tests.builders import SMALL_VAE, small_vae
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +204,7 @@ def test_operations_namespace_builds_every_layer():
         Conv3d = recording(ops_module.Conv3d)
         GroupNorm = recording(ops_module.GroupNorm)
 
-    model = VideoVAE(SMALL, operations=Ops, device="meta")
+    model = VideoVAE(SMALL_VAE, operations=Ops, device="meta")
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.GroupNorm))]
     assert len(layers) == len(made) and all(any(m is x for x in made) for m in layers)
 
@@ -251,7 +229,7 @@ def test_load_roundtrip_with_conv_out_quirk(vae, tmp_path):
     sd = _save_official_layout(vae, path)
     assert "decoder.conv_out.weight" in sd and "decoder.conv_out.conv.weight" not in sd
     loaded = load_vae(path, dtype=torch.float32)
-    assert loaded.config == SMALL
+    assert loaded.config == SMALL_VAE
     for k, v in vae.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     z = latents(n=1, h=1, w=1)

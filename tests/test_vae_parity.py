@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from stepvideo_core.vae import VAEConfig, VideoVAE
+from tests.builders import SMALL_VAE, randomize_fan_in
 from tests.reference_impl import import_reference
-from tests.test_vae import SMALL, randomize
 
 
 def reference_vae(config: VAEConfig, state_dict: dict[str, torch.Tensor]):
@@ -43,7 +43,7 @@ def assert_parity(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 
 
 def run_parity(config: VAEConfig, frames: int, height: int, width: int, seed: int = 0):
-    ours = randomize(VideoVAE(config), seed).eval()
+    ours = randomize_fan_in(VideoVAE(config), seed).eval()
     ref_model, ref = reference_vae(config, ours.state_dict())
     g = torch.Generator().manual_seed(seed + 1)
     video = torch.rand(1, frames, 3, height, width, generator=g) * 2 - 1
@@ -62,7 +62,7 @@ def run_parity(config: VAEConfig, frames: int, height: int, width: int, seed: in
 
 def test_parity_reduced_widths_two_chunks():
     # 34 frames: two independent chunks and one blended border, in both directions.
-    run_parity(SMALL, frames=34, height=16, width=32)
+    run_parity(SMALL_VAE, frames=34, height=16, width=32)
 
 
 def test_parity_reduced_widths_partial_tail():

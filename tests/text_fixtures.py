@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from stepvideo_core.step_llm import CONTROL_TOKENS, MASK_TOKENS, TOKENIZER_FILE, StepLLM, StepLLMConfig
-from tests.checkpoint_fixtures import write_sharded
+from tests.builders import write_sharded
 
 CORPUS = [
     "A red fox runs through the snowy forest at dawn.",

@@ -12,7 +12,6 @@ training code itself into ``<models>/stepvideo/step-video-tiny``. ``dpo_lora`` d
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from stepvideo_core.dit import DiTConfig, StepVideoDiT
 from stepvideo_core.step_llm import StepLLMTokenizer
 from stepvideo_core.vae import VAEConfig, VideoVAE
 
-from ..checkpoint_fixtures import write_sharded
+from ..builders import randomize_fan_in, write_sharded
 from ..text_fixtures import (
     random_step_llm,
     small_llm_config,
@@ -40,30 +39,17 @@ VAE_CONFIG = VAEConfig(z_channels=64, encoder_channels=32, encoder_channel_mult=
                        decoder_channels=32, decoder_channel_mult=(1, 1, 2, 8), decoder_num_res_blocks=1)  # top width * 8 = 4 * 64 * 8
 
 
-def _randomize(model: torch.nn.Module, seed: int, scale: float = 1.0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim > 1:
-                val = torch.randn(p.shape, generator=g) * scale / math.sqrt(p[0].numel())
-            elif name.endswith("weight") and "norm" in name:
-                val = 1 + 0.1 * torch.randn(p.shape, generator=g)
-            else:
-                val = 0.05 * torch.randn(p.shape, generator=g)
-            p.copy_(val)
-
-
 def write_dit(folder: Path, seed: int = 0, shards: int = 2) -> StepVideoDiT:
     torch.manual_seed(seed)
     model = StepVideoDiT(DIT_CONFIG).eval()
-    _randomize(model, seed, scale=0.5)
+    randomize_fan_in(model, seed, scale=0.5)
     write_sharded(folder, model.state_dict(), "diffusion_pytorch_model", shards)
     return model
 
 
 def write_vae(path: Path, seed: int = 0) -> VideoVAE:
     model = VideoVAE(VAE_CONFIG).eval()
-    _randomize(model, seed)
+    randomize_fan_in(model, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k.replace("decoder.conv_out.conv.", "decoder.conv_out."): v.contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(path))
