@@ -68,9 +68,10 @@ class StepVideoTextEncoderLoader(io.ComfyNode):
     @classmethod
     def execute(cls, step_llm, hunyuan_clip, llm_dtype, device) -> io.NodeOutput:
         llm_dir, clip_dir = registered_folders.text_encoder_path(step_llm), registered_folders.text_encoder_path(hunyuan_clip)
-        if llm_dir is None or clip_dir is None:
-            raise FileNotFoundError(validation.not_found("text encoder folder", step_llm if llm_dir is None else hunyuan_clip,
-                                                    registered_folders.STEP_LLM_WHERE))
+        if llm_dir is None:
+            raise FileNotFoundError(validation.not_found("Step-LLM folder", step_llm, registered_folders.STEP_LLM_WHERE))
+        if clip_dir is None:
+            raise FileNotFoundError(validation.not_found("Hunyuan-CLIP folder", hunyuan_clip, registered_folders.CLIP_WHERE))
         load_device = torch.device("cpu") if device == "cpu" else mm.text_encoder_device()
         offload_device = mm.text_encoder_offload_device()
         weight_dtype = validation.parse_dtype(llm_dtype)
