@@ -7,7 +7,6 @@ core LoRA loaders work. See ``conversions.py`` for the convention bridge (t = 1 
 from __future__ import annotations
 
 import logging
-import os
 
 import comfy.conds
 import comfy.latent_formats
@@ -25,10 +24,6 @@ from .conversions import CLIP_KEY, LATENT_CHANNELS, MASK_KEY
 from .previews import preview_rgb
 
 log = logging.getLogger("stepvideo")
-
-# How many times a DiT was read from disk in this process (tests and the log use it to prove LoRA swaps reuse it).
-LOAD_STATS = {"dit_loads": 0}
-
 
 class StepVideoLatentFormat(comfy.latent_formats.LatentFormat):
     """Per model: the channel count is the loaded DiT's (64 for Step-Video-T2V, 16 for Step-Video-Tiny), which
@@ -127,9 +122,9 @@ def build_model_patcher(path: str, weight_dtype: torch.dtype | None, attention) 
     weight_dtype, manual_cast = choose_dtypes(weight_dtype, load_device)
     compute_dtype = manual_cast or weight_dtype
     operations = comfy.ops.pick_operations(weight_dtype, manual_cast, load_device=load_device)
-    LOAD_STATS["dit_loads"] += 1
-    log.info("StepVideo: loading DiT #%d from %s (weights %s, compute %s, ops %s)", LOAD_STATS["dit_loads"],
-             path, weight_dtype, compute_dtype, getattr(operations, "__name__", operations))
+    # One line per read from disk: the host tests count them to prove that LoRA swaps reuse the loaded DiT.
+    log.info("StepVideo: loading DiT from %s (weights %s, compute %s, ops %s)", path, weight_dtype, compute_dtype,
+             getattr(operations, "__name__", operations))
     dit = load_dit(path, weight_dtype=weight_dtype, compute_dtype=compute_dtype, device=offload_device,
                    operations=operations)
     dit.dtype = weight_dtype  # BaseModel.get_dtype / ModelPatcher.model_dtype read this
@@ -139,7 +134,3 @@ def build_model_patcher(path: str, weight_dtype: torch.dtype | None, attention) 
     config.set_inference_dtype(weight_dtype, manual_cast)
     model = StepVideoModel(config, dit, device=offload_device)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
-
-
-def describe_file(path: str) -> str:
-    return os.path.basename(os.path.normpath(path))

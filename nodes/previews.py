@@ -10,7 +10,7 @@ from ..stepvideo_core.tiny import model as tiny
 # Step-Video-Tiny's latent -> RGB table (``latent_rgb_factors`` rows, one per channel, and the bias), fitted with
 # fit_preview_rgb on clips of its training world encoded and decoded by its VAE. tests/test_nodes_no_comfy.py refits
 # it from the shipped weights and prints a new table when they change.
-TINY_PREVIEW_RGB: tuple[list[list[float]], list[float]] | None = (
+TINY_PREVIEW_RGB: tuple[list[list[float]], list[float]] = (
     [[0.2085, 0.1813, 0.1109],
     [-0.0098, -0.091, -0.094],
     [0.1522, 0.1085, 0.0538],
@@ -37,7 +37,7 @@ def preview_rgb(channels: int) -> tuple[list[list[float]], list[float]]:
     Step-Video-Tiny (16) uses its fitted table. Otherwise a fixed, seeded random projection: previews then show
     structure and motion but not true colours (the 30B VAE's table needs its 100 GB download to fit).
     """
-    if channels == tiny.VAE_CONFIG.z_channels and TINY_PREVIEW_RGB is not None:
+    if channels == tiny.VAE_CONFIG.z_channels:
         return TINY_PREVIEW_RGB
     g = torch.Generator().manual_seed(64)
     return (torch.randn(channels, 3, generator=g) * 0.08).tolist(), [0.0, 0.0, 0.0]

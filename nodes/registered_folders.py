@@ -13,7 +13,8 @@ SAFETENSORS = {".safetensors", ".sft"}
 
 
 def register_folders() -> None:
-    """Make sure our folders exist in ComfyUI's registry with explicit extensions (idempotent)."""
+    """Make sure our folders exist in ComfyUI's registry with explicit extensions. The pack's node list calls it once,
+    when ComfyUI loads the pack (idempotent all the same)."""
     for name in ("diffusion_models", "text_encoders", "vae", "loras"):
         if name in folder_paths.folder_names_and_paths:
             paths, exts = folder_paths.folder_names_and_paths[name]
@@ -31,13 +32,8 @@ def register_folders() -> None:
     folder_paths.add_model_folder_path("loras", os.path.join(model_folders.BUILTIN_MODELS_DIR, "loras"))
 
 
-def _roots(name: str) -> list[str]:
-    register_folders()
-    return folder_paths.get_folder_paths(name)
-
-
 def stepvideo_roots() -> list[str]:
-    return _roots("stepvideo")
+    return folder_paths.get_folder_paths("stepvideo")
 
 
 # ---- DiT -----------------------------------------------------------------------------------------------------
@@ -71,12 +67,12 @@ CLIP_WHERE = "models/text_encoders/<folder> (with clip_text_encoder/) or models/
 
 def step_llm_choices() -> list[str]:
     return (model_folders.list_official(stepvideo_roots(), "step_llm")
-            + model_folders.list_subfolders(_roots("text_encoders"), model_folders.STEP_LLM_MARKER))
+            + model_folders.list_subfolders(folder_paths.get_folder_paths("text_encoders"), model_folders.STEP_LLM_MARKER))
 
 
 def hunyuan_clip_choices() -> list[str]:
     return (model_folders.list_official(stepvideo_roots(), "hunyuan_clip")
-            + model_folders.list_subfolders(_roots("text_encoders"), model_folders.HUNYUAN_CLIP_MARKER))
+            + model_folders.list_subfolders(folder_paths.get_folder_paths("text_encoders"), model_folders.HUNYUAN_CLIP_MARKER))
 
 
 def text_encoder_path(name: str) -> str | None:
@@ -84,7 +80,7 @@ def text_encoder_path(name: str) -> str | None:
         found = model_folders.resolve_official(stepvideo_roots(), name)
         if found and os.path.isdir(found):
             return found
-    return model_folders.resolve_subfolder(_roots("text_encoders"), name)
+    return model_folders.resolve_subfolder(folder_paths.get_folder_paths("text_encoders"), name)
 
 
 # ---- VAE ----------------------------------------------------------------------------------------------------------
