@@ -6,12 +6,14 @@ import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
+from ..stepvideo_core import video_shape
 from . import validation
 
 
 class StepVideoEmptyLatent(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        side, chunk = video_shape.SPATIAL_FACTOR, video_shape.FRAMES_PER_CHUNK
         return io.Schema(
             node_id="StepVideoEmptyLatent",
             display_name="Step-Video Empty Latent",
@@ -20,17 +22,18 @@ class StepVideoEmptyLatent(io.ComfyNode):
                         "to their model's channels (16 for the built-in Step-Video-Tiny). Official sizes: 992x544 (and "
                         "544x992), 768x768; 204 frames at 25 fps. Step-Video-Tiny: 128x128, 17 frames.",
             inputs=[
-                io.Int.Input("width", default=992, min=16, max=4096, step=16),
-                io.Int.Input("height", default=544, min=16, max=4096, step=16),
-                io.Int.Input("frames", default=204, min=17, max=1700, step=17,
+                io.Int.Input("width", default=992, min=side, max=video_shape.MAX_SIDE, step=side),
+                io.Int.Input("height", default=544, min=side, max=video_shape.MAX_SIDE, step=side),
+                io.Int.Input("frames", default=video_shape.TRAINED_FRAMES, min=chunk, max=video_shape.MAX_FRAMES, step=chunk,
                              tooltip="Video frames: a multiple of 17 (17 frames -> 3 latent frames)."),
-                io.Int.Input("batch_size", default=1, min=1, max=64),
+                io.Int.Input("batch_size", default=1, min=1, max=video_shape.MAX_BATCH),
             ],
             outputs=[io.Latent.Output()],
         )
 
     @classmethod
     def validate_inputs(cls, width, height, frames, batch_size):
+        # Taking these inputs here makes ComfyUI skip the schema's min/max for them: video_shape checks every limit.
         return validation.validate_video_request(width, height, frames, batch_size)
 
     @classmethod

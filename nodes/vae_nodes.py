@@ -103,9 +103,9 @@ class StepVideoVAEDecode(io.ComfyNode):
             inputs=[
                 VAEType.Input("vae"),
                 io.Latent.Input("samples"),
-                io.Int.Input("tile_size", default=16, min=0, max=512, step=1,
+                io.Int.Input("tile_size", default=16, min=0, max=validation.MAX_TILE_SIZE, step=1,
                              tooltip="Tile size in latent units (1 = 16 pixels); 0 decodes whole frames."),
-                io.Int.Input("tile_overlap", default=4, min=0, max=256, step=1,
+                io.Int.Input("tile_overlap", default=4, min=0, max=validation.MAX_TILE_OVERLAP, step=1,
                              tooltip="Overlap between tiles in latent units (at most half a tile)."),
             ],
             outputs=[io.Image.Output()],
@@ -113,13 +113,8 @@ class StepVideoVAEDecode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, tile_size, tile_overlap):
-        if tile_size is not None and tile_size < 0:
-            return f"tile_size {tile_size} must be 0 (no tiling) or positive"
-        if tile_overlap is not None and tile_overlap < 0:
-            return f"tile_overlap {tile_overlap} must not be negative"
-        if tile_size and tile_overlap is not None and tile_overlap * 2 > tile_size:
-            return f"tile_overlap {tile_overlap} must be at most half of tile_size {tile_size} (<= {tile_size // 2})"
-        return True
+        # Taking these inputs here makes ComfyUI skip the schema's min/max for them: validate_tiling checks both.
+        return validation.validate_tiling(tile_size, tile_overlap)
 
     @classmethod
     def execute(cls, vae, samples, tile_size=16, tile_overlap=4) -> io.NodeOutput:

@@ -83,6 +83,29 @@ def empty_latent_shape(width: int, height: int, frames: int, batch_size: int = 1
     return (batch_size, LATENT_CHANNELS, *video_shape.latent_grid(width, height, frames, batch_size))
 
 
+# ---- VAE decode tiling ---------------------------------------------------------------------------------------
+
+# In latent units (1 = 16 pixels). 512 latents = 8192 pixels, twice video_shape.MAX_SIDE: a tile that size always
+# covers the frame (the decode then runs untiled), so a larger one can only be a typo.
+MAX_TILE_SIZE = 512
+MAX_TILE_OVERLAP = MAX_TILE_SIZE // 2  # tiles overlap by at most half a tile
+
+
+def validate_tiling(tile_size, tile_overlap) -> bool | str:
+    """validate_inputs form (True or one message naming every broken limit) of the decode node's tiling widgets;
+    linked inputs arrive as None."""
+    problems = []
+    if tile_size is not None and not 0 <= tile_size <= MAX_TILE_SIZE:
+        problems.append(f"tile_size {tile_size} must be 0 (no tiling) or 1 to {MAX_TILE_SIZE} latents "
+                        f"({MAX_TILE_SIZE} = {MAX_TILE_SIZE * video_shape.SPATIAL_FACTOR} pixels)")
+    if tile_overlap is not None and not 0 <= tile_overlap <= MAX_TILE_OVERLAP:
+        problems.append(f"tile_overlap {tile_overlap} must be 0 to {MAX_TILE_OVERLAP} latents")
+    elif tile_size and tile_overlap and 0 < tile_size <= MAX_TILE_SIZE and tile_overlap * 2 > tile_size:
+        problems.append(f"tile_overlap {tile_overlap} must be at most half of tile_size {tile_size} "
+                        f"(<= {tile_size // 2})")
+    return True if not problems else "Step-Video VAE decode: " + "; ".join(problems) + "."
+
+
 def not_found(what: str, value: str, where: str) -> str:
     return f"{what} {value!r} not found in {where}. Put the file there (or refresh the browser) and pick it again."
 

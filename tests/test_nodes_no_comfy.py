@@ -36,7 +36,8 @@ validation = importlib.import_module(f"{PACK}.nodes.validation")
 
 
 def test_pack_root_imports_without_comfyui():
-    assert pack.WEB_DIRECTORY == "./js"
+    # ComfyUI serves WEB_DIRECTORY (relative to the pack) to the browser: it must hold the frontend extension
+    assert (ROOT / pack.WEB_DIRECTORY / "stepvideo.js").is_file()
     assert inspect.iscoroutinefunction(pack.comfy_entrypoint)
     if importlib.util.find_spec("comfy_api") is None:
         with pytest.raises(ImportError):
@@ -72,8 +73,9 @@ def test_comfy_sigmas_mirror_the_reference_schedule():
     s = conversions.comfy_sigmas(50, 13.0)
     torch.testing.assert_close(s, 1 - step_video_sigmas(50, 13.0))
     assert s[0] == 1 and s[-1] == 0 and bool((s[1:] < s[:-1]).all())
+    # denoise 0.5: the last 10 steps of a 20-step schedule, so it starts half way down the noise levels
     part = conversions.comfy_sigmas(10, 13.0, denoise=0.5)
-    assert len(part) == 11 and part[0] < 1 and part[-1] == 0
+    torch.testing.assert_close(part, conversions.comfy_sigmas(20, 13.0)[10:])
 
 
 def test_comfy_flow_euler_equals_core_euler():
@@ -100,7 +102,8 @@ def test_comfy_flow_euler_equals_core_euler():
 def test_latent_layouts_and_noise():
     lat = torch.randn(2, 64, 3, 4, 5)
     core = conversions.to_core_latent(lat)
-    assert core.shape == (2, 3, 64, 4, 5)
+    for b, c, t in ((0, 0, 0), (1, 63, 2), (1, 5, 1)):  # ComfyUI [B, C, T, H, W] -> core [B, T, C, H, W]
+        assert torch.equal(core[b, t, c], lat[b, c, t])
     assert torch.equal(conversions.to_comfy_latent(core), lat)
     with pytest.raises(ValueError, match="5-D"):
         conversions.to_core_latent(torch.zeros(1, 4, 8, 8))
@@ -118,8 +121,39 @@ def test_video_image_conversion():
     back = conversions.images_to_video(images[:17])
     assert back.shape == (1, 17, 3, 4, 6)
     torch.testing.assert_close(back, video[:1].clamp(-1, 1))
-    rgba = torch.rand(5, 4, 6, 4)
-    assert conversions.images_to_video(rgba).shape == (1, 5, 3, 4, 6)
+    rgba = torch.rand(5, 4, 6, 4)  # alpha is dropped, the colours kept
+    assert torch.equal(conversions.images_to_video(rgba), conversions.images_to_video(rgba[..., :3].clone()))
+
+
+def test_empty_latent_limits_are_enforced_with_messages_naming_them():
+    """validate_inputs takes every input of StepVideoEmptyLatent, so ComfyUI skips the schema's min/max: the upper
+    limits must come from video_shape (the one home of the rules, whose message this is)."""
+    from stepvideo_core import video_shape
+
+    msg = validation.validate_video_request(8192, 544, 3400, 1000)
+    assert msg == video_shape.request_error(8192, 544, 3400, 1000)
+    assert f"width 8192 must be at most {video_shape.MAX_SIDE}" in msg
+    assert f"frames 3400 must be at most {video_shape.MAX_FRAMES}" in msg
+    assert f"batch_size 1000 must be at most {video_shape.MAX_BATCH}" in msg and "height" not in msg
+    limits = (video_shape.MAX_SIDE, video_shape.MAX_SIDE, video_shape.MAX_FRAMES, video_shape.MAX_BATCH)
+    assert validation.validate_video_request(*limits) is True
+    with pytest.raises(ValueError, match="at most"):
+        validation.empty_latent_shape(video_shape.MAX_SIDE + 16, 544, 17)
+
+
+def test_vae_decode_tiling_limits_are_enforced_with_messages_naming_them():
+    """The decode node's validate_inputs takes tile_size and tile_overlap, so ComfyUI skips their min/max too."""
+    ok = validation.validate_tiling
+    assert ok(16, 4) is True and ok(0, 0) is True and ok(0, 200) is True  # 0 = whole frames, the overlap unused
+    assert ok(validation.MAX_TILE_SIZE, validation.MAX_TILE_OVERLAP) is True and ok(None, None) is True
+    msg = ok(10_000, 4)
+    assert f"tile_size 10000 must be 0 (no tiling) or 1 to {validation.MAX_TILE_SIZE}" in msg
+    assert "must be 0 (no tiling)" in ok(-1, 0)
+    assert f"tile_overlap 300 must be 0 to {validation.MAX_TILE_OVERLAP}" in ok(0, 300)
+    assert "tile_overlap -2 must be 0 to" in ok(8, -2)
+    assert "tile_overlap 5 must be at most half of tile_size 8 (<= 4)" in ok(8, 5)
+    both = ok(-1, 1000)
+    assert "tile_size -1" in both and "tile_overlap 1000" in both
 
 
 def test_empty_latent_rules_and_messages():
@@ -219,9 +253,14 @@ def test_latent_channel_check_names_both_counts():
 
 
 def test_preview_tables_fit_the_channel_count():
-    for channels in (64, 16, 8):
+    assert previews.preview_rgb(tiny.VAE_CONFIG.z_channels) == previews.TINY_PREVIEW_RGB  # the fitted table
+    for channels in (64, 8):
         factors, bias = previews.preview_rgb(channels)
-        assert len(factors) == channels and all(len(row) == 3 for row in factors) and len(bias) == 3
+        assert previews.preview_rgb(channels) == (factors, bias), "the same table every time (seeded)"
+        table = torch.tensor(factors)
+        assert table.shape == (channels, 3) and bias == [0.0, 0.0, 0.0]
+        # three different projections, so a preview shows structure in colour rather than grey
+        assert torch.linalg.matrix_rank(table) == 3
 
 
 def test_fit_preview_rgb_recovers_a_linear_map():
