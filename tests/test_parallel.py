@@ -19,7 +19,7 @@ from stepvideo_core.attention import math_attention
 from stepvideo_core.parallel import DistributedGroup, ParallelContext, ParallelError, ParallelPlan, TokenShard
 from stepvideo_core.pipeline import GenerationSettings, sample_latents
 from stepvideo_core.text_encoding import TextConditioning
-from tests.test_dit import small_dit, text_inputs
+from tests.builders import small_dit, text_inputs
 
 CAPTION = (24, 12)
 # 17 frames at 64x80: 3 x 4 x 5 = 60 latent tokens, which 2 and 3 ranks split unevenly once padded (60 = 2 x 30,
