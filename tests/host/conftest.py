@@ -79,6 +79,7 @@ def host(base_dir):
         conversions=sys.modules[f"{pack_name}.nodes.conversions"],
         model_folders=sys.modules[f"{pack_name}.nodes.model_folders"],
         registered_folders=sys.modules[f"{pack_name}.nodes.registered_folders"],
+        validation=sys.modules[f"{pack_name}.nodes.validation"],
         tiny=base_dir / "models" / "stepvideo" / "tiny",
         loras=base_dir / "models" / "loras",
     )
