@@ -17,7 +17,7 @@ from stepvideo_core.pipeline import sample_latents
 from stepvideo_core.text_encoding import encode_prompts
 from stepvideo_core.tiny import model as tiny
 from stepvideo_core.video_shape import request_error
-from tests.test_dit import randomize
+from tests.builders import randomize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
