@@ -23,6 +23,7 @@ BLOCK_NORM_EPS = 1e-5  # block norm1/norm2; the model-level norm_eps applies onl
 TIMESTEP_CHANNELS = 256
 TIMESTEP_SCALE = 1000.0
 ROPE_THETA = 10000.0
+MOTION_SCORE_KEY = "adaln_single.emb.motion_score_embedder.linear_1.weight"  # only Step-Video-TI2V has it
 
 
 @dataclass
@@ -37,6 +38,10 @@ class DiTConfig:
     patch_size: int = 1
     caption_channels: tuple[int, int] = (6144, 1024)
     norm_eps: float = 1e-6
+    # Step-Video-TI2V (the official constructor's name for it): the patch embedding reads the noisy latents and the
+    # image-condition latents concatenated along channels (2 x in_channels), and a motion-score embedding is added
+    # to the timestep embedding. False is Step-Video-T2V.
+    use_additional_conditions: bool = False
     # Reproduce the reference's rounding through the compute dtype (bf16 in practice): the timestep is cast
     # to it and multiplied by 1000 in it, RoPE angles are cast to it before cos/sin, and the text-mask sum
     # is taken in it (so more than 256 valid keys round to bf16 precision). In fp32 all three are no-ops.
@@ -50,6 +55,11 @@ class DiTConfig:
         return self.num_attention_heads * self.attention_head_dim
 
     @property
+    def patch_in_channels(self) -> int:
+        """Channels the patch embedding reads: the latents, plus the condition latents for TI2V."""
+        return 2 * self.in_channels if self.use_additional_conditions else self.in_channels
+
+    @property
     def rope_split(self) -> tuple[int, int, int]:
         """Channels of each head rotated by (frame, row, column): half, quarter, quarter (64/32/32 at 128)."""
         d = self.attention_head_dim
@@ -57,9 +67,10 @@ class DiTConfig:
 
     @classmethod
     def from_shapes(cls, shapes: dict[str, tuple[int, ...]], **overrides) -> DiTConfig:
-        """Infer the architecture from checkpoint tensor shapes (official key names)."""
+        """Infer the architecture from checkpoint tensor shapes (official key names); a motion-score embedder marks
+        Step-Video-TI2V, whose patch embedding reads twice the latent channels."""
         try:
-            inner, in_ch, p, _ = shapes["pos_embed.proj.weight"]
+            inner, patch_in, p, _ = shapes["pos_embed.proj.weight"]
             head_dim = shapes["transformer_blocks.0.attn1.q_norm.weight"][0]
             out_ch = shapes["proj_out.weight"][0] // (p * p)
             caption = shapes["caption_projection.linear_1.weight"][1]
@@ -67,14 +78,19 @@ class DiTConfig:
         except KeyError as e:
             raise ValueError(f"not a Step-Video DiT checkpoint: key {e.args[0]!r} is missing") from None
         layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks."))
+        image_to_video = MOTION_SCORE_KEY in shapes
+        if image_to_video and patch_in % 2:
+            raise ValueError(f"a Step-Video-TI2V checkpoint's patch embedding reads latents + condition (an even channel "
+                             f"count), but 'pos_embed.proj.weight' has {patch_in} input channels")
         return cls(
             num_attention_heads=inner // head_dim,
             attention_head_dim=head_dim,
-            in_channels=in_ch,
+            in_channels=patch_in // 2 if image_to_video else patch_in,
             out_channels=out_ch,
             num_layers=layers,
             patch_size=p,
             caption_channels=(caption, clip),
+            use_additional_conditions=image_to_video,
             **overrides,
         )
 
@@ -219,15 +235,17 @@ class TimestepEmbedder(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-    def __init__(self, dim: int, operations, device=None, dtype=None):
+    def __init__(self, dim: int, operations, device=None, dtype=None, motion_score: bool = False):
         super().__init__()
         self.timestep_embedder = TimestepEmbedder(dim, operations, device, dtype)
+        # TI2V: the motion score goes through its own MLP of the same form (sinusoid of the raw score, no x1000).
+        self.motion_score_embedder = TimestepEmbedder(dim, operations, device, dtype) if motion_score else None
 
 
 class AdaLayerNormSingle(nn.Module):
-    def __init__(self, dim: int, operations, device=None, dtype=None):
+    def __init__(self, dim: int, operations, device=None, dtype=None, motion_score: bool = False):
         super().__init__()
-        self.emb = TimestepEmbedding(dim, operations, device, dtype)
+        self.emb = TimestepEmbedding(dim, operations, device, dtype, motion_score)
         self.linear = operations.Linear(dim, 6 * dim, device=device, dtype=dtype)
 
 
@@ -270,14 +288,14 @@ class StepVideoDiT(nn.Module):
         ops = operations or default_ops
         dim = config.inner_dim
         llm_channels, clip_channels = config.caption_channels
-        self.pos_embed = PatchEmbed(config.patch_size, config.in_channels, dim, ops, device, dtype)
+        self.pos_embed = PatchEmbed(config.patch_size, config.patch_in_channels, dim, ops, device, dtype)
         self.transformer_blocks = nn.ModuleList(
             [TransformerBlock(dim, config.attention_head_dim, ops, device, dtype) for _ in range(config.num_layers)]
         )
         self.norm_out = ops.LayerNorm(dim, eps=config.norm_eps, elementwise_affine=False, device=device, dtype=dtype)
         self.scale_shift_table = nn.Parameter(torch.randn(2, dim, device=device, dtype=dtype) / dim**0.5)
         self.proj_out = ops.Linear(dim, config.patch_size**2 * config.out_channels, device=device, dtype=dtype)
-        self.adaln_single = AdaLayerNormSingle(dim, ops, device, dtype)
+        self.adaln_single = AdaLayerNormSingle(dim, ops, device, dtype, motion_score=config.use_additional_conditions)
         self.clip_projection = ops.Linear(clip_channels, dim, device=device, dtype=dtype)
         self.caption_norm = ops.LayerNorm(llm_channels, eps=config.norm_eps, elementwise_affine=False, device=device, dtype=dtype)
         self.caption_projection = CaptionProjection(llm_channels, dim, ops, device, dtype)
@@ -287,13 +305,21 @@ class StepVideoDiT(nn.Module):
     def set_attention(self, fn: AttentionFn) -> None:
         self.attention = fn
 
-    def embed_timestep(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (per-block modulation [b, 6, D], embedded timestep [b, D]) for t in [0, 1), 0 = noise."""
+    def embed_timestep(self, timestep: torch.Tensor, dtype: torch.dtype,
+                       motion_score: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (per-block modulation [b, 6, D], embedded timestep [b, D]) for t in [0, 1), 0 = noise.
+
+        TI2V adds the embedded ``motion_score`` [b] to the embedded timestep, so it reaches every block's
+        modulation and the final norm."""
         if self.config.reference_rounding:
             t_scaled = timestep.to(dtype) * TIMESTEP_SCALE  # the pipeline casts t to the model dtype, x1000 happens in it
         else:
             t_scaled = timestep.float() * TIMESTEP_SCALE
         embedded = self.adaln_single.emb.timestep_embedder(timestep_sinusoid(t_scaled).to(dtype))
+        if motion_score is not None:
+            # The reference builds the score tensor in the activation dtype (bf16 in practice) before the sinusoid.
+            score = motion_score.to(dtype) if self.config.reference_rounding else motion_score.float()
+            embedded = embedded + self.adaln_single.emb.motion_score_embedder(timestep_sinusoid(score).to(dtype))
         modulation = self.adaln_single.linear(F.silu(embedded))
         return modulation.view(-1, 6, self.config.inner_dim), embedded
 
@@ -317,6 +343,8 @@ class StepVideoDiT(nn.Module):
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor,
         encoder_hidden_states_2: torch.Tensor,
+        condition_hidden_states: torch.Tensor | None = None,
+        motion_score: torch.Tensor | float | None = None,
     ) -> tuple[torch.Tensor, BlockContext, torch.Tensor, tuple[int, int, int]]:
         """Patchify and embed: (video tokens [b, N, D], what every block reads, embedded timestep, token grid).
 
@@ -334,13 +362,42 @@ class StepVideoDiT(nn.Module):
         if timestep.numel() == 1 and b > 1:
             timestep = timestep.expand(b)
 
-        x = self.pos_embed(hidden_states.to(dtype).flatten(0, 1))  # [(b F), h*w, D]
+        patches = hidden_states.to(dtype)
+        condition, score = self.check_image_condition(hidden_states, condition_hidden_states, motion_score)
+        if condition is not None:
+            patches = torch.cat([patches, condition.to(device=patches.device, dtype=dtype)], dim=2)
+        x = self.pos_embed(patches.flatten(0, 1))  # [(b F), h*w, D]
         x = x.reshape(b, frames * grid[1] * grid[2], cfg.inner_dim)
-        modulation, embedded = self.embed_timestep(timestep, dtype)
+        modulation, embedded = self.embed_timestep(timestep, dtype, score)
         text, text_mask = self.embed_text(encoder_hidden_states, encoder_attention_mask, encoder_hidden_states_2, dtype)
         rope = Rope3D(grid, cfg.rope_split, dtype, x.device, cfg.reference_rounding)
         context = BlockContext(modulation, text, text_mask, rope, self.attention, cfg.ff_chunk_size)
         return x, context, embedded, grid
+
+    def check_image_condition(self, hidden_states: torch.Tensor, condition: torch.Tensor | None,
+                              motion_score: torch.Tensor | float | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """TI2V inputs checked against the model kind: (condition [b, F, C, h, w], motion score [b]), both None for
+        T2V. A condition of batch 1 serves the whole batch."""
+        given = [name for name, v in (("condition_hidden_states", condition), ("motion_score", motion_score))
+                 if v is not None]
+        if not self.config.use_additional_conditions:
+            if given:
+                raise ValueError(f"this is a Step-Video-T2V DiT (text to video); it takes no {' or '.join(given)}. "
+                                 "Load Step-Video-TI2V weights for image to video, or leave the image condition out.")
+            return None, None
+        missing = [name for name in ("condition_hidden_states", "motion_score") if name not in given]
+        if missing:
+            raise ValueError(f"this is a Step-Video-TI2V DiT (image to video); it needs {' and '.join(missing)}: the "
+                             "start image's latents (stepvideo_core.image_condition) and a motion score (official "
+                             "default 5). Use Step-Video-T2V weights for text to video.")
+        b = hidden_states.shape[0]
+        if condition.ndim != 5 or condition.shape[1:] != hidden_states.shape[1:] or condition.shape[0] not in (1, b):
+            raise ValueError(f"condition_hidden_states {tuple(condition.shape)} must have the latents' shape "
+                             f"{tuple(hidden_states.shape)} (batch 1 or {b}); build it for the same frames and size")
+        score = torch.as_tensor(motion_score, dtype=torch.float32, device=hidden_states.device).reshape(-1)
+        if score.numel() not in (1, b):
+            raise ValueError(f"motion_score has {score.numel()} values for a batch of {b}")
+        return condition.expand(b, *condition.shape[1:]), score.expand(b)
 
     def run_blocks(self, x: torch.Tensor, context: BlockContext) -> torch.Tensor:
         for block in self.transformer_blocks:
@@ -368,10 +425,16 @@ class StepVideoDiT(nn.Module):
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor,
         encoder_hidden_states_2: torch.Tensor,
+        condition_hidden_states: torch.Tensor | None = None,
+        motion_score: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
-        """Velocity for latents ``[b, F, C, h, w]`` at reference timesteps ``[b]`` (0 = noise, 1 = data)."""
+        """Velocity for latents ``[b, F, C, h, w]`` at reference timesteps ``[b]`` (0 = noise, 1 = data).
+
+        Step-Video-TI2V also takes ``condition_hidden_states`` (latents like ``hidden_states``: the start image's
+        latent frame, then zeros) and ``motion_score`` (a float or ``[b]``)."""
         x, context, embedded, grid = self.prepare(hidden_states, timestep, encoder_hidden_states,
-                                                  encoder_attention_mask, encoder_hidden_states_2)
+                                                  encoder_attention_mask, encoder_hidden_states_2,
+                                                  condition_hidden_states, motion_score)
         x = self.run_blocks(x, context)
         return self.unpatchify(self.finish(x, embedded), grid)
 

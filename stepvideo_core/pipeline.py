@@ -1,4 +1,4 @@
-"""Text to video with the core models: conditioning -> guided flow-matching sampling -> VAE decode."""
+"""Text (and image) to video with the core models: conditioning -> guided flow-matching sampling -> VAE decode."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .dit import StepVideoDiT
+from .image_condition import ImageCondition
 from .scheduler import PRESETS, StepCallback, VelocityFn, denoise_sigmas, guided_velocity, make_noise, sample_euler
 from .text_encoding import TextConditioning
 from .video_shape import latent_grid
@@ -36,17 +37,22 @@ def latent_shape(settings: GenerationSettings, channels: int, batch: int = 1) ->
     return (batch, frames, channels, h, w)
 
 
-def dit_velocity(dit: StepVideoDiT, positive: TextConditioning, negative: TextConditioning | None) -> VelocityFn:
-    """The DiT as a velocity function of fp32 latents; with a negative, calls see the batch [positive; negative]."""
+def dit_velocity(dit: StepVideoDiT, positive: TextConditioning, negative: TextConditioning | None,
+                 image: ImageCondition | None = None) -> VelocityFn:
+    """The DiT as a velocity function of fp32 latents; with a negative, calls see the batch [positive; negative].
+    An image condition (TI2V) goes to every row, both guidance branches alike, as in the reference."""
     text = TextConditioning.cat([positive, negative]) if negative is not None else positive
     device = next(dit.parameters()).device
     text = text.to(device=device)
+    if image is not None:
+        image = ImageCondition(image.latents.to(device), image.motion_score)
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0] // text.mask.shape[0]
         batch = text if rows == 1 else TextConditioning(*(v.repeat_interleave(rows, 0) for v in
                                                           (text.llm_states, text.mask, text.clip_states)))
-        return dit(x.to(device), t.to(device), **batch.dit_kwargs()).float()
+        extra = image.dit_kwargs(x.shape[0]) if image is not None else {}
+        return dit(x.to(device), t.to(device), **batch.dit_kwargs(), **extra).float()
 
     return fn
 
@@ -59,25 +65,28 @@ def sample_latents(
     latents: torch.Tensor | None = None,
     callback: StepCallback | None = None,
     noise: torch.Tensor | None = None,
+    image: ImageCondition | None = None,
 ) -> torch.Tensor:
     """Sample fp32 latents ``[b, F, C, h, w]``; ``latents`` with ``settings.denoise < 1`` starts part-way.
 
-    ``noise`` replaces the seeded draw (e.g. one seed per sample of a batch)."""
+    ``noise`` replaces the seeded draw (e.g. one seed per sample of a batch); ``image`` is the start image's
+    condition for a TI2V DiT (``image_condition.image_condition``)."""
     shape = latent_shape(settings, dit.config.in_channels, positive.mask.shape[0]) if latents is None else latents.shape
     noise = make_noise(shape, settings.seed) if noise is None else noise
     use_cfg = negative is not None and settings.cfg != 1.0
-    velocity = dit_velocity(dit, positive, negative if use_cfg else None)
+    velocity = dit_velocity(dit, positive, negative if use_cfg else None, image)
     if use_cfg:
         velocity = guided_velocity(velocity, settings.cfg)
     sigmas = denoise_sigmas(settings.steps, settings.shift, settings.denoise)
     return sample_euler(velocity, noise, sigmas, latents=latents, callback=callback)
 
 
-def generate(dit, vae, positive, negative, settings: GenerationSettings, callback=None, decode_kwargs=None) -> torch.Tensor:
-    """Latents sampled then decoded: video ``[b, T, 3, H, W]`` in [-1, 1].
+def generate(dit, vae, positive, negative, settings: GenerationSettings, callback=None, decode_kwargs=None,
+             image: ImageCondition | None = None) -> torch.Tensor:
+    """Latents sampled then decoded: video ``[b, T, 3, H, W]`` in [-1, 1]; ``image`` as in ``sample_latents``.
 
     Deviation: the official pipeline rounds the frame count down to a multiple of 17 (at least 1), so 16 frames
     silently gave one image; here a count that is not a multiple of 17 raises, naming the nearest valid counts."""
-    latents = sample_latents(dit, positive, negative, settings, callback=callback)
+    latents = sample_latents(dit, positive, negative, settings, callback=callback, image=image)
     vae_dtype = next(vae.parameters()).dtype
     return vae.decode(latents.to(vae_dtype), **(decode_kwargs or {})).float()

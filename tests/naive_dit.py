@@ -41,8 +41,21 @@ def attend(q, k, v):
     return torch.softmax(q @ k.T / math.sqrt(q.shape[-1]), dim=-1) @ v
 
 
-def naive_forward(sd: dict, heads: int, x, t, llm, mask, clip, norm_eps=1e-6):
+def sinusoid(value: float) -> torch.Tensor:
+    freqs = [math.exp(-math.log(10000) * k / 128) for k in range(128)]
+    return torch.tensor([math.cos(value * f) for f in freqs] + [math.sin(value * f) for f in freqs])
+
+
+def mlp(sd: dict, prefix: str, v: torch.Tensor) -> torch.Tensor:
+    v = F.silu(v @ sd[prefix + "linear_1.weight"].T + sd[prefix + "linear_1.bias"])
+    return v @ sd[prefix + "linear_2.weight"].T + sd[prefix + "linear_2.bias"]
+
+
+def naive_forward(sd: dict, heads: int, x, t, llm, mask, clip, norm_eps=1e-6, condition=None, motion_score=None):
+    """TI2V: ``condition`` latents are read with ``x`` as extra input channels; the embedded ``motion_score``
+    (one float per sample, no x1000) is added to the embedded timestep."""
     b, frames, c, h, w = x.shape
+    inputs = x if condition is None else torch.cat([x, condition], dim=2)
     dim = sd["pos_embed.proj.bias"].shape[0]
     d = dim // heads
     layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
@@ -50,13 +63,11 @@ def naive_forward(sd: dict, heads: int, x, t, llm, mask, clip, norm_eps=1e-6):
     positions = [(f, y, xx) for f in range(frames) for y in range(h) for xx in range(w)]
     for i in range(b):
         # tokens in frame-major, row, column order; patch size 1 means a per-pixel linear
-        tok = torch.stack([x[i, f, :, y, xx] for f, y, xx in positions]) @ sd["pos_embed.proj.weight"][:, :, 0, 0].T
+        tok = torch.stack([inputs[i, f, :, y, xx] for f, y, xx in positions]) @ sd["pos_embed.proj.weight"][:, :, 0, 0].T
         tok = tok + sd["pos_embed.proj.bias"]
-        ts = t[i].item() * 1000
-        freqs = [math.exp(-math.log(10000) * k / 128) for k in range(128)]
-        sinus = torch.tensor([math.cos(ts * f) for f in freqs] + [math.sin(ts * f) for f in freqs])
-        e = F.silu(sinus @ sd["adaln_single.emb.timestep_embedder.linear_1.weight"].T + sd["adaln_single.emb.timestep_embedder.linear_1.bias"])
-        e = e @ sd["adaln_single.emb.timestep_embedder.linear_2.weight"].T + sd["adaln_single.emb.timestep_embedder.linear_2.bias"]
+        e = mlp(sd, "adaln_single.emb.timestep_embedder.", sinusoid(t[i].item() * 1000))
+        if motion_score is not None:
+            e = e + mlp(sd, "adaln_single.emb.motion_score_embedder.", sinusoid(float(motion_score[i])))
         m = (F.silu(e) @ sd["adaln_single.linear.weight"].T + sd["adaln_single.linear.bias"]).view(6, dim)
 
         cap = F.layer_norm(llm[i], (llm.shape[-1],), eps=norm_eps)

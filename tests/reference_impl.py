@@ -1,6 +1,8 @@
-"""Import the official Step-Video-T2V code from a checkout outside this repository, for parity tests.
+"""Import the official Step-Video-T2V (or -TI2V) code from a checkout outside this repository, for parity tests.
 
-Set ``STEPVIDEO_REFERENCE`` to the checkout's root (the folder that holds ``stepvideo/``). Its heavy,
+Set ``STEPVIDEO_REFERENCE`` to the T2V checkout's root (the folder that holds ``stepvideo/``), and
+``STEPVIDEO_TI2V_REFERENCE`` to the TI2V one. Both name their package ``stepvideo``, so switching checkouts drops the
+other's modules from ``sys.modules`` first. Its heavy,
 GPU-only or network dependencies (xfuser, diffusers' config machinery, imageio) are replaced by minimal
 stand-ins here; the model code itself is imported unmodified. Tests using it skip when the variable is unset.
 """
@@ -19,6 +21,7 @@ import pytest
 from torch import nn
 
 ENV_VAR = "STEPVIDEO_REFERENCE"
+TI2V_ENV_VAR = "STEPVIDEO_TI2V_REFERENCE"
 
 
 def _stub(name: str, **attrs) -> types.ModuleType:
@@ -47,6 +50,11 @@ class _ConfigMixin:
 def _install_stubs(root: Path) -> None:
     if "stepvideo" in sys.modules and getattr(sys.modules["stepvideo"], "__reference_root__", None) == str(root):
         return
+    for name in [n for n in sys.modules if n == "stepvideo" or n.startswith("stepvideo.")]:
+        del sys.modules[name]  # the other checkout's modules
+    other = [p for p in sys.path if (Path(p) / "stepvideo").is_dir() and Path(p) != root]
+    for p in other:
+        sys.path.remove(p)
     pkg = types.ModuleType("stepvideo")
     pkg.__path__ = [str(root / "stepvideo")]  # a package without running its __init__ (which pulls in the pipeline)
     pkg.__reference_root__ = str(root)
@@ -77,20 +85,22 @@ def _install_stubs(root: Path) -> None:
     sys.modules["xfuser.model_executor.models.customized.step_video_t2v.normalization"] = norms
 
 
-def reference_root() -> Path:
-    root = os.environ.get(ENV_VAR)
+def reference_root(env_var: str = ENV_VAR) -> Path:
+    root = os.environ.get(env_var)
     if not root:
-        pytest.skip(f"{ENV_VAR} is not set (path to a Step-Video-T2V checkout)")
+        what = "Step-Video-TI2V" if env_var == TI2V_ENV_VAR else "Step-Video-T2V"
+        pytest.skip(f"{env_var} is not set (path to a {what} checkout)")
     path = Path(root)
     if not (path / "stepvideo").is_dir():
-        pytest.fail(f"{ENV_VAR}={root} does not contain a stepvideo/ package")
+        pytest.fail(f"{env_var}={root} does not contain a stepvideo/ package")
     return path
 
 
-def import_reference(module: str) -> types.ModuleType:
-    """Import ``stepvideo.<module>`` from the reference checkout, e.g. ``import_reference('modules.model')``."""
-    root = reference_root()
+def import_reference(module: str, env_var: str = ENV_VAR) -> types.ModuleType:
+    """Import ``stepvideo.<module>`` from the reference checkout, e.g. ``import_reference('modules.model')``;
+    ``env_var=TI2V_ENV_VAR`` for the TI2V checkout."""
+    root = reference_root(env_var)
+    _install_stubs(root)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    _install_stubs(root)
     return importlib.import_module(f"stepvideo.{module}")

@@ -1,0 +1,148 @@
+"""Step-Video-TI2V without a reference checkout: the official layout, the condition path, the image condition."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stepvideo_core.dit import DiTConfig, StepVideoDiT, load_dit
+from stepvideo_core.image_condition import ImageCondition, image_condition, resize_and_crop
+from stepvideo_core.pipeline import GenerationSettings, sample_latents
+from stepvideo_core.text_encoding import TextConditioning
+from stepvideo_core.vae import VAEConfig, VideoVAE
+from tests.builders import small_dit, text_inputs, write_sharded
+from tests.naive_dit import naive_forward
+
+
+def small_ti2v(**kw) -> StepVideoDiT:
+    return small_dit(use_additional_conditions=True, **kw)
+
+
+def test_full_official_ti2v_config_keys_and_shapes():
+    with torch.device("meta"):
+        model = StepVideoDiT(DiTConfig(use_additional_conditions=True))
+    sd = model.state_dict()
+    with torch.device("meta"):
+        t2v = StepVideoDiT(DiTConfig()).state_dict()
+    extra = {
+        "adaln_single.emb.motion_score_embedder.linear_1.weight": (6144, 256),
+        "adaln_single.emb.motion_score_embedder.linear_1.bias": (6144,),
+        "adaln_single.emb.motion_score_embedder.linear_2.weight": (6144, 6144),
+        "adaln_single.emb.motion_score_embedder.linear_2.bias": (6144,),
+    }
+    assert set(sd) == set(t2v) | set(extra)
+    for key, shape in extra.items():
+        assert tuple(sd[key].shape) == shape, key
+    assert tuple(sd["pos_embed.proj.weight"].shape) == (6144, 128, 1, 1)  # latents + condition, 64 each
+    assert all(sd[k].shape == t2v[k].shape for k in t2v if k != "pos_embed.proj.weight")
+    config = DiTConfig.from_shapes({k: tuple(v.shape) for k, v in sd.items()})
+    assert config == DiTConfig(use_additional_conditions=True) and config.in_channels == 64
+
+
+def test_forward_matches_independent_naive_implementation():
+    model = small_ti2v()
+    b, frames, h, w = 2, 3, 2, 3
+    x = torch.randn(b, frames, 4, h, w)
+    condition = torch.cat([torch.randn(b, 1, 4, h, w), torch.zeros(b, frames - 1, 4, h, w)], dim=1)
+    t = torch.tensor([0.3, 0.8])
+    score = torch.tensor([2.0, 10.0])
+    llm, mask, clip = text_inputs(b, 6, (24, 12), (4, 6))
+    with torch.no_grad():
+        got = model(x, t, llm, mask, clip, condition_hidden_states=condition, motion_score=score)
+    want = naive_forward(model.state_dict(), 2, x, t, llm, mask, clip, condition=condition, motion_score=score)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_condition_of_batch_one_and_a_float_score_serve_the_whole_batch():
+    model = small_ti2v()
+    x = torch.randn(2, 3, 4, 2, 2)
+    condition = torch.randn(1, 3, 4, 2, 2)
+    llm, mask, clip = text_inputs(2, 6, (24, 12), (4, 6))
+    t = torch.tensor([0.5, 0.5])
+    with torch.no_grad():
+        broadcast = model(x, t, llm, mask, clip, condition_hidden_states=condition, motion_score=5.0)
+        explicit = model(x, t, llm, mask, clip, condition_hidden_states=condition.expand(2, -1, -1, -1, -1),
+                         motion_score=torch.tensor([5.0, 5.0]))
+    assert torch.equal(broadcast, explicit)
+
+
+def test_wrong_model_kind_or_shape_is_a_clear_error():
+    t2v = StepVideoDiT(DiTConfig(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                 num_layers=1, caption_channels=(24, 12))).eval()
+    ti2v = small_ti2v(layers=1)
+    x = torch.randn(1, 3, 4, 2, 2)
+    args = (x, torch.tensor([0.5]), *text_inputs(1, 6, (24, 12), (4,)))
+    with pytest.raises(ValueError, match="Step-Video-T2V DiT.*condition_hidden_states"):
+        t2v(*args, condition_hidden_states=torch.zeros_like(x), motion_score=5.0)
+    with pytest.raises(ValueError, match="Step-Video-TI2V DiT.*condition_hidden_states and motion_score"):
+        ti2v(*args)
+    with pytest.raises(ValueError, match="Step-Video-TI2V DiT.*needs motion_score"):
+        ti2v(*args, condition_hidden_states=torch.zeros_like(x))
+    with pytest.raises(ValueError, match="must have the latents' shape"):
+        ti2v(*args, condition_hidden_states=torch.zeros(1, 2, 4, 2, 2), motion_score=5.0)
+
+
+def test_official_layout_checkpoint_is_recognised_and_loaded_strictly(tmp_path):
+    model = small_ti2v(channels=8)
+    sd = model.state_dict()
+    write_sharded(tmp_path / "transformer", sd, "diffusion_pytorch_model", shards=3)
+    loaded = load_dit(tmp_path / "transformer", weight_dtype=torch.float32)
+    assert loaded.config == model.config and loaded.config.in_channels == 8
+    assert loaded.state_dict().keys() == sd.keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items())
+    # a TI2V file missing the motion embedder's output layer is incomplete, not silently a T2V model
+    del sd["adaln_single.emb.motion_score_embedder.linear_2.weight"]
+    write_sharded(tmp_path / "broken", sd, "diffusion_pytorch_model", shards=1)
+    with pytest.raises(Exception, match="motion_score_embedder.linear_2.weight"):
+        load_dit(tmp_path / "broken", weight_dtype=torch.float32)
+
+
+def test_resize_and_crop_covers_the_size_and_keeps_the_centre():
+    # A 40x20 (h x w) image into 16x16: scale by width (x0.8) to 32x16, crop 8 rows top and bottom.
+    image = torch.rand(3, 40, 20) * 2 - 1
+    got = resize_and_crop(image, 16, 16)
+    scaled = F.interpolate(image[None], size=(32, 16), mode="bilinear", align_corners=False, antialias=True)[0]
+    assert torch.equal(got, scaled[:, 8:24])
+    # Wider than the target: fit the height, crop columns (odd excess: the extra column goes on the right).
+    wide = torch.rand(3, 16, 37)
+    assert torch.equal(resize_and_crop(wide, 16, 32), wide[:, :, 2:34])
+    # Already the right size: untouched.
+    same = torch.rand(3, 16, 32)
+    assert torch.equal(resize_and_crop(same, 16, 32), same)
+
+
+def tiny_vae():
+    torch.manual_seed(0)
+    cfg = VAEConfig(z_channels=4, encoder_channels=4, encoder_channel_mult=(1, 2, 2, 4), encoder_num_res_blocks=1,
+                    decoder_channels=4, decoder_channel_mult=(1, 2, 2, 4), decoder_num_res_blocks=1, norm_groups=2)
+    return VideoVAE(cfg).eval()
+
+
+def test_image_condition_is_the_image_latent_then_zeros():
+    vae = tiny_vae()
+    image = torch.rand(3, 48, 40) * 2 - 1
+    cond = image_condition(vae, image, num_frames=34, height=32, width=32, batch=2, motion_score=7, sample=False)
+    assert cond.latents.shape == (2, 6, 4, 2, 2) and cond.motion_score == 7.0
+    alone = vae.encode(resize_and_crop(image, 32, 32)[None, None], sample=False)
+    assert torch.equal(cond.latents[0, :1], alone[0]) and torch.equal(cond.latents[1], cond.latents[0])
+    assert not cond.latents[:, 1:].any()
+    sampled = [image_condition(vae, image, 17, 32, 32, generator=torch.Generator().manual_seed(s)).latents
+               for s in (0, 0, 1)]
+    assert torch.equal(sampled[0], sampled[1]) and not torch.equal(sampled[0], sampled[2])
+    with pytest.raises(ValueError, match="one RGB image"):
+        image_condition(vae, image[None], 17, 32, 32)
+
+
+def test_sampling_gives_both_guidance_branches_the_same_condition():
+    model = small_ti2v()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    llm, mask, clip = text_inputs(2, 6, (24, 12), (4, 6))
+    positive, negative = TextConditioning(llm, mask, clip), TextConditioning(llm.flip(0), mask.flip(0), clip.flip(0))
+    latents = torch.randn(2, 3, 4, 2, 2)
+    image = ImageCondition(latents, motion_score=3.0)
+    settings = GenerationSettings(num_frames=17, height=32, width=32, steps=2, cfg=4.0, shift=1.0)
+    out = sample_latents(model, positive, negative, settings, image=image)
+    assert out.shape == (2, 3, 4, 2, 2) and len(seen) == 2
+    for kwargs in seen:
+        assert torch.equal(kwargs["condition_hidden_states"], torch.cat([latents, latents]))
+        assert kwargs["motion_score"] == 3.0
