@@ -1,0 +1,166 @@
+"""One worker process of ``worker_pool.WorkerPool``: connect, join the group, load the DiT, then serve jobs.
+
+Started by the pool as a fresh interpreter (``worker_pool.WORKER_BOOT``) with its rank, device and the addresses in
+``STEPVIDEO_POOL_*`` environment variables. The message protocol is described in ``worker_pool``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+from multiprocessing.connection import Client, Connection
+from pathlib import Path
+
+import torch
+
+from .attention import get_attention
+from .dit import StepVideoDiT, load_dit
+from .lora import LoraSet, attach, load_lora
+from .pipeline import GenerationSettings, sample_latents
+from .scheduler import make_noise
+from .text_encoding import TextConditioning
+from .worker_pool import format_exception, receive, send
+
+
+class Cancelled(Exception):
+    def __init__(self, step: int, total: int):
+        super().__init__(step, total)
+        self.step, self.total = step, total
+
+
+class Worker:
+    """Serves one rank. ``world_size == 1`` needs no process group (the tests drive one in a thread)."""
+
+    def __init__(self, conn: Connection, rank: int, world_size: int, device: str, backend: str = "gloo"):
+        self.conn, self.rank, self.world_size = conn, rank, world_size
+        self.device = torch.device(device)
+        # NCCL moves GPU tensors only; gloo works on CPU tensors.
+        self.flag_device = self.device if backend == "nccl" else torch.device("cpu")
+        self.dit: StepVideoDiT | None = None
+        self.loras: dict[tuple, LoraSet] = {}  # (path, mtime, size) -> parsed adapters of the last job
+        self.stopping = False
+
+    def serve(self) -> None:
+        while not self.stopping:
+            try:
+                kind, body = receive(self.conn)
+            except (EOFError, OSError):
+                return  # the parent is gone
+            if kind == "shutdown":
+                return
+            if kind == "load":
+                self._run(None, self._load, body)
+            elif kind == "sample":
+                self._run(body["job"], self._sample, body)
+            # a "cancel" for a job that already ended needs nothing
+
+    def _run(self, job: int | None, handler, body: dict) -> None:
+        try:
+            handler(body)
+        except Cancelled as c:
+            send(self.conn, "cancelled", {"job": job, "rank": self.rank, "step": c.step, "total": c.total})
+        except Exception as e:
+            error, trace = format_exception(e)
+            send(self.conn, "failed", {"job": job, "rank": self.rank, "error": error, "traceback": trace})
+
+    # -- load --
+
+    def _load(self, spec: dict) -> None:
+        self.dit = None  # release the previous model before reading the next
+        dit = load_dit(spec["path"], weight_dtype=spec["weight_dtype"], compute_dtype=spec["compute_dtype"],
+                       device=self.device)
+        dit.set_attention(get_attention(spec["attention"]))
+        self.dit = dit
+        send(self.conn, "loaded", {"rank": self.rank, "in_channels": dit.config.in_channels})
+
+    # -- sample --
+
+    def _sample(self, body: dict) -> None:
+        if self.dit is None:
+            raise RuntimeError("no DiT loaded in this worker")
+        job = body["job"]
+        settings = GenerationSettings(**body["settings"])
+        positive = TextConditioning(**body["positive"])
+        negative = TextConditioning(**body["negative"]) if body["negative"] is not None else None
+        latents = body["latents"].to(self.device)
+        # Every rank draws the same noise as the single-process pipeline (CPU draw, then moved).
+        noise = make_noise(tuple(latents.shape), settings.seed, device=self.device)
+        attached = [attach(self.dit, self._lora(path), strength) for path, strength in body["loras"]]
+
+        def after_step(done: int, total: int, x, denoised) -> None:
+            if self._agree(self._ask_parent(job, done, total) if self.rank == 0 else False):
+                raise Cancelled(done, total)
+
+        try:
+            with torch.no_grad():
+                out = sample_latents(self.dit, positive, negative, settings, latents=latents, callback=after_step,
+                                     noise=noise)
+        finally:
+            for lora in attached:
+                lora.detach()
+        send(self.conn, "done", {"job": job, "rank": self.rank, "latents": out.float().cpu() if self.rank == 0 else None})
+
+    def _lora(self, path: str) -> LoraSet:
+        stat = Path(path).stat()
+        key = (path, stat.st_mtime_ns, stat.st_size)
+        if key not in self.loras:
+            self.loras = {k: v for k, v in self.loras.items() if k[0] != path}  # a changed file replaces its old parse
+            self.loras[key] = load_lora(path, self.dit)
+        return self.loras[key]
+
+    def _ask_parent(self, job: int, step: int, total: int) -> bool:
+        """Rank 0 only: report the step and wait for the parent's answer; True when the job is to stop."""
+        send(self.conn, "progress", {"job": job, "step": step, "total": total})
+        while True:
+            try:
+                kind, body = receive(self.conn)
+            except (EOFError, OSError):
+                self.stopping = True  # the parent is gone: stop every rank, then exit
+                return True
+            if kind == "continue" and body["job"] == job:
+                return bool(body["cancel"])
+            if kind == "shutdown":
+                self.stopping = True
+                return True
+
+    def _agree(self, flag: bool) -> bool:
+        """Rank 0's decision on every rank, so all leave the loop after the same step."""
+        if self.world_size == 1:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.flag_device)
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
+
+def main() -> None:
+    env = os.environ
+    rank, world_size = int(env["STEPVIDEO_POOL_RANK"]), int(env["STEPVIDEO_POOL_WORLD_SIZE"])
+    device, backend = env["STEPVIDEO_POOL_DEVICE"], env["STEPVIDEO_POOL_BACKEND"]
+    host, port = env["STEPVIDEO_POOL_ADDRESS"].rsplit(":", 1)
+    conn = Client((host, int(port)), family="AF_INET", authkey=bytes.fromhex(env["STEPVIDEO_POOL_AUTHKEY"]))
+    send(conn, "hello", {"rank": rank, "pid": os.getpid()})
+    try:
+        import torch.distributed as dist
+
+        if torch.device(device).type == "cuda":
+            torch.cuda.set_device(torch.device(device))
+        store = dist.TCPStore(host, int(env["STEPVIDEO_POOL_STORE_PORT"]), world_size, False, timedelta(minutes=5))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+    except Exception as e:
+        error, trace = format_exception(e)
+        send(conn, "failed", {"job": None, "rank": rank, "error": f"joining the process group: {error}",
+                              "traceback": trace})
+        raise SystemExit(1) from None
+    try:
+        Worker(conn, rank, world_size, device, backend).serve()
+    finally:
+        dist.destroy_process_group()
+        conn.close()
+    # Leave without the interpreter's teardown: it spends seconds in torch.distributed's native destructors, and a
+    # worker holds nothing that needs finalising (the OS frees its memory and devices).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
