@@ -378,15 +378,17 @@ def parallel_velocity(dit: StepVideoDiT, ctx: ParallelContext, positive: TextCon
 
 def sample_latents(dit: StepVideoDiT, ctx: ParallelContext, positive: TextConditioning,
                    negative: TextConditioning | None, settings: GenerationSettings,
-                   callback: StepCallback | None = None) -> torch.Tensor:
+                   callback: StepCallback | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
     """``pipeline.sample_latents`` split over the ranks: the same seeded noise and schedule everywhere, the
-    same fp32 latents ``[b, F, C, h, w]`` returned on every rank."""
-    shape = latent_shape(settings, dit.config.in_channels, positive.mask.shape[0])
+    same fp32 latents ``[b, F, C, h, w]`` returned on every rank (``latents``: as in the pipeline, the shape
+    and, with ``settings.denoise < 1``, the start)."""
+    shape = latent_shape(settings, dit.config.in_channels, positive.mask.shape[0]) if latents is None else latents.shape
     noise = make_noise(shape, settings.seed)
     guided = negative is not None and settings.cfg != 1.0
     velocity = parallel_velocity(dit, ctx, positive, negative if guided else None, settings.cfg)
     sigmas = denoise_sigmas(settings.steps, settings.shift, settings.denoise)
-    return sample_euler(velocity, noise.to(ctx.device), sigmas, callback=callback)
+    start = None if latents is None else latents.to(ctx.device)
+    return sample_euler(velocity, noise.to(ctx.device), sigmas, latents=start, callback=callback)
 
 
 # ---- conditioning and decoding ------------------------------------------------------------------------------

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
+from . import parallel, pipeline
 from .attention import get_attention
 from .dit import StepVideoDiT, load_dit
 from .lora import LoraSet, attach, load_lora
-from .pipeline import GenerationSettings, sample_latents
+from .pipeline import GenerationSettings
 from .scheduler import make_noise
 from .text_encoding import TextConditioning
 from .worker_pool import format_exception, receive, send
@@ -30,7 +31,9 @@ class Cancelled(Exception):
 
 
 class Worker:
-    """Serves one rank. ``world_size == 1`` needs no process group (the tests drive one in a thread)."""
+    """Serves one rank. With several ranks a job runs ``parallel.sample_latents`` under the plan the parent chose;
+    ``world_size == 1`` runs ``pipeline.sample_latents`` and needs no process group (the tests drive one in a
+    thread)."""
 
     def __init__(self, conn: Connection, rank: int, world_size: int, device: str, backend: str = "gloo"):
         self.conn, self.rank, self.world_size = conn, rank, world_size
@@ -38,6 +41,7 @@ class Worker:
         # NCCL moves GPU tensors only; gloo works on CPU tensors.
         self.flag_device = self.device if backend == "nccl" else torch.device("cpu")
         self.dit: StepVideoDiT | None = None
+        self.contexts: dict[parallel.ParallelPlan, parallel.ParallelContext] = {}
         self.loras: dict[tuple, LoraSet] = {}  # (path, mtime, size) -> parsed adapters of the last job
         self.stopping = False
 
@@ -66,13 +70,28 @@ class Worker:
 
     # -- load --
 
-    def _load(self, spec: dict) -> None:
+    def _load(self, body: dict) -> None:
+        spec = body["spec"]
         self.dit = None  # release the previous model before reading the next
+        shard = body["shard_weights"] and self.world_size > 1
+        # Sharded, the blocks are read to the CPU and FSDP2 moves each rank's shards to its device.
         dit = load_dit(spec["path"], weight_dtype=spec["weight_dtype"], compute_dtype=spec["compute_dtype"],
-                       device=self.device)
+                       device="cpu" if shard else self.device)
         dit.set_attention(get_attention(spec["attention"]))
+        if shard:
+            plan = parallel.ParallelPlan.choose(self.world_size, dit.config.num_attention_heads, guided=False,
+                                                shard_weights=True)
+            parallel.shard_dit_weights(dit, self._context(plan))
         self.dit = dit
-        send(self.conn, "loaded", {"rank": self.rank, "in_channels": dit.config.in_channels})
+        send(self.conn, "loaded", {"rank": self.rank, "in_channels": dit.config.in_channels,
+                                   "heads": dit.config.num_attention_heads})
+
+    def _context(self, plan: parallel.ParallelPlan) -> parallel.ParallelContext:
+        """The process groups of ``plan``, made once (every rank runs the same jobs, so they make them together)."""
+        if plan not in self.contexts:
+            group = parallel.DistributedGroup(self.rank, self.world_size, self.device)
+            self.contexts[plan] = parallel.ParallelContext.build(plan, group)
+        return self.contexts[plan]
 
     # -- sample --
 
@@ -84,8 +103,7 @@ class Worker:
         positive = TextConditioning(**body["positive"])
         negative = TextConditioning(**body["negative"]) if body["negative"] is not None else None
         latents = body["latents"].to(self.device)
-        # Every rank draws the same noise as the single-process pipeline (CPU draw, then moved).
-        noise = make_noise(tuple(latents.shape), settings.seed, device=self.device)
+        positive, negative = (None if c is None else _to_batch(c, latents.shape[0]) for c in (positive, negative))
         attached = [attach(self.dit, self._lora(path), strength) for path, strength in body["loras"]]
 
         def after_step(done: int, total: int, x, denoised) -> None:
@@ -94,8 +112,15 @@ class Worker:
 
         try:
             with torch.no_grad():
-                out = sample_latents(self.dit, positive, negative, settings, latents=latents, callback=after_step,
-                                     noise=noise)
+                if self.world_size == 1:
+                    # The same noise as the single-process pipeline, drawn on the CPU and moved.
+                    noise = make_noise(tuple(latents.shape), settings.seed, device=self.device)
+                    out = pipeline.sample_latents(self.dit, positive, negative, settings, latents=latents,
+                                                  callback=after_step, noise=noise)
+                else:
+                    ctx = self._context(parallel.ParallelPlan(**body["plan"]))
+                    out = parallel.sample_latents(self.dit, ctx, positive, negative, settings, callback=after_step,
+                                                  latents=latents)
         finally:
             for lora in attached:
                 lora.detach()
@@ -133,6 +158,14 @@ class Worker:
         t = torch.tensor([1.0 if flag else 0.0], device=self.flag_device)
         dist.broadcast(t, src=0)
         return bool(t.item())
+
+
+def _to_batch(text: TextConditioning, batch: int) -> TextConditioning:
+    """One prompt's conditioning repeated for every sample of a latent batch (as ComfyUI's samplers do)."""
+    rows = batch // text.mask.shape[0]
+    if rows <= 1:
+        return text
+    return TextConditioning(*(t.repeat_interleave(rows, 0) for t in (text.llm_states, text.mask, text.clip_states)))
 
 
 def main() -> None:

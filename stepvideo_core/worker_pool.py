@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from .parallel import ParallelPlan
 from .pipeline import GenerationSettings
 from .text_encoding import TextConditioning
 
@@ -128,9 +129,15 @@ class DiTSpec:
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """One worker per entry of ``devices`` (``"cuda:1"``, ``"cpu"``); rank i runs on ``devices[i]``."""
+    """One worker per entry of ``devices`` (``"cuda:1"``, ``"cpu"``); rank i runs on ``devices[i]``. The split of
+    each job follows ``parallel.ParallelPlan.choose`` (as the command line under torchrun does): guidance parallel
+    when the worker count is even and the job is guided (unless ``guidance_parallel`` says otherwise), sequence
+    parallel over the rest, and with ``shard_weights`` the DiT's blocks sharded over all workers (FSDP2)."""
 
     devices: tuple[str, ...]
+    guidance_parallel: bool | None = None
+    ulysses: int | None = None  # None: as many heads as the ranks of a branch allow, ring attention for the rest
+    shard_weights: bool = False
     backend: str | None = None  # None: "nccl" when every device is a GPU, else "gloo"
     connect_timeout_s: float = 180.0  # each worker must import torch and connect within this
     failure_grace_s: float = 10.0  # after one rank fails, how long the others get to report before the pool stops
@@ -229,14 +236,14 @@ def conditioning_body(text: TextConditioning | None) -> dict | None:
     return {"llm_states": text.llm_states.cpu(), "mask": text.mask.cpu(), "clip_states": text.clip_states.cpu()}
 
 
-def job_body(job_id: int, job: SampleJob) -> dict:
-    return {"job": job_id, "positive": conditioning_body(job.positive), "negative": conditioning_body(job.negative),
+def job_body(job_id: int, job: SampleJob, plan: ParallelPlan) -> dict:
+    return {"job": job_id, "plan": asdict(plan), "positive": conditioning_body(job.positive), "negative": conditioning_body(job.negative),
             "settings": asdict(job.settings), "latents": job.latents.float().cpu(),
             "loras": [[str(path), float(strength)] for path, strength in job.loras]}
 
 
-def spec_body(spec: DiTSpec) -> dict:
-    return asdict(spec)
+def load_body(spec: DiTSpec, shard_weights: bool = False) -> dict:
+    return {"spec": asdict(spec), "shard_weights": shard_weights}
 
 
 # ---- the pool -------------------------------------------------------------------------------------------------------
@@ -271,7 +278,8 @@ class WorkerPool:
 
     def __init__(self, config: PoolConfig, spec: DiTSpec):
         self.config, self.spec = config, spec
-        self.in_channels: int | None = None
+        self.in_channels: int | None = None  # of the loaded DiT, known once started
+        self.heads: int | None = None
         self._workers: list[_Worker] = []  # emptied in place by close(): the finalizer holds this same list
         self._store = None
         self._next_job = 0
@@ -291,9 +299,9 @@ class WorkerPool:
         self.close(force=True)  # what is left of an earlier pool
         try:
             self._spawn_and_connect(should_cancel)
-            self._broadcast("load", spec_body(self.spec))
+            self._broadcast("load", load_body(self.spec, self.config.shard_weights))
             loaded = self._wait_all("loaded", "loading the DiT", should_cancel)
-            self.in_channels = int(loaded[0]["in_channels"])
+            self.in_channels, self.heads = int(loaded[0]["in_channels"]), int(loaded[0]["heads"])
         except BaseException:
             self.close(force=True)
             raise
@@ -384,9 +392,10 @@ class WorkerPool:
         """
         if not self.running:
             self.start(should_cancel)
+        plan = self.plan_for(job)
         job_id = self._next_job
         self._next_job += 1
-        self._broadcast("sample", job_body(job_id, job))
+        self._broadcast("sample", job_body(job_id, job, plan))
         state = _JobState(pending={w.rank for w in self._workers})
         while state.pending:
             for rank, kind, body in self._receive(0.1, "sampling"):
@@ -405,6 +414,13 @@ class WorkerPool:
         if state.latents is None:
             raise PoolError("Step-Video worker 0 finished without returning latents")
         return state.latents
+
+    def plan_for(self, job: SampleJob) -> ParallelPlan:
+        """How the workers split ``job`` (raises ``parallel.ParallelError`` for a layout that cannot work)."""
+        cfg = self.config
+        guided = job.negative is not None and job.settings.cfg != 1.0
+        return ParallelPlan.choose(cfg.world_size, self.heads, guided, guidance_parallel=cfg.guidance_parallel,
+                                   ulysses=cfg.ulysses, shard_weights=cfg.shard_weights)
 
     def _record(self, state: _JobState, rank: int, kind: str, body: dict, on_progress: ProgressFn | None,
                 should_cancel: CancelFn | None) -> None:

@@ -75,8 +75,8 @@ class ThreadWorker:
         self.conn, worker_end = Pipe()
         self.thread = threading.Thread(target=Worker(worker_end, 0, 1, "cpu").serve, daemon=True)
         self.thread.start()
-        wp.send(self.conn, "load", wp.spec_body(wp.DiTSpec(dit_path)))
-        assert self.next() == ("loaded", {"rank": 0, "in_channels": 4})
+        wp.send(self.conn, "load", wp.load_body(wp.DiTSpec(dit_path)))
+        assert self.next() == ("loaded", {"rank": 0, "in_channels": 4, "heads": 2})
 
     def next(self) -> tuple[str, dict]:
         assert self.conn.poll(60), "the worker did not answer"
@@ -84,7 +84,7 @@ class ThreadWorker:
 
     def run(self, job_id: int, job: wp.SampleJob, cancel_at: int | None = None) -> tuple[str, dict, list[int]]:
         """Send the job, answer each step (cancel at ``cancel_at``); return the final message and the steps seen."""
-        wp.send(self.conn, "sample", wp.job_body(job_id, job))
+        wp.send(self.conn, "sample", wp.job_body(job_id, job, wp.ParallelPlan()))
         steps = []
         while True:
             kind, body = self.next()
@@ -220,8 +220,10 @@ def pool(files):
 def test_pool_latents_equal_the_single_process_pipeline(pool, files):
     assert pool.in_channels == 4
     seen = []
-    for job in (make_job(), make_job(loras=[(files["lora"], 0.7)]),
-                make_job(settings=replace(SETTINGS, cfg=1.0, seed=9))):
+    guided, unguided = make_job(), make_job(settings=replace(SETTINGS, cfg=1.0, seed=9))
+    assert (pool.plan_for(guided).guidance, pool.plan_for(guided).sequence) == (2, 1)  # cond / uncond per worker
+    assert (pool.plan_for(unguided).guidance, pool.plan_for(unguided).ulysses) == (1, 2)  # tokens split in two
+    for job in (guided, make_job(loras=[(files["lora"], 0.7)]), unguided):
         seen.clear()
         got = pool.sample(job, on_progress=lambda step, total: seen.append((step, total)))
         assert_matches(got, reference(files["dit"], job))
@@ -273,5 +275,18 @@ def test_a_killed_worker_is_named_and_the_next_run_starts_a_fresh_pool(files):
         assert info.value.rank == 1 and not p.running
         assert_matches(p.sample(make_job()), reference(files["dit"], make_job()))
         assert p._workers[1].process.pid != victim.pid
+    finally:
+        p.close()
+
+
+@pytest.mark.slow
+def test_sequence_parallel_with_sharded_weights_equals_the_single_process_pipeline(files):
+    p = wp.WorkerPool(wp.PoolConfig(("cpu", "cpu"), guidance_parallel=False, shard_weights=True),
+                      wp.DiTSpec(files["dit"]))
+    try:
+        for job in (make_job(), make_job(loras=[(files["lora"], -0.5)])):
+            assert_matches(p.sample(job), reference(files["dit"], job))
+            plan = p.plan_for(job)
+            assert (plan.guidance, plan.ulysses, plan.shard_weights) == (1, 2, True)
     finally:
         p.close()
