@@ -11,6 +11,7 @@ WEB_DIRECTORY = "./js"
 def _node_list() -> list:
     from .nodes.dit_nodes import StepVideoDiTLoader, StepVideoLoraLoader
     from .nodes.latent_nodes import StepVideoEmptyLatent
+    from .nodes.parallel_nodes import StepVideoParallelDiTLoader, StepVideoParallelLoraLoader, StepVideoParallelSampler
     from .nodes.registered_folders import register_folders
     from .nodes.sampler_nodes import StepVideoNoise, StepVideoSampler, StepVideoSigmas
     from .nodes.text_nodes import StepVideoTextEncode, StepVideoTextEncoderLoader
@@ -29,6 +30,9 @@ def _node_list() -> list:
         StepVideoSampler,
         StepVideoSigmas,
         StepVideoNoise,
+        StepVideoParallelDiTLoader,
+        StepVideoParallelLoraLoader,
+        StepVideoParallelSampler,
     ]
 
 

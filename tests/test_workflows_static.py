@@ -110,6 +110,26 @@ CONTRACT: dict[str, dict] = {
         "widgets": [combo("lora_name"), float_("strength", -4.0, 4.0)],
         "outputs": [("MODEL", "MODEL")],
     },
+    "StepVideoParallelDiTLoader": {
+        "sockets": [],
+        "widgets": [combo("model_name"), combo("weight_dtype", DTYPES_DIT),
+                    combo("attention", ["sdpa", "sageattention", "flash-attn"]), str_("devices"), int_("workers", 0, 64),
+                    combo("guidance_parallel", ["auto", "on", "off"]), bool_("shard_weights")],
+        "outputs": [("parallel_dit", "STEPVIDEO_PARALLEL_DIT")],
+    },
+    "StepVideoParallelLoraLoader": {
+        "sockets": [("parallel_dit", "STEPVIDEO_PARALLEL_DIT")],
+        "widgets": [combo("lora_name"), float_("strength", -4.0, 4.0)],
+        "outputs": [("parallel_dit", "STEPVIDEO_PARALLEL_DIT")],
+    },
+    "StepVideoParallelSampler": {
+        "sockets": [("parallel_dit", "STEPVIDEO_PARALLEL_DIT"), ("positive", "CONDITIONING"),
+                    ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
+        "widgets": [combo("preset", ["standard", "turbo", "tiny", "custom"]), int_("steps", 1, 1000),
+                    float_("cfg", 0.0, 100.0), float_("shift", 0.01, 100.0), int_("seed", 0, SEED_MAX, control=True),
+                    float_("denoise", 0.01, 1.0)],
+        "outputs": [("LATENT", "LATENT")],
+    },
 }
 PACK_NODES = sorted(CONTRACT)
 
