@@ -21,7 +21,7 @@ from stepvideo_core.lora import attach, load_lora, new_trainable_lora, save_lora
 from stepvideo_core.pipeline import GenerationSettings, sample_latents
 from stepvideo_core.pool_worker import Worker
 from stepvideo_core.text_encoding import TextConditioning
-from tests.test_dit import small_dit, text_inputs
+from tests.builders import small_dit, text_inputs
 
 CAPTION = (24, 12)
 SETTINGS = GenerationSettings(num_frames=17, height=32, width=48, steps=6, cfg=4.0, shift=5.0, seed=5)
