@@ -1,7 +1,8 @@
 """Fixtures for tests against a real ComfyUI (skipped unless COMFYUI_PATH is set).
 
-Run with ComfyUI's own Python, e.g.
-``COMFYUI_PATH=/work/comfyui /work/comfyui/.venv/bin/python -m pytest tests/host -q``.
+Run with ComfyUI's own Python (it has ComfyUI's requirements; the pack's test venv does not):
+``COMFYUI_PATH=/path/to/ComfyUI scripts/run_tests.sh`` finds it, or directly
+``COMFYUI_PATH=/path/to/ComfyUI /path/to/ComfyUI/.venv/bin/python -m pytest tests/host -q``.
 
 - ``base_dir``: a throw-away ComfyUI base directory (``--base-directory``) holding tiny official-layout models
   and ``custom_nodes/comfyui-stepvideo`` -> this repository;
@@ -14,6 +15,7 @@ Run with ComfyUI's own Python, e.g.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import socket
@@ -32,6 +34,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 if not COMFYUI_PATH:
     collect_ignore_glob = ["test_*.py"]
+elif importlib.util.find_spec("PIL") is None or importlib.util.find_spec("aiohttp") is None:
+    # Both are ComfyUI requirements the pack does not need: this is not ComfyUI's Python.
+    raise pytest.UsageError(
+        f"tests/host run inside ComfyUI and need ComfyUI's own Python; {sys.executable} lacks its requirements "
+        f"(Pillow, aiohttp). Run `COMFYUI_PATH={COMFYUI_PATH} scripts/run_tests.sh` (it finds ComfyUI's Python, or set "
+        f"COMFYUI_PYTHON), or `<ComfyUI's python> -m pytest tests/host`.")
 
 
 @pytest.fixture(scope="session")
