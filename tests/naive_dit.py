@@ -52,18 +52,24 @@ def mlp(sd: dict, prefix: str, v: torch.Tensor) -> torch.Tensor:
 
 
 def naive_forward(sd: dict, heads: int, x, t, llm, mask, clip, norm_eps=1e-6, condition=None, motion_score=None):
-    """TI2V: ``condition`` latents are read with ``x`` as extra input channels; the embedded ``motion_score``
-    (one float per sample, no x1000) is added to the embedded timestep."""
+    """The DiT's output for ``x`` [b, F, C, H, W] from the state dict alone (any patch size). TI2V: ``condition``
+    latents are read with ``x`` as extra input channels; the embedded ``motion_score`` (one float per sample, no
+    x1000) is added to the embedded timestep."""
     b, frames, c, h, w = x.shape
     inputs = x if condition is None else torch.cat([x, condition], dim=2)
     dim = sd["pos_embed.proj.bias"].shape[0]
     d = dim // heads
+    patch = sd["pos_embed.proj.weight"].shape[-1]
+    c_out = sd["proj_out.bias"].shape[0] // patch**2
     layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
-    out = torch.zeros(b, frames, sd["proj_out.bias"].shape[0], h, w)
-    positions = [(f, y, xx) for f in range(frames) for y in range(h) for xx in range(w)]
+    out = torch.zeros(b, frames, c_out, h, w)
+    positions = [(f, y, xx) for f in range(frames) for y in range(h // patch) for xx in range(w // patch)]
     for i in range(b):
-        # tokens in frame-major, row, column order; patch size 1 means a per-pixel linear
-        tok = torch.stack([inputs[i, f, :, y, xx] for f, y, xx in positions]) @ sd["pos_embed.proj.weight"][:, :, 0, 0].T
+        # one token per patch x patch square, in frame-major, row, column order: a linear map of its
+        # [C, patch, patch] values with the conv weight [dim, C, patch, patch]
+        patches = [inputs[i, f, :, y * patch:(y + 1) * patch, xx * patch:(xx + 1) * patch].reshape(-1)
+                   for f, y, xx in positions]
+        tok = torch.stack(patches) @ sd["pos_embed.proj.weight"].reshape(dim, -1).T
         tok = tok + sd["pos_embed.proj.bias"]
         e = mlp(sd, "adaln_single.emb.timestep_embedder.", sinusoid(t[i].item() * 1000))
         if motion_score is not None:
@@ -109,5 +115,7 @@ def naive_forward(sd: dict, heads: int, x, t, llm, mask, clip, norm_eps=1e-6, co
         shift, scale = sd["scale_shift_table"] + e
         y = (F.layer_norm(tok, (dim,), eps=norm_eps) * (1 + scale) + shift) @ sd["proj_out.weight"].T + sd["proj_out.bias"]
         for j, (f, yy, xx) in enumerate(positions):
-            out[i, f, :, yy, xx] = y[j]
+            # each token's patch^2 * C_out outputs are its square, ordered (row in patch, column in patch, channel)
+            out[i, f, :, yy * patch:(yy + 1) * patch, xx * patch:(xx + 1) * patch] = (
+                y[j].view(patch, patch, c_out).permute(2, 0, 1))
     return out

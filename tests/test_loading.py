@@ -132,7 +132,30 @@ def test_missing_unexpected_and_mismatched_keys_are_listed(model_and_file, tmp_p
         load_dit(path)
 
 
-def test_meta_build_holds_no_memory():
+def test_loading_builds_on_the_meta_device_then_fills_every_tensor_from_the_file(model_and_file, monkeypatch):
+    """load_dit never initialises a model in memory: it builds one DiT, every parameter and buffer on the meta
+    device, then every tensor comes from the file."""
+    model, path = model_and_file
+    built = []
+    construct = StepVideoDiT.__init__
+
+    def spy(self, *args, **kwargs):
+        construct(self, *args, **kwargs)
+        built.append([t.is_meta for t in (*self.parameters(), *self.buffers())])
+
+    monkeypatch.setattr(StepVideoDiT, "__init__", spy)
+    loaded = load_dit(path, weight_dtype=torch.float32)
+    assert len(built) == 1 and built[0] and all(built[0])
+    state = loaded.state_dict()
+    assert state.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert not state[key].is_meta and torch.equal(state[key], value), key
+
+
+def test_full_size_dit_builds_on_meta_without_allocating():
+    """The 30B config under torch.device('meta'): no parameter or buffer may be made on a real device (an explicit
+    device in the constructor would allocate it, for every loader)."""
     with torch.device("meta"):
         model = StepVideoDiT()
-    assert all(p.is_meta for p in model.parameters())
+    tensors = [*model.parameters(), *model.buffers()]
+    assert sum(t.numel() for t in model.parameters()) == 29_342_478_400 and all(t.is_meta for t in tensors)

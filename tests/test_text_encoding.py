@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from stepvideo_core.dit import DiTConfig, StepVideoDiT
 from stepvideo_core.hunyuan_clip import load_hunyuan_clip
 from stepvideo_core.step_llm import StepLLMTokenizer, load_step_llm
 from stepvideo_core.text_encoding import (
@@ -14,6 +13,7 @@ from stepvideo_core.text_encoding import (
     encode_prompts,
     load_text_encoders,
 )
+from tests.builders import small_dit
 from tests.text_fixtures import (
     random_step_llm,
     small_llm_config,
@@ -85,13 +85,19 @@ def test_encode_shapes_masks_and_independence(folders):
 
 
 def test_conditioning_feeds_the_dit(folders):
+    """dit_kwargs hands each tensor to the DiT input it is (Step-LLM states, mask, CLIP states), and cat keeps
+    each prompt in its batch row: the guided [positive, negative] call gives each prompt's own output."""
     enc = fresh(folders)
     pos, neg = encode_prompts(enc, "一只猫 a cat", after="release")
     both = TextConditioning.cat([pos, neg])
-    dit = StepVideoDiT(DiTConfig(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-                                 num_layers=1, caption_channels=(96, 32)))
-    out = dit(torch.randn(2, 1, 4, 2, 2), torch.tensor([0.5, 0.5]), **both.dit_kwargs())
-    assert out.shape == (2, 1, 4, 2, 2) and torch.isfinite(out).all()
+    dit = small_dit(head_dim=8, layers=1, caption=(96, 32))
+    x, t = torch.randn(1, 1, 4, 2, 2).expand(2, -1, -1, -1, -1), torch.tensor([0.5, 0.5])
+    with torch.no_grad():
+        out = dit(x, t, **both.dit_kwargs())
+        for row, cond in enumerate((pos, neg)):
+            alone = dit(x[:1], t[:1], cond.llm_states, cond.mask, cond.clip_states)  # positional: the DiT's order
+            torch.testing.assert_close(out[row:row + 1], alone, atol=1e-5, rtol=1e-5)
+    assert (out[0] - out[1]).abs().max() > 1e-3, "the two prompts give different outputs for the same latent"
 
 
 def test_release_and_offload(folders):
