@@ -19,7 +19,8 @@ from stepvideo_core.attention import math_attention
 from stepvideo_core.parallel import DistributedGroup, ParallelContext, ParallelError, ParallelPlan, TokenShard
 from stepvideo_core.pipeline import GenerationSettings, sample_latents
 from stepvideo_core.text_encoding import TextConditioning
-from tests.builders import small_dit, text_inputs
+from tests.builders import small_dit, small_vae, text_inputs
+from tests.test_vae import latents as vae_latents
 
 CAPTION = (24, 12)
 # 17 frames at 64x80: 3 x 4 x 5 = 60 latent tokens, which 2 and 3 ranks split unevenly once padded (60 = 2 x 30,
@@ -67,6 +68,10 @@ def _worker(rank: int, world: int, store: str, heads: int, results: str):
             for key, settings in (("even", SETTINGS), ("odd", ODD_SETTINGS)):
                 out[f"{name}/{key}"] = parallel.sample_latents(dit, ctx, got_pos, got_neg, settings)
             out[f"{name}/plan"] = plan
+        # three chunks of 3 latents and a tail of 2, dealt out to the ranks; tiled on one layout
+        z = vae_latents(n=11)
+        out["decode"] = parallel.decode(small_vae(), z, ctx)
+        out["decode/tiled"] = parallel.decode(small_vae(), z, ctx, tile_size=2, tile_overlap=1)
     torch.save(out, os.path.join(results, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -95,11 +100,16 @@ def assert_same(got: torch.Tensor, want: torch.Tensor, what: str):
 def test_parallel_latents_equal_single_process(world, heads):
     ranks = run_world(world, heads)
     want = single_process(heads)
-    names = {k.split("/")[0] for k in ranks[0]}
+    names = {k.split("/")[0] for k in ranks[0] if k.endswith("/plan")}
     for name in names:
         for key in ("even", "odd"):
             for r, result in enumerate(ranks):
                 assert_same(result[f"{name}/{key}"], want[key], f"{name} ({result[f'{name}/plan'].describe()}) rank {r} {key}")
+    with torch.no_grad():
+        z = vae_latents(n=11)
+        whole, tiled = small_vae().decode(z), small_vae().decode(z, tile_size=2, tile_overlap=1)
+    assert torch.equal(ranks[0]["decode"], whole) and torch.equal(ranks[0]["decode/tiled"], tiled)
+    assert all(r["decode"] is None for r in ranks[1:]), "the video is gathered on rank 0 only"
     if world == 3 and heads == 4:
         assert ranks[0]["sequence/plan"].ring == 3, "4 heads on 3 ranks cannot use Ulysses: the ring path ran"
 
