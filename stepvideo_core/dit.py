@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionFn, sdpa_attention
-from .loading import load_checkpoint_model
+from .loading import load_checkpoint_model, open_checkpoint_model
 from .ops import FP8_DTYPES, RMSNorm, default_ops
 
 BLOCK_NORM_EPS = 1e-5  # block norm1/norm2; the model-level norm_eps applies only to caption_norm and norm_out
@@ -439,6 +439,29 @@ class StepVideoDiT(nn.Module):
         return self.unpatchify(self.finish(x, embedded), grid)
 
 
+DIT_NAME = "Step-Video DiT"
+DIT_ANCHORS = ("pos_embed.proj.weight",)
+
+
+def resolve_compute_dtype(weight_dtype: torch.dtype, compute_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype the DiT computes in: bf16 for fp8-stored weights, else the weights' own, unless given."""
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if weight_dtype in FP8_DTYPES else weight_dtype
+    if compute_dtype in FP8_DTYPES:
+        raise ValueError("fp8 is a storage dtype; compute in bfloat16 or float16")
+    return compute_dtype
+
+
+def _builder(operations, config_overrides):
+    return lambda ckpt, shapes: StepVideoDiT(DiTConfig.from_shapes(shapes, **config_overrides), operations=operations)
+
+
+def open_dit_checkpoint(path: str | Path, operations=None, **config_overrides):
+    """(The DiT built on the meta device from the checkpoint's shapes, the checkpoint, its key map), for loaders
+    that fill it their own way (``parallel.load_dit_sharded`` keeps each rank's shard of the block weights)."""
+    return open_checkpoint_model(path, model_name=DIT_NAME, anchors=DIT_ANCHORS, build=_builder(operations, config_overrides))
+
+
 def load_dit(
     path: str | Path,
     weight_dtype: torch.dtype = torch.bfloat16,
@@ -453,13 +476,8 @@ def load_dit(
     on the meta device and filled tensor by tensor. fp8 ``weight_dtype`` stores Linear/Conv weights in fp8
     and computes in ``compute_dtype`` (bf16 by default), upcasting one layer at a time.
     """
-    if compute_dtype is None:
-        compute_dtype = torch.bfloat16 if weight_dtype in FP8_DTYPES else weight_dtype
-    if compute_dtype in FP8_DTYPES:
-        raise ValueError("fp8 is a storage dtype; compute in bfloat16 or float16")
-    model = load_checkpoint_model(
-        path, model_name="Step-Video DiT", anchors=("pos_embed.proj.weight",), weight_dtype=weight_dtype,
-        compute_dtype=compute_dtype, device=device,
-        build=lambda ckpt, shapes: StepVideoDiT(DiTConfig.from_shapes(shapes, **config_overrides), operations=operations))
+    compute_dtype = resolve_compute_dtype(weight_dtype, compute_dtype)
+    model = load_checkpoint_model(path, model_name=DIT_NAME, anchors=DIT_ANCHORS, weight_dtype=weight_dtype,
+                                  compute_dtype=compute_dtype, device=device, build=_builder(operations, config_overrides))
     model.compute_dtype = compute_dtype
     return model

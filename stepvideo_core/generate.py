@@ -29,7 +29,7 @@ import torch
 
 from . import parallel
 from .attention import BACKENDS, get_attention
-from .dit import load_dit
+from .dit import load_dit, open_dit_checkpoint, resolve_compute_dtype
 from .pipeline import GenerationSettings, sample_latents
 from .scheduler import PRESETS, denoise_sigmas
 from .text_encoding import encode_prompts, load_text_encoders
@@ -176,11 +176,22 @@ def run(args: argparse.Namespace) -> dict:
     rank = group.rank if group else 0
     weight_dtype = WEIGHT_DTYPES[args.weight_dtype] if args.weight_dtype != "auto" else (
         torch.float32 if device.type == "cpu" else torch.bfloat16)
-    compute_dtype = torch.bfloat16 if weight_dtype == torch.float8_e4m3fn else weight_dtype
-    guided = settings.cfg != 1.0
+    compute_dtype = resolve_compute_dtype(weight_dtype, None)
     ctx = None
+    if group is not None:
+        heads = open_dit_checkpoint(paths.dit)[0].config.num_attention_heads  # shapes only, nothing loaded
+        plan = parallel.ParallelPlan.choose(
+            group.world_size, heads, guided=settings.cfg != 1.0,
+            guidance_parallel={"auto": None, "on": True, "off": False}[args.guidance_parallel],
+            ulysses=args.ulysses, shard_weights=args.shard_weights)
+        ctx = parallel.ParallelContext.build(plan, group)
+        if rank == 0:
+            print(f"parallel: {plan.describe()}", file=sys.stderr)
+    elif args.shard_weights:
+        print("--shard-weights has no effect in one process; launch with torchrun to shard over several", file=sys.stderr)
 
-    # Text: encoded once (on rank 0), the encoders dropped before the DiT loads.
+    # Text: encoded once (on rank 0), the encoders dropped before the DiT loads; the other ranks load their
+    # DiT meanwhile and receive the conditioning after.
     positive = negative = None
     if rank == 0:
         encoders = load_text_encoders(paths.step_llm, paths.clip, weight_dtype=weight_dtype, device=device)
@@ -189,23 +200,16 @@ def run(args: argparse.Namespace) -> dict:
                                                 after="release")
         del encoders
 
-    shard = args.shard_weights and group is not None
-    dit = load_dit(paths.dit, weight_dtype=weight_dtype, device="cpu" if shard else device)
+    if ctx is not None and ctx.plan.shard_weights:
+        dit = parallel.load_dit_sharded(paths.dit, ctx, weight_dtype=weight_dtype)
+    else:
+        dit = load_dit(paths.dit, weight_dtype=weight_dtype, device=device)
     dit.set_attention(get_attention(args.attention))
     if args.lora:
         from .lora import attach, load_lora
 
         attach(dit, load_lora(args.lora, dit), args.lora_strength)
-    if group is not None:
-        plan = parallel.ParallelPlan.choose(
-            group.world_size, dit.config.num_attention_heads, guided,
-            guidance_parallel={"auto": None, "on": True, "off": False}[args.guidance_parallel],
-            ulysses=args.ulysses, shard_weights=args.shard_weights)
-        ctx = parallel.ParallelContext.build(plan, group)
-        if plan.shard_weights:
-            parallel.shard_dit_weights(dit, ctx)
-        if rank == 0:
-            print(f"parallel: {plan.describe()}", file=sys.stderr)
+    if ctx is not None:
         positive, negative = parallel.broadcast_conditioning(positive, negative, ctx)
 
     bar, callback = step_progress(rank == 0, settings.steps, "sampling")

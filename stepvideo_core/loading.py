@@ -233,6 +233,14 @@ def to_storage_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype)
 
 
+def storage_dtype(owner: nn.Module, attr: str, weight_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.dtype:
+    """Weights of weight layers (Linear, Conv, Embedding) are stored in ``weight_dtype`` (fp8 allowed); every
+    other tensor (norms, tables, biases) in ``compute_dtype`` when ``weight_dtype`` is fp8, else in ``weight_dtype``."""
+    if attr == "weight" and is_weight_layer(owner):
+        return weight_dtype
+    return compute_dtype if weight_dtype in FP8_DTYPES else weight_dtype
+
+
 def load_streaming(
     model: nn.Module,
     ckpt: Checkpoint,
@@ -245,16 +253,14 @@ def load_streaming(
 ) -> nn.Module:
     """Fill a model built on the meta device from ``ckpt``, one tensor at a time.
 
-    Weights of weight layers (Linear, Conv, Embedding) are stored in ``weight_dtype`` (fp8 allowed); every other
-    tensor (norms, tables, biases) in ``compute_dtype`` when ``weight_dtype`` is fp8, else in ``weight_dtype``.
+    Each tensor is stored in the dtype ``storage_dtype`` gives.
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     mapping = check_keys(ckpt, expected, model_name, key_map or strip_known_prefix(ckpt.keys(), set(expected)))
-    other_dtype = compute_dtype if weight_dtype in FP8_DTYPES else weight_dtype
     for name in expected:
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
-        dtype = weight_dtype if attr == "weight" and is_weight_layer(owner) else other_dtype
+        dtype = storage_dtype(owner, attr, weight_dtype, compute_dtype)
         stored = ckpt.read(mapping[name])
         tensor = to_storage_dtype(stored, dtype).to(device)
         if tensor.data_ptr() == stored.data_ptr():  # unchanged: still the file's mapping, so take a copy
@@ -270,21 +276,18 @@ def load_streaming(
     return model
 
 
-def load_checkpoint_model(
+def open_checkpoint_model(
     path: str | os.PathLike,
     *,
     model_name: str,
     anchors: tuple[str, ...],
     build: Callable[[Checkpoint, dict[str, tuple[int, ...]]], nn.Module],
-    weight_dtype: torch.dtype,
-    compute_dtype: torch.dtype,
-    device: torch.device | str = "cpu",
     hint: str = "",
-) -> nn.Module:
-    """The skeleton every model loader shares: open the checkpoint, strip a prefix other tools add, check that
-    the file is this model (its ``anchors`` keys; another model is named), ``build(ckpt, shapes)`` on the meta
-    device (it infers the config from the tensor shapes; its ``ValueError``/``KeyError`` become a
-    ``CheckpointError`` naming the file), then stream the weights in. ``hint`` ends the wrong-file message."""
+) -> tuple[nn.Module, Checkpoint, Callable[[str], str]]:
+    """(Model on the meta device, checkpoint, key map): open the checkpoint, strip a prefix other tools add,
+    check that the file is this model (its ``anchors`` keys; another model is named), ``build(ckpt, shapes)``
+    on the meta device (it infers the config from the tensor shapes; its ``ValueError``/``KeyError`` become a
+    ``CheckpointError`` naming the file). ``hint`` ends the wrong-file message."""
     ckpt = Checkpoint(path)
     key_map = strip_known_prefix(ckpt.keys(), set(anchors))
     shapes = {key_map(k): shape for k, shape in ckpt.shapes().items()}
@@ -299,6 +302,22 @@ def load_checkpoint_model(
         raise
     except (ValueError, KeyError, TypeError, ZeroDivisionError) as e:
         raise CheckpointError(f"{ckpt.path} is not a usable {model_name} checkpoint: {e}") from None
+    return model, ckpt, key_map
+
+
+def load_checkpoint_model(
+    path: str | os.PathLike,
+    *,
+    model_name: str,
+    anchors: tuple[str, ...],
+    build: Callable[[Checkpoint, dict[str, tuple[int, ...]]], nn.Module],
+    weight_dtype: torch.dtype,
+    compute_dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    hint: str = "",
+) -> nn.Module:
+    """The skeleton every model loader shares: ``open_checkpoint_model``, then stream the weights in."""
+    model, ckpt, key_map = open_checkpoint_model(path, model_name=model_name, anchors=anchors, build=build, hint=hint)
     load_streaming(model, ckpt, model_name=model_name, weight_dtype=weight_dtype, compute_dtype=compute_dtype,
                    device=device, key_map=key_map)
     return model.eval().requires_grad_(False)

@@ -444,21 +444,65 @@ def decode(vae: VideoVAE, latents: torch.Tensor, ctx: ParallelContext, **decode_
 # ---- weight sharding ------------------------------------------------------------------------------------------
 
 
-def shard_dit_weights(dit: StepVideoDiT, ctx: ParallelContext) -> StepVideoDiT:
-    """Shard every transformer block's weights over all ranks with FSDP2 (``fully_shard``, dim 0 of each
-    tensor); the rest of the DiT (embeddings, projections: about 1% of it) stays whole on every rank.
-
-    Each block gathers its weights just before it runs and frees them after (``reshard_after_forward``), so a
-    rank holds 1/world of the blocks plus one whole block. The blocks move to ``ctx.device``."""
+def _shard_blocks(dit: StepVideoDiT, ctx: ParallelContext) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(ctx.device.type, (ctx.plan.world_size,))
     for block in dit.transformer_blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=True)  # moves the block's shards to the device
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+
+
+def shard_dit_weights(dit: StepVideoDiT, ctx: ParallelContext) -> StepVideoDiT:
+    """Shard the block weights of a DiT already in memory (see ``load_dit_sharded`` to load it sharded).
+
+    Every transformer block is wrapped with FSDP2's ``fully_shard`` over all ranks (dim 0 of each tensor);
+    the rest of the DiT (embeddings, projections: about 1% of it) stays whole on every rank. A block
+    gathers its weights just before it runs and frees them after (``reshard_after_forward``), so a rank holds
+    1/world of the blocks plus one whole block. Everything moves to ``ctx.device``."""
+    _shard_blocks(dit, ctx)  # moves each block's shard to the mesh's device
     for name, child in dit.named_children():
         if name != "transformer_blocks":
             child.to(ctx.device)
     for name, param in dit.named_parameters(recurse=False):
         dit.register_parameter(name, torch.nn.Parameter(param.to(ctx.device), requires_grad=param.requires_grad))
     return dit
+
+
+def load_dit_sharded(path, ctx: ParallelContext, weight_dtype: torch.dtype = torch.bfloat16,
+                     compute_dtype: torch.dtype | None = None, operations=None, **config_overrides) -> StepVideoDiT:
+    """``load_dit`` straight into sharded blocks: the model is built and sharded on the meta device, then each
+    rank reads the checkpoint one tensor at a time and keeps only its own rows of the block weights.
+
+    Host memory holds one tensor at a time and the device 1/world of the blocks plus the rest of the DiT, so
+    four 24 GB GPUs on a 64 GB machine can load the 30B DiT in fp8, which neither fits one GPU nor four
+    whole copies in host memory."""
+    from torch.distributed.tensor import DTensor
+
+    from .dit import DIT_NAME, open_dit_checkpoint, resolve_compute_dtype
+    from .loading import check_keys, storage_dtype, to_storage_dtype
+
+    compute_dtype = resolve_compute_dtype(weight_dtype, compute_dtype)
+    model, ckpt, key_map = open_dit_checkpoint(path, operations, **config_overrides)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    mapping = check_keys(ckpt, expected, DIT_NAME, key_map)
+    dtypes = {}
+    for name, param in list(model.named_parameters()):  # storage dtypes first: FSDP2 shards what it is given
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        dtypes[name] = storage_dtype(owner, attr, weight_dtype, compute_dtype)
+        owner._parameters[attr] = torch.nn.Parameter(param.to(dtypes[name]), requires_grad=False)
+    _shard_blocks(model, ctx)
+    model.to_empty(device=ctx.device)
+    world, rank = ctx.plan.world_size, ctx.rank
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            full = to_storage_dtype(ckpt.read(mapping[name]), dtypes[name])
+            if isinstance(param, DTensor):
+                rows = list(torch.chunk(full, world, dim=0))  # FSDP2's Shard(0): torch.chunk, empty at the end
+                mine = rows[rank] if rank < len(rows) else full[:0]
+                param.to_local().copy_(mine)
+            else:
+                param.copy_(full)
+    model.compute_dtype = compute_dtype
+    return model.eval()

@@ -13,9 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import save_file
 
 from stepvideo_core import parallel
 from stepvideo_core.attention import math_attention
+from stepvideo_core.dit import load_dit
 from stepvideo_core.parallel import DistributedGroup, ParallelContext, ParallelError, ParallelPlan, TokenShard
 from stepvideo_core.pipeline import GenerationSettings, sample_latents
 from stepvideo_core.text_encoding import TextConditioning
@@ -49,10 +51,12 @@ def layouts(world: int, heads: int):
             out.append(("both", ParallelPlan.choose(world, heads, guided=True)))
     out.append(("ring", ParallelPlan.choose(world, heads, guided=True, guidance_parallel=False, ulysses=1)))
     out.append(("sharded", ParallelPlan.choose(world, heads, guided=True, shard_weights=True)))
+    out.append(("loaded-sharded", ParallelPlan.choose(world, heads, guided=True, guidance_parallel=False,
+                                                      shard_weights=True)))
     return out
 
 
-def _worker(rank: int, world: int, store: str, heads: int, results: str):
+def _worker(rank: int, world: int, store: str, heads: int, results: str, dit_file: str):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     group = DistributedGroup(rank, world, torch.device("cpu"))
@@ -61,13 +65,23 @@ def _worker(rank: int, world: int, store: str, heads: int, results: str):
     with torch.no_grad():
         for name, plan in layouts(world, heads):
             ctx = ParallelContext.build(plan, group)
-            dit = reduced_dit(heads)
-            if plan.shard_weights:
+            if name == "loaded-sharded":
+                dit = parallel.load_dit_sharded(dit_file, ctx, weight_dtype=torch.float32)
+            else:
+                dit = reduced_dit(heads)
+            if name == "sharded":
                 parallel.shard_dit_weights(dit, ctx)
             got_pos, got_neg = parallel.broadcast_conditioning(pos if rank == 0 else None, neg if rank == 0 else None, ctx)
             for key, settings in (("even", SETTINGS), ("odd", ODD_SETTINGS)):
                 out[f"{name}/{key}"] = parallel.sample_latents(dit, ctx, got_pos, got_neg, settings)
             out[f"{name}/plan"] = plan
+        # fp8 storage: FSDP2 gathers fp8 weights beside bf16 norms; compare one bf16 call with one process
+        x, t = torch.randn(1, 3, 4, 4, 5, generator=torch.Generator().manual_seed(9)), torch.tensor([0.4])
+        fp8 = parallel.load_dit_sharded(dit_file, ctx, weight_dtype=torch.float8_e4m3fn)
+        wqkv = fp8.transformer_blocks[0].attn1.wqkv.weight
+        out["fp8/shard"] = (tuple(wqkv.shape), tuple(wqkv.to_local().shape), wqkv.to_local().dtype)
+        out["fp8"] = parallel.parallel_velocity(fp8, ctx, got_pos, None, 1.0)(x, t)
+        out["fp8/single"] = load_dit(dit_file, weight_dtype=torch.float8_e4m3fn)(x, t, **got_pos.dit_kwargs()).float()
         # three chunks of 3 latents and a tail of 2, dealt out to the ranks; tiled on one layout
         z = vae_latents(n=11)
         out["decode"] = parallel.decode(small_vae(), z, ctx)
@@ -79,7 +93,9 @@ def _worker(rank: int, world: int, store: str, heads: int, results: str):
 
 def run_world(world: int, heads: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, os.path.join(tmp, "store"), heads, tmp), nprocs=world, join=True)
+        dit_file = os.path.join(tmp, "dit.safetensors")
+        save_file(reduced_dit(heads).state_dict(), dit_file)
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "store"), heads, tmp, dit_file), nprocs=world, join=True)
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
@@ -105,6 +121,11 @@ def test_parallel_latents_equal_single_process(world, heads):
         for key in ("even", "odd"):
             for r, result in enumerate(ranks):
                 assert_same(result[f"{name}/{key}"], want[key], f"{name} ({result[f'{name}/plan'].describe()}) rank {r} {key}")
+    for r, result in enumerate(ranks):
+        fp8, single = result["fp8"], result["fp8/single"]
+        assert (fp8 - single).abs().max() <= 2e-2 * single.abs().max(), f"fp8 sharded rank {r}"
+        (rows, cols), local, dtype = result["fp8/shard"]
+        assert local == (len(torch.arange(rows).chunk(world)[r]), cols) and dtype == torch.float8_e4m3fn, "1/world of the rows, in fp8"
     with torch.no_grad():
         z = vae_latents(n=11)
         whole, tiled = small_vae().decode(z), small_vae().decode(z, tile_size=2, tile_overlap=1)
