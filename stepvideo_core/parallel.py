@@ -50,6 +50,7 @@ import torch.distributed as dist
 
 from .attention import AttentionFn
 from .dit import Rope3D, StepVideoDiT
+from .image_condition import ImageCondition
 from .pipeline import GenerationSettings, latent_shape
 from .scheduler import StepCallback, denoise_sigmas, make_noise, sample_euler
 from .text_encoding import TextConditioning
@@ -330,10 +331,12 @@ class SequenceParallelAttention:
 
 
 def branch_forward(dit: StepVideoDiT, ctx: ParallelContext, x: torch.Tensor, t: torch.Tensor,
-                   text: TextConditioning) -> tuple[torch.Tensor, tuple[int, int, int]]:
+                   text: TextConditioning, image: ImageCondition | None = None
+                   ) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """(The DiT's output tokens ``[b, tokens, p*p*C]`` for this rank's branch, token grid), with the tokens
     split over the sequence group and gathered again, so every rank of the group holds all of them."""
-    tokens, context, embedded, grid = dit.prepare(x, t, **text.dit_kwargs())
+    extra = image.dit_kwargs(x.shape[0]) if image is not None else {}
+    tokens, context, embedded, grid = dit.prepare(x, t, **text.dit_kwargs(), **extra)
     if ctx.plan.sequence == 1:
         return dit.finish(dit.run_blocks(tokens, context), embedded), grid
     shard = TokenShard(tokens.shape[1], ctx.plan.sequence, ctx.sequence_rank)
@@ -344,27 +347,29 @@ def branch_forward(dit: StepVideoDiT, ctx: ParallelContext, x: torch.Tensor, t: 
 
 
 def parallel_velocity(dit: StepVideoDiT, ctx: ParallelContext, positive: TextConditioning,
-                      negative: TextConditioning | None, cfg: float):
+                      negative: TextConditioning | None, cfg: float, image: ImageCondition | None = None):
     """A ``VelocityFn`` that gives the guided velocity on every rank; with guidance parallel this rank runs
-    only its own branch (positive on guidance rank 0, negative on 1) and the branches are exchanged."""
+    only its own branch (positive on guidance rank 0, negative on 1) and the branches are exchanged. An image
+    condition (TI2V) goes to both branches, as in ``pipeline.dit_velocity``."""
     guided = negative is not None and cfg != 1.0
     if ctx.plan.guidance == 2 and not guided:
         raise ParallelError("the plan splits guidance over ranks but sampling is unguided; choose the plan with "
                             "guided=False")
     if ctx.plan.guidance == 2:
-        texts = [(positive if ctx.guidance_rank == 0 else negative).to(device=ctx.device)]
+        text = positive if ctx.guidance_rank == 0 else negative
     else:
-        texts = [TextConditioning.cat([positive, negative]) if guided else positive]
-        texts = [texts[0].to(device=ctx.device)]
-    text = texts[0]
+        text = TextConditioning.cat([positive, negative]) if guided else positive
+    text = text.to(device=ctx.device)
+    if image is not None:
+        image = ImageCondition(image.latents.to(ctx.device), image.motion_score)
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x, t = x.to(ctx.device), t.to(ctx.device)
         if guided and ctx.plan.guidance == 1:
-            out, grid = branch_forward(dit, ctx, torch.cat([x, x]), torch.cat([t, t]), text)
+            out, grid = branch_forward(dit, ctx, torch.cat([x, x]), torch.cat([t, t]), text, image)
             v_cond, v_uncond = dit.unpatchify(out, grid).float().chunk(2)
             return v_uncond + cfg * (v_cond - v_uncond)
-        out, grid = branch_forward(dit, ctx, x, t, text)
+        out, grid = branch_forward(dit, ctx, x, t, text, image)
         v = dit.unpatchify(out, grid).float()
         if ctx.plan.guidance == 1:
             return v
@@ -378,17 +383,18 @@ def parallel_velocity(dit: StepVideoDiT, ctx: ParallelContext, positive: TextCon
 
 def sample_latents(dit: StepVideoDiT, ctx: ParallelContext, positive: TextConditioning,
                    negative: TextConditioning | None, settings: GenerationSettings,
-                   callback: StepCallback | None = None, latents: torch.Tensor | None = None) -> torch.Tensor:
-    """``pipeline.sample_latents`` split over the ranks: the same seeded noise and schedule everywhere, the
-    same fp32 latents ``[b, F, C, h, w]`` returned on every rank (``latents``: as in the pipeline, the shape
-    and, with ``settings.denoise < 1``, the start)."""
+                   latents: torch.Tensor | None = None, callback: StepCallback | None = None,
+                   noise: torch.Tensor | None = None, image: ImageCondition | None = None) -> torch.Tensor:
+    """``pipeline.sample_latents`` split over the ranks, with the same arguments: the same seeded noise and
+    schedule everywhere, the same fp32 latents ``[b, F, C, h, w]`` returned on every rank. ``latents`` and
+    ``noise``, when given, must be the same on every rank."""
     shape = latent_shape(settings, dit.config.in_channels, positive.mask.shape[0]) if latents is None else latents.shape
-    noise = make_noise(shape, settings.seed)
+    noise = make_noise(shape, settings.seed) if noise is None else noise
     guided = negative is not None and settings.cfg != 1.0
-    velocity = parallel_velocity(dit, ctx, positive, negative if guided else None, settings.cfg)
+    velocity = parallel_velocity(dit, ctx, positive, negative if guided else None, settings.cfg, image)
     sigmas = denoise_sigmas(settings.steps, settings.shift, settings.denoise)
-    start = None if latents is None else latents.to(ctx.device)
-    return sample_euler(velocity, noise.to(ctx.device), sigmas, latents=start, callback=callback)
+    return sample_euler(velocity, noise.to(ctx.device), sigmas,
+                        latents=None if latents is None else latents.to(ctx.device), callback=callback)
 
 
 # ---- conditioning and decoding ------------------------------------------------------------------------------

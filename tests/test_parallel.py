@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from stepvideo_core import parallel
 from stepvideo_core.attention import math_attention
 from stepvideo_core.dit import load_dit
+from stepvideo_core.image_condition import ImageCondition
 from stepvideo_core.parallel import DistributedGroup, ParallelContext, ParallelError, ParallelPlan, TokenShard
 from stepvideo_core.pipeline import GenerationSettings, sample_latents
 from stepvideo_core.text_encoding import TextConditioning
@@ -29,6 +30,7 @@ CAPTION = (24, 12)
 # and at 48x80: 3 x 3 x 5 = 45 = 3 x 15): both an even and an odd token count get used below.
 SETTINGS = GenerationSettings(num_frames=17, height=64, width=80, steps=3, cfg=4.0, shift=5.0, seed=3)
 ODD_SETTINGS = GenerationSettings(num_frames=17, height=48, width=80, steps=3, cfg=4.0, shift=5.0, seed=4)
+PARTIAL = GenerationSettings(num_frames=17, height=64, width=80, steps=2, cfg=4.0, shift=5.0, seed=5, denoise=0.5)
 
 
 def reduced_dit(heads: int):
@@ -75,6 +77,9 @@ def _worker(rank: int, world: int, store: str, heads: int, results: str, dit_fil
             for key, settings in (("even", SETTINGS), ("odd", ODD_SETTINGS)):
                 out[f"{name}/{key}"] = parallel.sample_latents(dit, ctx, got_pos, got_neg, settings)
             out[f"{name}/plan"] = plan
+            if name == "sequence":  # the other entry points of sample_latents: a start image (TI2V), partial denoise
+                out["ti2v"] = parallel.sample_latents(ti2v_dit(heads), ctx, got_pos, got_neg, SETTINGS, image=start_image())
+                out["denoise"] = parallel.sample_latents(dit, ctx, got_pos, got_neg, PARTIAL, latents=start_latents())
         # fp8 storage: FSDP2 gathers fp8 weights beside bf16 norms; compare one bf16 call with one process
         x, t = torch.randn(1, 3, 4, 4, 5, generator=torch.Generator().manual_seed(9)), torch.tensor([0.4])
         fp8 = parallel.load_dit_sharded(dit_file, ctx, weight_dtype=torch.float8_e4m3fn)
@@ -99,11 +104,29 @@ def run_world(world: int, heads: int) -> list[dict]:
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
+def ti2v_dit(heads: int):
+    return small_dit(heads=heads, head_dim=8, layers=2, channels=4, caption=CAPTION, seed=6,
+                     use_additional_conditions=True)
+
+
+def start_image() -> ImageCondition:
+    latents = torch.zeros(1, 3, 4, 4, 5)
+    latents[:, :1] = torch.randn(1, 1, 4, 4, 5, generator=torch.Generator().manual_seed(7))
+    return ImageCondition(latents, motion_score=5.0)
+
+
+def start_latents() -> torch.Tensor:
+    return torch.randn(1, 3, 4, 4, 5, generator=torch.Generator().manual_seed(8))
+
+
 def single_process(heads: int) -> dict:
     dit = reduced_dit(heads)
     pos, neg = conditioning()
     with torch.no_grad():
-        return {key: sample_latents(dit, pos, neg, s) for key, s in (("even", SETTINGS), ("odd", ODD_SETTINGS))}
+        out = {key: sample_latents(dit, pos, neg, s) for key, s in (("even", SETTINGS), ("odd", ODD_SETTINGS))}
+        out["ti2v"] = sample_latents(ti2v_dit(heads), pos, neg, SETTINGS, image=start_image())
+        out["denoise"] = sample_latents(dit, pos, neg, PARTIAL, latents=start_latents())
+    return out
 
 
 def assert_same(got: torch.Tensor, want: torch.Tensor, what: str):
@@ -121,6 +144,9 @@ def test_parallel_latents_equal_single_process(world, heads):
         for key in ("even", "odd"):
             for r, result in enumerate(ranks):
                 assert_same(result[f"{name}/{key}"], want[key], f"{name} ({result[f'{name}/plan'].describe()}) rank {r} {key}")
+    for r, result in enumerate(ranks):
+        assert_same(result["ti2v"], want["ti2v"], f"TI2V rank {r}")
+        assert_same(result["denoise"], want["denoise"], f"partial denoise rank {r}")
     for r, result in enumerate(ranks):
         fp8, single = result["fp8"], result["fp8/single"]
         assert (fp8 - single).abs().max() <= 2e-2 * single.abs().max(), f"fp8 sharded rank {r}"
