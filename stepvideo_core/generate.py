@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DiT and Step-LLM storage dtype; fp8 stores e4m3 and computes in bf16 "
                         "(auto: fp32 on the CPU, bf16 on a GPU)")
     m.add_argument("--attention", choices=BACKENDS, default="sdpa", help="attention back-end of the DiT")
+    m.add_argument("--ff-chunk-size", type=int, default=0,
+                   help="low-memory path: run the DiT's feed-forward over at most this many tokens at a time "
+                        "(e.g. 8192; 0 = all at once)")
     m.add_argument("--lora", help="a LoRA file for the DiT (e.g. models/loras/step-video-tiny-dpo.safetensors)")
     m.add_argument("--lora-strength", type=float, default=1.0)
     m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU if there is one; under torchrun the "
@@ -120,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_settings(args: argparse.Namespace, is_tiny: bool) -> GenerationSettings:
-    """Preset, then explicit values; the request is checked with the nodes' rules and messages."""
+    """Preset, then explicit values; the request is checked with the nodes' rules and messages, and the other
+    numbers before anything loads."""
     preset = PRESETS[args.preset or ("tiny" if is_tiny else "standard")]
     width, height, frames = (tiny.SETTINGS.width, tiny.SETTINGS.height, tiny.SETTINGS.num_frames) if is_tiny \
         else RELEASE_SIZE
@@ -138,6 +142,8 @@ def resolve_settings(args: argparse.Namespace, is_tiny: bool) -> GenerationSetti
     if args.tile_size is not None and (args.tile_size < 1 or args.tile_overlap < 0 or 2 * args.tile_overlap > args.tile_size):
         raise ValueError(f"--tile-size {args.tile_size} / --tile-overlap {args.tile_overlap}: need tiles of at least "
                          "1 latent and an overlap of at most half a tile (e.g. --tile-size 16 --tile-overlap 4)")
+    if args.ff_chunk_size < 0:
+        raise ValueError(f"--ff-chunk-size {args.ff_chunk_size} must be 0 (all tokens at once) or a token count")
     return settings
 
 
@@ -201,9 +207,9 @@ def run(args: argparse.Namespace) -> dict:
         del encoders
 
     if ctx is not None and ctx.plan.shard_weights:
-        dit = parallel.load_dit_sharded(paths.dit, ctx, weight_dtype=weight_dtype)
+        dit = parallel.load_dit_sharded(paths.dit, ctx, weight_dtype=weight_dtype, ff_chunk_size=args.ff_chunk_size)
     else:
-        dit = load_dit(paths.dit, weight_dtype=weight_dtype, device=device)
+        dit = load_dit(paths.dit, weight_dtype=weight_dtype, device=device, ff_chunk_size=args.ff_chunk_size)
     dit.set_attention(get_attention(args.attention))
     if args.lora:
         from .lora import attach, load_lora
