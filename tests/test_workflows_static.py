@@ -165,7 +165,8 @@ MODEL_DIRECTORIES = {"stepvideo", "diffusion_models", "text_encoders", "vae", "l
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 OFFICIAL_PREFIX = "stepvideo/"  # combo values of the official layout: stepvideo/<download>/<part> (nodes/model_folders.py)
 EXPECTED_WORKFLOWS = {"stepvideo_t2v_standard", "stepvideo_t2v_turbo", "stepvideo_t2v_low_memory",
-                      "stepvideo_t2v_lora_swap", "step_video_tiny_demo", "step_video_tiny_dpo_swap"}
+                      "stepvideo_t2v_lora_swap", "step_video_tiny_demo", "step_video_tiny_dpo_swap",
+                      "stepvideo_t2v_multi_gpu"}
 BUILTIN_PREFIX = f"{OFFICIAL_PREFIX}{tiny.NAME}/"  # Step-Video-Tiny ships in the pack's models/: nothing to download
 # The Video-DPO LoRA for Step-Video-Tiny ships at models/loras/ (where `python -m stepvideo_core.tiny.dpo` writes it);
 # nodes/registered_folders.py adds that folder to ComfyUI's "loras", so the LoRA loaders list it by its bare file name.
@@ -305,7 +306,7 @@ def _node_rules(node: dict, where: str) -> None:
         assert v["frames"] <= 204, f"{where}: more than the 204 frames the model was trained for"
     if t == "StepVideoVAEDecode":
         assert v["tile_size"] == 0 or 2 * v["tile_overlap"] <= v["tile_size"], f"{where}: overlap above half a tile"
-    if t == "StepVideoSampler":
+    if t in ("StepVideoSampler", "StepVideoParallelSampler"):
         if v["preset"] == "standard":
             assert (v["steps"], v["cfg"], v["shift"]) == (50, 9.0, 13.0), where
         if v["preset"] == "turbo":
@@ -376,6 +377,15 @@ def test_each_workflow_has_its_purpose():
         assert len(srcs) == 1, name
     prefixes = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "SaveVideo"]
     assert len(set(prefixes)) == 2
+
+    # several GPUs: the standard graph with the parallel DiT loader and sampler in place of the single-GPU ones
+    (d,) = nodes("stepvideo_t2v_multi_gpu", "StepVideoParallelDiTLoader")
+    assert d["devices"] == "all" and d["workers"] == 0 and d["model_name"] == "stepvideo/stepvideo-t2v/transformer"
+    (s,) = nodes("stepvideo_t2v_multi_gpu", "StepVideoParallelSampler")
+    assert s["preset"] == "standard"
+    types = {n["type"] for n in by["stepvideo_t2v_multi_gpu"]["nodes"]}
+    assert not types & {"StepVideoDiTLoader", "StepVideoSampler"}
+    assert {n["type"] for n in by["stepvideo_t2v_standard"]["nodes"]} - types == {"StepVideoDiTLoader", "StepVideoSampler"}
 
     # the install check: the built-in Step-Video-Tiny at what it was trained for
     (d,) = nodes("step_video_tiny_demo", "StepVideoDiTLoader")

@@ -444,6 +444,9 @@ TINY_SIZES = {  # only size inputs change; everything else stays as the frontend
     "StepVideoEmptyLatent": {"width": 32, "height": 16, "frames": 17},
     "StepVideoSampler": {"steps": 2},  # used by preset 'custom'; named presets keep their own step counts
     "StepVideoVAEDecode": {"tile_size": 1, "tile_overlap": 0},  # smaller than the latent: still decoded in tiles
+    "StepVideoParallelSampler": {"steps": 2},
+    # not a size, the machine: no GPU here, so the multi-GPU workflow's workers run on the CPU (two, joined by gloo)
+    "StepVideoParallelDiTLoader": {"devices": "cpu", "workers": 2},
 }
 
 
