@@ -9,6 +9,8 @@ WEB_DIRECTORY = "./js"
 
 
 def _node_list() -> list:
+    from .nodes.cache_nodes import StepVideoStepCache
+    from .nodes.compile_nodes import StepVideoCompileBlocks
     from .nodes.dit_nodes import StepVideoDiTLoader, StepVideoLoraLoader
     from .nodes.latent_nodes import StepVideoEmptyLatent
     from .nodes.parallel_nodes import StepVideoParallelDiTLoader, StepVideoParallelLoraLoader, StepVideoParallelSampler
@@ -33,6 +35,8 @@ def _node_list() -> list:
         StepVideoParallelDiTLoader,
         StepVideoParallelLoraLoader,
         StepVideoParallelSampler,
+        StepVideoStepCache,
+        StepVideoCompileBlocks,
     ]
 
 

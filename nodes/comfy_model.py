@@ -14,10 +14,11 @@ import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
+import comfy.patcher_extension
 import comfy.supported_models_base
 import torch
 
-from ..stepvideo_core.attention import sdpa_attention
+from ..stepvideo_core.attention import install_hint
 from ..stepvideo_core.dit import load_dit
 from ..stepvideo_core.ops import FP8_DTYPES
 from .conversions import CLIP_KEY, LATENT_CHANNELS, MASK_KEY
@@ -73,34 +74,54 @@ class StepVideoModel(comfy.model_base.BaseModel):
         if c_crossattn is None or mask is None or clip is None:
             raise ValueError("The Step-Video model needs conditioning from StepVideoTextEncode (Step-LLM + CLIP states "
                              "and their mask); other text encoders' CONDITIONING does not fit it.")
-        dit = self.diffusion_model
-        dtype = dit.compute_dtype
+        options = {} if transformer_options is None else transformer_options
+        dtype = self.diffusion_model.compute_dtype
         xc = self.model_sampling.calculate_input(sigma, x)
         device = xc.device
         b = xc.shape[0]
         t_ref = (1.0 - sigma.reshape(-1).float()).to(device)
         if t_ref.numel() == 1 and b > 1:
             t_ref = t_ref.expand(b)
-        v = dit(
-            xc.to(dtype).movedim(1, 2),  # [B, C, T, H, W] -> [B, T, C, H, W]
-            t_ref,
-            c_crossattn.to(device=device, dtype=dtype),
-            mask.to(device=device),
-            clip.to(device=device, dtype=dtype),
-        )
-        model_output = -v.movedim(2, 1).float()  # ComfyUI flow wants noise - x0; the DiT gives x0 - noise
-        return self.model_sampling.calculate_denoised(sigma, model_output, x)
+        # Core video models run their forward through the DIFFUSION_MODEL wrappers (EasyCache and other step caches
+        # hook there); the executor sits here because the core DiT imports nothing from ComfyUI.
+        model_output = comfy.patcher_extension.WrapperExecutor.new_class_executor(
+            self._diffusion_forward,
+            self.diffusion_model,
+            comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, options),
+        ).execute(xc.to(dtype), t_ref, c_crossattn.to(device=device, dtype=dtype), mask.to(device=device),
+                  clip.to(device=device, dtype=dtype), options)
+        return self.model_sampling.calculate_denoised(sigma, model_output.float(), x)
+
+    def _diffusion_forward(self, x, t_ref, llm_states, mask, clip_states, transformer_options):
+        """The DiT as ComfyUI's wrappers see a core video model: latents ``[B, C, T, H, W]`` in, flow output
+        (noise - x0, ComfyUI's sign) out in the same layout, ``transformer_options`` last."""
+        v = self.diffusion_model(x.movedim(1, 2), t_ref, llm_states, mask, clip_states,
+                                 transformer_options=transformer_options)
+        return -v.movedim(2, 1)  # the DiT gives x0 - noise
 
 
-def comfy_attention():
-    """ComfyUI's optimized attention (honours --use-sage-attention, --use-flash-attention, ...) for unmasked calls;
-    masked (text cross-attention, at most 397 keys) calls use SDPA with the boolean mask."""
-    from comfy.ldm.modules.attention import optimized_attention
+# The DiT loader's explicit choices, as names in ComfyUI's attention registry ("comfy" = ComfyUI's own choice).
+COMFY_ATTENTION_NAMES = {"comfy": "optimized", "sdpa": "pytorch", "sageattention": "sage", "flash-attn": "flash"}
 
-    def fn(q, k, v, mask=None):
-        if mask is not None:
-            return sdpa_attention(q, k, v, mask)
-        return optimized_attention(q, k, v, q.shape[1], skip_reshape=True, skip_output_reshape=True)
+
+def comfy_attention(choice: str = "comfy"):
+    """The DiT's attention through ComfyUI's attention functions: by default the one ComfyUI picked from its
+    command line (--use-sage-attention, --use-flash-attention, ...), or the loader's explicit choice. Every call
+    passes ``transformer_options``, so an ``optimized_attention_override`` set by a node applies. Masked calls
+    (text cross-attention, at most 397 keys) use ComfyUI's PyTorch attention, the one that takes a boolean mask."""
+    from comfy.ldm.modules import attention as comfy_attn
+
+    name = COMFY_ATTENTION_NAMES[choice]
+    unmasked = comfy_attn.get_attention_function(name, None)
+    if unmasked is None:
+        raise ValueError(f"Attention '{choice}' was chosen but ComfyUI has no '{name}' attention function: its package "
+                         f"is not installed ({install_hint(choice)}). Or choose 'comfy' (ComfyUI's choice) or 'sdpa'.")
+    masked = comfy_attn.attention_pytorch
+
+    def fn(q, k, v, mask=None, transformer_options=None):
+        attention = unmasked if mask is None else masked
+        return attention(q, k, v, q.shape[1], mask=mask, skip_reshape=True, skip_output_reshape=True,
+                         transformer_options=transformer_options)
 
     return fn
 

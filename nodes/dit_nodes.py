@@ -8,7 +8,6 @@ import comfy.utils
 from comfy.weight_adapter.lora import LoRAAdapter
 from comfy_api.latest import io, ui
 
-from ..stepvideo_core.attention import AttentionBackendUnavailable, get_attention, is_available
 from ..stepvideo_core.lora import LoraError, parse_lora
 from . import conversions, registered_folders, validation
 from .comfy_model import build_model_patcher, comfy_attention
@@ -31,7 +30,8 @@ class StepVideoDiTLoader(io.ComfyNode):
                 io.Combo.Input("weight_dtype", options=list(validation.WEIGHT_DTYPES), default="default",
                                tooltip="Storage dtype of the weights. fp8 halves memory; layers are cast to bf16 one at a time."),
                 io.Combo.Input("attention", options=list(validation.ATTENTION_CHOICES), default="comfy",
-                               tooltip="'comfy' uses ComfyUI's attention (honours --use-sage-attention etc.)."),
+                               tooltip="'comfy' uses ComfyUI's choice (--use-sage-attention, --use-flash-attention, "
+                                       "...); the others override it with that ComfyUI attention function."),
             ],
             outputs=[io.Model.Output()],
         )
@@ -45,10 +45,10 @@ class StepVideoDiTLoader(io.ComfyNode):
             msg = validation.check_choice(name, value, choices)
             if msg is not True:
                 return msg
-        if attention not in (None, "comfy") and not is_available(attention):
+        if attention is not None:
             try:
-                get_attention(attention)
-            except AttentionBackendUnavailable as e:
+                comfy_attention(attention)
+            except ValueError as e:
                 return str(e)
         return True
 
@@ -57,8 +57,7 @@ class StepVideoDiTLoader(io.ComfyNode):
         path = registered_folders.dit_path(model_name)
         if path is None:
             raise FileNotFoundError(validation.not_found("DiT", model_name, registered_folders.DIT_WHERE))
-        attn = comfy_attention() if attention == "comfy" else get_attention(attention)
-        return io.NodeOutput(build_model_patcher(path, validation.parse_dtype(weight_dtype), attn))
+        return io.NodeOutput(build_model_patcher(path, validation.parse_dtype(weight_dtype), comfy_attention(attention)))
 
 
 class StepVideoLoraLoader(io.ComfyNode):

@@ -1,8 +1,9 @@
 """Attention back-ends behind one call signature.
 
-Every model calls ``fn(q, k, v, mask)`` with ``q, k, v`` shaped ``[batch, heads, tokens, head_dim]`` and an
-optional boolean ``mask`` broadcastable to ``[batch, heads, q_tokens, k_tokens]`` (True = attend). The scale
-is always ``1/sqrt(head_dim)``. Back-ends that cannot take a mask (SageAttention, flash-attn) fall back to
+Every model calls ``fn(q, k, v, mask, transformer_options)`` with ``q, k, v`` shaped ``[batch, heads, tokens,
+head_dim]``, an optional boolean ``mask`` broadcastable to ``[batch, heads, q_tokens, k_tokens]`` (True = attend)
+and the host's per-call options dict (ComfyUI's ``transformer_options``; the back-ends here ignore it, a host's
+function may read it). The scale is always ``1/sqrt(head_dim)``. Back-ends that cannot take a mask (SageAttention, flash-attn) fall back to
 SDPA for masked calls; in the DiT only cross-attention is masked, and it is short (at most 397 keys).
 """
 
@@ -10,12 +11,16 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+class AttentionFn(Protocol):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                 transformer_options: dict | None = None) -> torch.Tensor: ...
+
 
 BACKENDS = ("sdpa", "sageattention", "flash-attn", "math")
 
@@ -24,11 +29,11 @@ class AttentionBackendUnavailable(RuntimeError):
     pass
 
 
-def sdpa_attention(q, k, v, mask=None):
+def sdpa_attention(q, k, v, mask=None, transformer_options=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def math_attention(q, k, v, mask=None):
+def math_attention(q, k, v, mask=None, transformer_options=None):
     """Plain softmax(QK^T/sqrt(d))V in fp32: slow, obviously correct, used as the reference in tests."""
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if mask is not None:
@@ -39,7 +44,7 @@ def math_attention(q, k, v, mask=None):
 def _sage_attention() -> AttentionFn:
     from sageattention import sageattn
 
-    def sage(q, k, v, mask=None):
+    def sage(q, k, v, mask=None, transformer_options=None):
         if mask is not None or q.device.type != "cuda":
             return sdpa_attention(q, k, v, mask)
         return sageattn(q, k, v, tensor_layout="HND", is_causal=False)
@@ -50,7 +55,7 @@ def _sage_attention() -> AttentionFn:
 def _flash_attention() -> AttentionFn:
     from flash_attn import flash_attn_func
 
-    def flash(q, k, v, mask=None):
+    def flash(q, k, v, mask=None, transformer_options=None):
         if mask is not None or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
             return sdpa_attention(q, k, v, mask)
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -63,6 +68,11 @@ _INSTALL_HINTS = {
     "sageattention": ("sageattention", "pip install sageattention (needs a CUDA GPU and triton)"),
     "flash-attn": ("flash_attn", "pip install flash-attn --no-build-isolation (needs a CUDA GPU)"),
 }
+
+
+def install_hint(name: str) -> str:
+    """How to install back-end ``name``'s package ("" for back-ends that need nothing)."""
+    return _INSTALL_HINTS[name][1] if name in _INSTALL_HINTS else ""
 
 
 def is_available(name: str) -> bool:

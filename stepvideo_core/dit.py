@@ -139,11 +139,11 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, device=device, dtype=dtype)
         self.k_norm = RMSNorm(head_dim, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, rope: Rope3D, attention: AttentionFn) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope3D, attention: AttentionFn, transformer_options: dict) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.wqkv(x).view(b, n, self.heads, 3 * self.head_dim).split(self.head_dim, dim=-1)
         q, k = rope(self.q_norm(q)), rope(self.k_norm(k))
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None)
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, transformer_options)
         return self.wo(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -158,12 +158,13 @@ class CrossAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, device=device, dtype=dtype)
         self.k_norm = RMSNorm(head_dim, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, attention: AttentionFn,
+                transformer_options: dict) -> torch.Tensor:
         b, n, _ = x.shape
         q = self.q_norm(self.wq(x).view(b, n, self.heads, self.head_dim))
         k, v = self.wkv(text).view(b, text.shape[1], self.heads, 2 * self.head_dim).split(self.head_dim, dim=-1)
         k = self.k_norm(k)
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, transformer_options)
         return self.wo(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -204,13 +205,16 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim, operations, device, dtype)
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim, device=device, dtype=dtype) / dim**0.5)
 
-    def forward(self, x, modulation, text, text_mask, rope, attention, ff_chunk_size=0, self_attention=None):
+    def forward(self, x, modulation, text, text_mask, rope, attention, ff_chunk_size=0, self_attention=None,
+                transformer_options=None):
+        """``transformer_options``: the host's per-call options (a plain dict), handed to every attention call."""
+        options = {} if transformer_options is None else transformer_options
         table = self.scale_shift_table.to(device=x.device, dtype=x.dtype)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (table[None] + modulation).chunk(6, dim=1)
         h = self.norm1(x) * (1 + scale_msa) + shift_msa
-        x = gate_msa * self.attn1(h, rope, self_attention or attention) + x
+        x = gate_msa * self.attn1(h, rope, self_attention or attention, options) + x
         # Cross-attention in Step-Video has no pre-norm, no modulation and no gate.
-        x = self.attn2(x, text, text_mask, attention) + x
+        x = self.attn2(x, text, text_mask, attention, options) + x
         h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
         return gate_mlp * self.ff(h, ff_chunk_size) + x
 
@@ -399,10 +403,34 @@ class StepVideoDiT(nn.Module):
             raise ValueError(f"motion_score has {score.numel()} values for a batch of {b}")
         return condition.expand(b, *condition.shape[1:]), score.expand(b)
 
-    def run_blocks(self, x: torch.Tensor, context: BlockContext) -> torch.Tensor:
-        for block in self.transformer_blocks:
-            x = block(x, context.modulation, context.text, context.text_mask, context.rope, context.attention,
-                      context.ff_chunk_size, context.self_attention)
+    def run_blocks(self, x: torch.Tensor, context: BlockContext, transformer_options: dict | None = None) -> torch.Tensor:
+        """The transformer blocks in order; ``transformer_options`` reaches every block and attention call.
+
+        Per-block replacement: a callable at ``transformer_options["patches_replace"]["dit"][("double_block", i)]``
+        runs instead of block ``i`` (the key core ComfyUI uses for Wan's blocks, which have the same
+        self-attention + text cross-attention + feed-forward layout). It is called as ``patch(args, extra)`` with
+        ``args = {"img": tokens [b, N, D], "txt": text [b, keys, D], "txt_mask": [b, 1, 1, keys], "vec": modulation
+        [b, 6, D], "pe": Rope3D, "block_index": i, "transformer_options": dict}`` and ``extra = {"original_block":
+        fn}``, where ``fn(args)`` runs the block on ``args`` and returns ``{"img": tokens}``; the patch returns a
+        dict whose ``"img"`` is the block's output.
+        """
+        options = {} if transformer_options is None else transformer_options
+        replaced = options.get("patches_replace", {}).get("dit", {})
+        for i, block in enumerate(self.transformer_blocks):
+            patch = replaced.get(("double_block", i))
+            if patch is None:
+                x = block(x, context.modulation, context.text, context.text_mask, context.rope, context.attention,
+                          context.ff_chunk_size, context.self_attention, options)
+                continue
+
+            def original_block(args, block=block):
+                return {"img": block(args["img"], args["vec"], args["txt"], args["txt_mask"], args["pe"],
+                                     context.attention, context.ff_chunk_size, context.self_attention,
+                                     args["transformer_options"])}
+
+            args = {"img": x, "txt": context.text, "txt_mask": context.text_mask, "vec": context.modulation,
+                    "pe": context.rope, "block_index": i, "transformer_options": options}
+            x = patch(args, {"original_block": original_block})["img"]
         return x
 
     def finish(self, x: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
@@ -427,15 +455,17 @@ class StepVideoDiT(nn.Module):
         encoder_hidden_states_2: torch.Tensor,
         condition_hidden_states: torch.Tensor | None = None,
         motion_score: torch.Tensor | float | None = None,
+        transformer_options: dict | None = None,
     ) -> torch.Tensor:
         """Velocity for latents ``[b, F, C, h, w]`` at reference timesteps ``[b]`` (0 = noise, 1 = data).
 
         Step-Video-TI2V also takes ``condition_hidden_states`` (latents like ``hidden_states``: the start image's
-        latent frame, then zeros) and ``motion_score`` (a float or ``[b]``)."""
+        latent frame, then zeros) and ``motion_score`` (a float or ``[b]``). ``transformer_options`` is a host's
+        per-call options dict (ComfyUI's); see ``run_blocks`` for what is read."""
         x, context, embedded, grid = self.prepare(hidden_states, timestep, encoder_hidden_states,
                                                   encoder_attention_mask, encoder_hidden_states_2,
                                                   condition_hidden_states, motion_score)
-        x = self.run_blocks(x, context)
+        x = self.run_blocks(x, context, transformer_options)
         return self.unpatchify(self.finish(x, embedded), grid)
 
 

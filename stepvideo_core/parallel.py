@@ -301,7 +301,7 @@ class SequenceParallelAttention:
     def __init__(self, ctx: ParallelContext, shard: TokenShard, inner: AttentionFn):
         self.ctx, self.shard, self.inner = ctx, shard, inner
 
-    def __call__(self, q, k, v, mask=None):
+    def __call__(self, q, k, v, mask=None, transformer_options=None):
         if mask is not None:
             raise ParallelError("sequence-parallel self-attention takes no mask")
         plan, ctx = self.ctx.plan, self.ctx
@@ -318,7 +318,7 @@ class SequenceParallelAttention:
             out = ring_attention(q, k, v, ctx.ring_group, ctx.ring_rank, plan.ring, self.shard.tokens)
         else:
             real = self.shard.tokens  # without a ring we hold every token: leave the padding out of the keys
-            out = self.inner(q[:, :, :real], k[:, :, :real], v[:, :, :real], None)
+            out = self.inner(q[:, :, :real], k[:, :, :real], v[:, :, :real], None, transformer_options)
             if real < q.shape[2]:
                 out = torch.cat([out, out.new_zeros(b, out.shape[1], q.shape[2] - real, d)], dim=2)
         if u > 1:

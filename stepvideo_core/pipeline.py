@@ -38,9 +38,11 @@ def latent_shape(settings: GenerationSettings, channels: int, batch: int = 1) ->
 
 
 def dit_velocity(dit: StepVideoDiT, positive: TextConditioning, negative: TextConditioning | None,
-                 image: ImageCondition | None = None) -> VelocityFn:
+                 image: ImageCondition | None = None, transformer_options: dict | None = None) -> VelocityFn:
     """The DiT as a velocity function of fp32 latents; with a negative, calls see the batch [positive; negative].
-    An image condition (TI2V) goes to every row, both guidance branches alike, as in the reference."""
+    An image condition (TI2V) goes to every row, both guidance branches alike, as in the reference.
+    ``transformer_options`` (e.g. a step cache's, see ``step_cache.py``) reaches every call, with the current noise
+    level set as ComfyUI sets it: ``"sigmas"`` = 1 - t per sample."""
     text = TextConditioning.cat([positive, negative]) if negative is not None else positive
     device = next(dit.parameters()).device
     text = text.to(device=device)
@@ -52,7 +54,8 @@ def dit_velocity(dit: StepVideoDiT, positive: TextConditioning, negative: TextCo
         batch = text if rows == 1 else TextConditioning(*(v.repeat_interleave(rows, 0) for v in
                                                           (text.llm_states, text.mask, text.clip_states)))
         extra = image.dit_kwargs(x.shape[0]) if image is not None else {}
-        return dit(x.to(device), t.to(device), **batch.dit_kwargs(), **extra).float()
+        options = None if transformer_options is None else {**transformer_options, "sigmas": 1 - t}
+        return dit(x.to(device), t.to(device), **batch.dit_kwargs(), **extra, transformer_options=options).float()
 
     return fn
 
@@ -66,27 +69,33 @@ def sample_latents(
     callback: StepCallback | None = None,
     noise: torch.Tensor | None = None,
     image: ImageCondition | None = None,
+    transformer_options: dict | None = None,
 ) -> torch.Tensor:
     """Sample fp32 latents ``[b, F, C, h, w]``; ``latents`` with ``settings.denoise < 1`` starts part-way.
 
     ``noise`` replaces the seeded draw (e.g. one seed per sample of a batch); ``image`` is the start image's
-    condition for a TI2V DiT (``image_condition.image_condition``)."""
+    condition for a TI2V DiT (``image_condition.image_condition``). ``transformer_options`` reaches every DiT call,
+    with the schedule as ComfyUI sets it (``"sample_sigmas"`` = 1 - the reference levels)."""
     shape = latent_shape(settings, dit.config.in_channels, positive.mask.shape[0]) if latents is None else latents.shape
     noise = make_noise(shape, settings.seed) if noise is None else noise
     use_cfg = negative is not None and settings.cfg != 1.0
-    velocity = dit_velocity(dit, positive, negative if use_cfg else None, image)
+    sigmas = denoise_sigmas(settings.steps, settings.shift, settings.denoise)
+    if transformer_options is not None:
+        transformer_options = {**transformer_options, "sample_sigmas": 1 - sigmas}
+    velocity = dit_velocity(dit, positive, negative if use_cfg else None, image, transformer_options)
     if use_cfg:
         velocity = guided_velocity(velocity, settings.cfg)
-    sigmas = denoise_sigmas(settings.steps, settings.shift, settings.denoise)
     return sample_euler(velocity, noise, sigmas, latents=latents, callback=callback)
 
 
 def generate(dit, vae, positive, negative, settings: GenerationSettings, callback=None, decode_kwargs=None,
-             image: ImageCondition | None = None) -> torch.Tensor:
-    """Latents sampled then decoded: video ``[b, T, 3, H, W]`` in [-1, 1]; ``image`` as in ``sample_latents``.
+             image: ImageCondition | None = None, transformer_options: dict | None = None) -> torch.Tensor:
+    """Latents sampled then decoded: video ``[b, T, 3, H, W]`` in [-1, 1]; ``image`` and ``transformer_options`` as in
+    ``sample_latents``.
 
     Deviation: the official pipeline rounds the frame count down to a multiple of 17 (at least 1), so 16 frames
     silently gave one image; here a count that is not a multiple of 17 raises, naming the nearest valid counts."""
-    latents = sample_latents(dit, positive, negative, settings, callback=callback, image=image)
+    latents = sample_latents(dit, positive, negative, settings, callback=callback, image=image,
+                             transformer_options=transformer_options)
     vae_dtype = next(vae.parameters()).dtype
     return vae.decode(latents.to(vae_dtype), **(decode_kwargs or {})).float()

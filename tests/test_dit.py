@@ -123,7 +123,7 @@ def test_attention_function_is_pluggable_and_math_matches_sdpa():
     t = torch.tensor([0.1, 0.7])
     calls = []
 
-    def spy(q, k, v, m):
+    def spy(q, k, v, m, transformer_options):
         calls.append(m is None)
         return math_attention(q, k, v, m)
 

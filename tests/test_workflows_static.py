@@ -105,6 +105,17 @@ CONTRACT: dict[str, dict] = {
         "widgets": [int_("noise_seed", 0, SEED_MAX, control=True)],
         "outputs": [("NOISE", "NOISE")],
     },
+    "StepVideoStepCache": {
+        "sockets": [("model", "MODEL")],
+        "widgets": [float_("threshold", 0.0, 3.0), float_("start_percent", 0.0, 1.0), float_("end_percent", 0.0, 1.0)],
+        "outputs": [("MODEL", "MODEL")],
+    },
+    "StepVideoCompileBlocks": {
+        "sockets": [("model", "MODEL")],
+        "widgets": [combo("backend", ["inductor", "cudagraphs"]),
+                    combo("mode", ["default", "max-autotune-no-cudagraphs", "reduce-overhead"])],
+        "outputs": [("MODEL", "MODEL")],
+    },
     "StepVideoLoraLoader": {
         "sockets": [("model", "MODEL")],
         "widgets": [combo("lora_name"), float_("strength", -4.0, 4.0)],
