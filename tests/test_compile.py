@@ -49,7 +49,7 @@ def test_cancel_is_not_taken_for_a_compiler_failure():
 
 @pytest.mark.slow
 def test_inductor_compiled_blocks_match_eager():
-    """Measured: max |compiled - eager| = 2.4e-7 at output magnitude ~1 (fp32, CPU inductor); allowed 1e-5."""
+    """fp32 on the CPU: inductor reorders reductions, so equal within 1e-5 (see bench/bench_compile.py)."""
     torch._dynamo.reset()
     dit = small_dit(layers=3)
     eager = call(dit)
