@@ -1,26 +1,33 @@
 """Hunyuan-CLIP: the Chinese BERT (HunyuanDiT's "CLIP" text encoder) whose last hidden state is the DiT's second
-text stream, on ``transformers``' ``BertModel`` and ``BertTokenizer``.
+text stream, loaded by ``transformers`` itself (``BertModel.from_pretrained``, ``BertTokenizer``).
 
-Only local files are read. Weights are loaded without pickle code execution: ``.safetensors`` directly, a
-``pytorch_model.bin`` through ``torch.load(weights_only=True)``.
+The official folder is read as it is stored: ``clip_text_encoder/`` (``config.json`` and ``pytorch_model.bin``
+with ``bert.``-prefixed keys, or a ``model.safetensors``) and ``tokenizer/vocab.txt``. ``transformers`` strips
+the prefix, builds the model on the meta device, casts to the asked dtype, and reads ``.bin`` files with
+``torch.load(weights_only=True)`` (no pickle code runs). Only local files are read. Its loading report is
+turned into a ``CheckpointError`` naming the folder when a weight the encoder uses is missing.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from .loading import Checkpoint, CheckpointError, identify_foreign
+from .loading import CheckpointError, identify_foreign
 
 MAX_LENGTH = 77
 ENCODER_DIR = "clip_text_encoder"
 TOKENIZER_DIR = "tokenizer"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-# Heads that some exports keep next to the encoder; the conditioning never uses them.
-IGNORED_PREFIXES = ("cls.", "pooler.")
+# Heads that exports keep next to the encoder (the pooler, BertForPreTraining's "cls."); the conditioning never
+# uses them, so they may be in the file without being loaded.
+IGNORED_PREFIXES = ("cls.", "pooler.", "bert.pooler.")
 
 
 def _require(path: Path, what: str) -> Path:
@@ -35,25 +42,54 @@ def _split_folder(folder: str | Path) -> tuple[Path, Path]:
     return folder / ENCODER_DIR, folder / TOKENIZER_DIR
 
 
-def read_state_dict(encoder_dir: Path) -> dict[str, torch.Tensor]:
-    for name in WEIGHT_FILES:
-        file = encoder_dir / name
-        if not file.is_file():
-            continue
-        if file.suffix == ".bin":
-            try:
-                state = torch.load(file, map_location="cpu", weights_only=True)
-            except Exception as e:  # weights_only refuses anything that is not plain tensors
-                raise CheckpointError(f"{file} could not be read as plain tensors ({type(e).__name__}: {e}).") from None
-        else:
-            ckpt = Checkpoint(file)
-            state = {k: ckpt.read(k) for k in ckpt.keys()}
-        return state
-    found = sorted(p.name for p in encoder_dir.glob("*.safetensors"))
-    if found:  # a differently named single safetensors file
-        ckpt = Checkpoint(encoder_dir / found[0]) if len(found) == 1 else Checkpoint(encoder_dir)
-        return {k: ckpt.read(k) for k in ckpt.keys()}
-    raise FileNotFoundError(f"Hunyuan-CLIP weights not found: expected {' or '.join(WEIGHT_FILES)} in {encoder_dir}.")
+@contextmanager
+def _quiet_transformers():
+    """Hold back transformers' load report and progress bar (an unused pooler would be reported on every load);
+    what matters in the report is checked here. The previous settings come back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def load_bert(encoder_dir: Path, dtype: torch.dtype):
+    """``BertModel.from_pretrained`` on ``encoder_dir`` without its pooler; every problem a user can meet becomes
+    a ``FileNotFoundError`` or ``CheckpointError`` that names the folder."""
+    import pickle
+
+    from transformers import BertModel
+
+    if not any((encoder_dir / name).is_file() for name in WEIGHT_FILES):
+        raise FileNotFoundError(f"Hunyuan-CLIP weights not found: expected {' or '.join(WEIGHT_FILES)} in {encoder_dir}.")
+    try:
+        with _quiet_transformers():
+            model, report = BertModel.from_pretrained(str(encoder_dir), dtype=dtype, add_pooling_layer=False,
+                                                      local_files_only=True, output_loading_info=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses anything that is not plain tensors
+        raise CheckpointError(f"{encoder_dir}: the weights could not be read as plain tensors "
+                              f"({str(e).splitlines()[0]}).") from None
+    except SafetensorError as e:
+        raise CheckpointError(f"{encoder_dir}: the weights file is not a readable safetensors file ({e}); download "
+                              "it again.") from None
+    except (OSError, RuntimeError, ValueError) as e:  # size mismatches, broken config.json
+        raise CheckpointError(f"{encoder_dir}: the weights do not fit its config.json ({str(e).splitlines()[0]}).") from None
+    missing = sorted(report["missing_keys"])
+    unexpected = sorted(k for k in report["unexpected_keys"] if not k.startswith(IGNORED_PREFIXES))
+    if missing and "embeddings.word_embeddings.weight" in missing:
+        foreign = identify_foreign(unexpected)
+        what = f"look like {foreign}" if foreign else "have no BERT embeddings"
+        raise CheckpointError(f"{encoder_dir}: the weights {what}; this is not a Hunyuan-CLIP text encoder.")
+    if missing or unexpected:
+        raise CheckpointError(f"{encoder_dir}: weights do not match its config.json (missing {missing[:4]}, "
+                              f"unexpected {unexpected[:4]}).")
+    return model
 
 
 class HunyuanClip(nn.Module):
@@ -82,44 +118,11 @@ def load_hunyuan_clip(folder: str | Path, dtype: torch.dtype = torch.float32, de
                       max_length: int = MAX_LENGTH) -> HunyuanClip:
     """Load ``hunyuan_clip/`` (``clip_text_encoder/`` config + weights, ``tokenizer/vocab.txt``); fp32 by default,
     as in the reference."""
-    from transformers import BertConfig, BertModel, BertTokenizer
+    from transformers import BertTokenizer
 
     encoder_dir, tokenizer_dir = _split_folder(folder)
-    config_file = _require(_require(encoder_dir, "text encoder folder") / "config.json", "text encoder config")
+    _require(_require(encoder_dir, "text encoder folder") / "config.json", "text encoder config")
     _require(_require(tokenizer_dir, "tokenizer folder") / "vocab.txt", "tokenizer vocabulary")
     tokenizer = BertTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-
-    config = BertConfig.from_json_file(str(config_file))
-    state = read_state_dict(encoder_dir)
-    # Exports differ: BertModel keys are bare, BertForPreTraining-style ones carry "bert." (and MLM heads).
-    if any(k.startswith("bert.") for k in state):
-        state = {k[len("bert."):]: v for k, v in state.items() if k.startswith("bert.")}
-    state = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES) and not k.endswith("position_ids")}
-    if "embeddings.word_embeddings.weight" not in state:
-        foreign = identify_foreign(state)
-        what = f"looks like {foreign}" if foreign else "has no BERT embeddings"
-        raise CheckpointError(f"{encoder_dir}: the weights {what}; this is not a Hunyuan-CLIP text encoder.")
-    with torch.device("meta"):
-        model = BertModel(config, add_pooling_layer=False)
-    expected = {k for k in model.state_dict() if not k.endswith("position_ids")}
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{encoder_dir}: weights do not match its config.json (missing {sorted(missing)[:4]}, "
-            f"unexpected {sorted(unexpected)[:4]})."
-        )
-    bad = [k for k, v in model.state_dict().items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if bad:
-        raise CheckpointError(f"{encoder_dir}: tensor shapes differ from config.json for {bad[:4]}.")
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-    for name, buf in list(model.named_buffers()):  # non-persistent buffers (position ids) are still on meta
-        if buf.is_meta:
-            owner_name, _, attr = name.rpartition(".")
-            owner = model.get_submodule(owner_name)
-            if attr == "position_ids":
-                owner._buffers[attr] = torch.arange(buf.shape[-1]).expand(buf.shape)
-            elif attr == "token_type_ids":
-                owner._buffers[attr] = torch.zeros(buf.shape, dtype=torch.long)
-            else:
-                raise CheckpointError(f"{encoder_dir}: unexpected uninitialised buffer {name}.")
+    model = load_bert(encoder_dir, dtype)
     return HunyuanClip(model.to(device).eval().requires_grad_(False), tokenizer, max_length)

@@ -79,3 +79,22 @@ def test_wrong_weights_are_named(tmp_path):
     save_file({"tok_embeddings.word_embeddings.weight": torch.zeros(4, 4)}, str(tmp_path / "clip_text_encoder" / "model.safetensors"))
     with pytest.raises(CheckpointError, match="Step-LLM.*not a Hunyuan-CLIP"):
         load_hunyuan_clip(tmp_path)
+
+
+def test_official_layout_bin_with_bert_prefix_and_pretraining_heads(tmp_path):
+    """The release's form: pytorch_model.bin, "bert."-prefixed keys; heads the encoder does not use are skipped."""
+    original = write_hunyuan_clip(tmp_path, fmt="bin", prefix="bert.", seed=5)
+    file = tmp_path / "clip_text_encoder" / "pytorch_model.bin"
+    state = torch.load(file, weights_only=True)
+    torch.save({**state, "cls.predictions.bias": torch.zeros(3)}, file)
+    clip = load_hunyuan_clip(tmp_path)
+    for k, v in original.state_dict().items():
+        if not k.startswith("pooler."):
+            assert torch.equal(clip.model.state_dict()[k], v), k
+    ids, mask = clip.tokenize(TEXTS)
+    with torch.no_grad():
+        assert torch.equal(clip(TEXTS), original(input_ids=ids, attention_mask=mask).last_hidden_state)
+    del state["bert.encoder.layer.1.output.dense.weight"]
+    torch.save(state, file)
+    with pytest.raises(CheckpointError, match=r"missing \['encoder.layer.1.output.dense.weight'\]"):
+        load_hunyuan_clip(tmp_path)
