@@ -3,6 +3,7 @@
 Step-Video runs time from noise to data: ``x_s = s * data + (1 - s) * noise`` with ``s`` going 0 -> 1, and the
 network predicts the velocity ``v = data - noise``. The schedule is SD3's time shift applied to
 ``linspace(1, 0)`` and then mirrored (``s = 1 - shift(u)``), which packs steps densely near pure noise.
+Training in the same convention (the tiny lab's DiT and its DPO LoRA) uses the loss and time draw at the end.
 """
 
 from __future__ import annotations
@@ -110,3 +111,24 @@ def sample_euler(
         if callback is not None:
             callback(i + 1, total, x, denoised)
     return x
+
+
+# ---- training in the same convention --------------------------------------------------------------------------
+
+
+def sample_training_times(batch: int, generator: torch.Generator, shift: float) -> torch.Tensor:
+    """Times for a training batch: even rows uniform, odd rows with the sampler's shift (``1 - time_shift(u)``,
+    dense near noise, where inference spends its steps)."""
+    u = torch.rand(batch, generator=generator)
+    shifted = 1 - time_shift(u, shift)
+    return torch.where(torch.arange(batch) % 2 == 0, u, shifted)
+
+
+def flow_matching_loss(model, latents: torch.Tensor, text: dict, t: torch.Tensor, noise: torch.Tensor,
+                       reduce: bool = True) -> torch.Tensor:
+    """Mean squared error of ``model(x_t, t, **text)`` against the velocity ``data - noise``, at
+    ``x_t = t * data + (1 - t) * noise`` (t = 0 is noise). With ``reduce=False``, one error per sample."""
+    tt = t.view(-1, *([1] * (latents.ndim - 1)))
+    x = tt * latents + (1 - tt) * noise
+    error = (model(x, t, **text) - (latents - noise)).pow(2).flatten(1).mean(1)
+    return error.mean() if reduce else error

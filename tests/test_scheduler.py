@@ -4,9 +4,11 @@ import torch
 from stepvideo_core.scheduler import (
     PRESETS,
     denoise_sigmas,
+    flow_matching_loss,
     guided_velocity,
     make_noise,
     sample_euler,
+    sample_training_times,
     step_video_sigmas,
 )
 
@@ -111,3 +113,31 @@ def test_callback_reports_progress_and_can_cancel():
 def test_nan_velocity_is_a_clear_error():
     with pytest.raises(FloatingPointError, match="NaN"):
         sample_euler(lambda x, t: torch.full_like(x, float("nan")), torch.zeros(1, 2), step_video_sigmas(3, 13.0))
+
+
+def test_training_times_mix_uniform_and_shifted_draws():
+    t = sample_training_times(6, torch.Generator().manual_seed(3), 13.0)
+    u = torch.rand(6, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(t[0::2], u[0::2], rtol=0, atol=0)
+    torch.testing.assert_close(t[1::2], 1 - 13.0 * u[1::2] / (1 + 12.0 * u[1::2]))  # SD3 shift, mirrored
+
+
+def test_flow_matching_loss_is_the_velocity_error_at_the_interpolated_point():
+    g = torch.Generator().manual_seed(0)
+    data, noise = torch.randn(3, 2, 4, 2, 2, generator=g), torch.randn(3, 2, 4, 2, 2, generator=g)
+    t = torch.tensor([0.0, 0.25, 1.0])
+    seen = {}
+
+    def model(x, tt, scale):
+        seen["x"], seen["t"] = x, tt
+        return scale * torch.ones_like(x)
+
+    per_sample = flow_matching_loss(model, data, {"scale": 0.5}, t, noise, reduce=False)
+    torch.testing.assert_close(seen["x"][0], noise[0])
+    torch.testing.assert_close(seen["x"][2], data[2])
+    torch.testing.assert_close(seen["x"][1], 0.25 * data[1] + 0.75 * noise[1])
+    want = torch.stack([((0.5 - (data[i] - noise[i])) ** 2).mean() for i in range(3)])
+    torch.testing.assert_close(per_sample, want)
+    torch.testing.assert_close(flow_matching_loss(model, data, {"scale": 0.5}, t, noise), want.mean())
+    exact = flow_matching_loss(lambda x, tt: data - noise, data, {}, t, noise, reduce=False)
+    assert torch.equal(exact, torch.zeros(3))

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..lora import TARGET_MODULES, LoraSet, attach, new_trainable_lora, save_lora
+from ..scheduler import flow_matching_loss, sample_training_times
 from ..text_encoding import TextConditioning, encode_prompts
 from . import model as tiny
 from . import oracle, synthetic
 from .evaluate import sample_clips
-from .train import flow_matching_loss, sample_training_times
 
 SEED = 7
 LORA_DIR = tiny.TINY_DIR.parent / "loras"

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..dit import StepVideoDiT
-from ..scheduler import time_shift
+from ..scheduler import flow_matching_loss, sample_training_times
 from ..step_llm import CONTROL_TOKENS, MASK_TOKENS, TOKENIZER_FILE, StepLLM, StepLLMTokenizer
 from ..text_encoding import NEGATIVE_MAGIC, POSITIVE_MAGIC, combined_mask
 from ..vae import NORM_GROUPS_KEY, VideoVAE, load_vae
@@ -335,22 +335,6 @@ def init_dit_for_training(dit: StepVideoDiT) -> None:
         for module in (dit.adaln_single.linear, dit.proj_out):
             module.weight.zero_()
             module.bias.zero_()
-
-
-def sample_training_times(batch: int, generator: torch.Generator, shift: float) -> torch.Tensor:
-    """Half uniform, half with the sampler's time shift (dense near noise, where inference spends its steps)."""
-    u = torch.rand(batch, generator=generator)
-    shifted = 1 - time_shift(u, shift)
-    return torch.where(torch.arange(batch) % 2 == 0, u, shifted)
-
-
-def flow_matching_loss(dit, latents, text: dict, t: torch.Tensor, noise: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-    """Step-Video's convention: x_t = t * data + (1 - t) * noise, target velocity data - noise (t = 0 is noise).
-    With ``reduce=False`` it returns one mean squared error per sample."""
-    tt = t.view(-1, 1, 1, 1, 1)
-    x = tt * latents + (1 - tt) * noise
-    error = (dit(x, t, **text) - (latents - noise)).pow(2).flatten(1).mean(1)
-    return error.mean() if reduce else error
 
 
 class EMA:
