@@ -76,12 +76,16 @@ class StepVideoParallelDiTLoader(io.ComfyNode):
                 io.Boolean.Input("shard_weights", default=False,
                                  tooltip="Split the DiT blocks' weights over the workers (FSDP2) so that each holds "
                                          "1/N of them: for GPUs too small for a whole copy."),
+                io.Int.Input("ff_chunk_size", default=0, min=0, max=1_000_000, step=1024,
+                             tooltip="Run the feed-forward over at most this many tokens at a time (0: all at once): "
+                                     "less activation memory, the same result."),
             ],
             outputs=[ParallelDiTType.Output(display_name="parallel_dit")],
         )
 
     @classmethod
-    def validate_inputs(cls, model_name, weight_dtype, attention, devices, workers, guidance_parallel, shard_weights):
+    def validate_inputs(cls, model_name, weight_dtype, attention, devices, workers, guidance_parallel, shard_weights,
+                        ff_chunk_size):
         if model_name is not None and registered_folders.dit_path(model_name) is None:
             return validation.not_found("DiT", model_name, registered_folders.DIT_WHERE)
         for name, value, choices in (("weight_dtype", weight_dtype, validation.WEIGHT_DTYPES),
@@ -103,8 +107,8 @@ class StepVideoParallelDiTLoader(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model_name, weight_dtype, attention, devices, workers, guidance_parallel,
-                shard_weights) -> io.NodeOutput:
+    def execute(cls, model_name, weight_dtype, attention, devices, workers, guidance_parallel, shard_weights,
+                ff_chunk_size) -> io.NodeOutput:
         path = registered_folders.dit_path(model_name)
         if path is None:
             raise FileNotFoundError(validation.not_found("DiT", model_name, registered_folders.DIT_WHERE))
@@ -114,7 +118,8 @@ class StepVideoParallelDiTLoader(io.ComfyNode):
         dtype = validation.parse_dtype(weight_dtype) or default_weight_dtype(config.devices)
         # Started by the first sampler run, not here: a changed loader's old workers are gone by then, so two
         # copies of the DiT never share a GPU.
-        pool = WorkerPool(config, DiTSpec(path, weight_dtype=dtype, attention=attention))
+        pool = WorkerPool(config, DiTSpec(path, weight_dtype=dtype, attention=attention,
+                                          ff_chunk_size=int(ff_chunk_size)))
         log.info("StepVideo: parallel DiT %s on %s (%s)", model_name, ", ".join(config.devices), dtype)
         return io.NodeOutput(ParallelDiT(pool))
 

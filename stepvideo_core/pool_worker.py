@@ -73,15 +73,16 @@ class Worker:
     def _load(self, body: dict) -> None:
         spec = body["spec"]
         self.dit = None  # release the previous model before reading the next
-        shard = body["shard_weights"] and self.world_size > 1
-        # Sharded, the blocks are read to the CPU and FSDP2 moves each rank's shards to its device.
-        dit = load_dit(spec["path"], weight_dtype=spec["weight_dtype"], compute_dtype=spec["compute_dtype"],
-                       device="cpu" if shard else self.device)
+        options = {"weight_dtype": spec["weight_dtype"], "compute_dtype": spec["compute_dtype"],
+                   "ff_chunk_size": spec["ff_chunk_size"]}
+        if body["shard_weights"] and self.world_size > 1:
+            # Straight into FSDP2 shards (one tensor at a time in host memory); the mesh spans every rank whatever
+            # split a job uses, so any plan over all ranks will do.
+            plan = parallel.ParallelPlan(ulysses=self.world_size, shard_weights=True)
+            dit = parallel.load_dit_sharded(spec["path"], self._context(plan), **options)
+        else:
+            dit = load_dit(spec["path"], device=self.device, **options)
         dit.set_attention(get_attention(spec["attention"]))
-        if shard:
-            plan = parallel.ParallelPlan.choose(self.world_size, dit.config.num_attention_heads, guided=False,
-                                                shard_weights=True)
-            parallel.shard_dit_weights(dit, self._context(plan))
         self.dit = dit
         send(self.conn, "loaded", {"rank": self.rank, "in_channels": dit.config.in_channels,
                                    "heads": dit.config.num_attention_heads})

@@ -125,6 +125,7 @@ class DiTSpec:
     weight_dtype: torch.dtype = torch.float32
     compute_dtype: torch.dtype | None = None  # None: bf16 for fp8 weights, else the weight dtype (as load_dit)
     attention: str = "sdpa"  # a stepvideo_core.attention backend name
+    ff_chunk_size: int = 0  # DiTConfig.ff_chunk_size: the feed-forward over at most this many tokens at a time
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,8 @@ CONTRACT: dict[str, dict] = {
         "sockets": [],
         "widgets": [combo("model_name"), combo("weight_dtype", DTYPES_DIT),
                     combo("attention", ["sdpa", "sageattention", "flash-attn"]), str_("devices"), int_("workers", 0, 64),
-                    combo("guidance_parallel", ["auto", "on", "off"]), bool_("shard_weights")],
+                    combo("guidance_parallel", ["auto", "on", "off"]), bool_("shard_weights"),
+                    int_("ff_chunk_size", 0, 1_000_000, 1024)],
         "outputs": [("parallel_dit", "STEPVIDEO_PARALLEL_DIT")],
     },
     "StepVideoParallelLoraLoader": {

@@ -42,7 +42,8 @@ def parts(host, tiny_demo, base_dir):
 @pytest.fixture(scope="module")
 def parallel_dit(host, tiny_demo):
     (handle,) = run(host.classes["StepVideoParallelDiTLoader"], model_name=builtin("transformer"), weight_dtype="fp32",
-                    attention="sdpa", devices="cpu", workers=2, guidance_parallel="auto", shard_weights=False)
+                    attention="sdpa", devices="cpu", workers=2, guidance_parallel="auto", shard_weights=False,
+                    ff_chunk_size=0)
     yield handle
     handle.pool.close()
 
@@ -139,9 +140,9 @@ def test_a_killed_worker_is_named_and_the_next_run_restarts_the_pool(host, tiny_
 
 def test_bad_devices_are_refused_before_anything_starts(host):
     loader = host.classes["StepVideoParallelDiTLoader"]
-    msg = loader.validate_inputs(builtin("transformer"), "fp32", "sdpa", "0,1", 0, "auto", False)
+    msg = loader.validate_inputs(builtin("transformer"), "fp32", "sdpa", "0,1", 0, "auto", False, 0)
     assert "GPU 0 does not exist" in msg or torch.cuda.device_count() >= 2
-    assert "not one of" in loader.validate_inputs(builtin("transformer"), "fp32", "comfy", "cpu", 2, "auto", False)
+    assert "not one of" in loader.validate_inputs(builtin("transformer"), "fp32", "comfy", "cpu", 2, "auto", False, 0)
 
 
 def test_parallel_graph_runs_end_to_end_in_the_server(server, host, tiny_demo, parts):
@@ -157,7 +158,8 @@ def test_parallel_graph_runs_end_to_end_in_the_server(server, host, tiny_demo, p
                          "negative_magic": True}},
         "3": {"class_type": "StepVideoParallelDiTLoader",
               "inputs": {"model_name": builtin("transformer"), "weight_dtype": "fp32", "attention": "sdpa",
-                         "devices": "cpu", "workers": 2, "guidance_parallel": "auto", "shard_weights": False}},
+                         "devices": "cpu", "workers": 2, "guidance_parallel": "auto", "shard_weights": False,
+                         "ff_chunk_size": 0}},
         "4": {"class_type": "StepVideoEmptyLatent",
               "inputs": {"width": s.width, "height": s.height, "frames": s.num_frames, "batch_size": 1}},
         "5": {"class_type": "StepVideoParallelSampler",
