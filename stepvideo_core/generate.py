@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--ulysses", type=int, help="Ulysses degree of sequence parallel (default: the largest that "
                                                  "divides both the ranks per branch and the head count; ring "
                                                  "attention covers the rest)")
+    par.add_argument("--sp-attention", choices=parallel.SP_ATTENTION, default="torch",
+                     help="who computes sequence-parallel attention: torch (built in) or yunchang (xDiT's USP "
+                          "kernels; pip install yunchang)")
     par.add_argument("--shard-weights", action="store_true",
                      help="shard the DiT's block weights over all ranks (FSDP2), for GPUs too small to hold it")
     return p
@@ -189,7 +192,7 @@ def run(args: argparse.Namespace) -> dict:
         plan = parallel.ParallelPlan.choose(
             group.world_size, heads, guided=settings.cfg != 1.0,
             guidance_parallel={"auto": None, "on": True, "off": False}[args.guidance_parallel],
-            ulysses=args.ulysses, shard_weights=args.shard_weights)
+            ulysses=args.ulysses, shard_weights=args.shard_weights, attention=args.sp_attention)
         ctx = parallel.ParallelContext.build(plan, group)
         if rank == 0:
             print(f"parallel: {plan.describe()}", file=sys.stderr)

@@ -41,6 +41,7 @@ Typical use (what ``python -m stepvideo_core.generate`` does under ``torchrun``)
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, replace
@@ -56,6 +57,8 @@ from .scheduler import StepCallback, denoise_sigmas, make_noise, sample_euler
 from .text_encoding import TextConditioning
 from .vae import VideoVAE, blend_chunk_borders
 from .video_shape import LATENTS_PER_CHUNK, video_frames
+
+SP_ATTENTION = ("torch", "yunchang")
 
 
 class ParallelError(ValueError):
@@ -73,6 +76,7 @@ class ParallelPlan:
     ring: int = 1
     ulysses: int = 1
     shard_weights: bool = False
+    attention: str = "torch"  # sequence-parallel attention: "torch" (ours) or "yunchang" (xDiT's USP, if installed)
 
     @property
     def sequence(self) -> int:
@@ -89,15 +93,24 @@ class ParallelPlan:
             parts.append("guidance parallel (cond/uncond on separate ranks)")
         if self.sequence > 1:
             parts.append(f"sequence parallel over {self.sequence} ranks (Ulysses {self.ulysses} x ring {self.ring})")
+        if self.sequence > 1 and self.attention != "torch":
+            parts.append(f"attention by {self.attention}")
         if self.shard_weights:
             parts.append(f"DiT block weights sharded {self.world_size} ways (FSDP2)")
         return ", ".join(parts)
 
     @classmethod
     def choose(cls, world_size: int, heads: int, guided: bool, guidance_parallel: bool | None = None,
-               ulysses: int | None = None, shard_weights: bool = False) -> ParallelPlan:
+               ulysses: int | None = None, shard_weights: bool = False, attention: str = "torch") -> ParallelPlan:
         """The layout for ``world_size`` ranks: guidance parallel when possible (even world, guided sampling)
-        unless ``guidance_parallel`` is False, then as much Ulysses as ``heads`` allows and ring for the rest."""
+        unless ``guidance_parallel`` is False, then as much Ulysses as ``heads`` allows and ring for the rest.
+        ``attention`` picks who computes sequence-parallel attention: "torch" (``SequenceParallelAttention``,
+        nothing but torch) or "yunchang" (xDiT's USP kernels, when the package is installed)."""
+        if attention not in SP_ATTENTION:
+            raise ParallelError(f"sequence-parallel attention {attention!r} is not one of {', '.join(SP_ATTENTION)}")
+        if attention == "yunchang" and importlib.util.find_spec("yunchang") is None:
+            raise ParallelError("sequence-parallel attention 'yunchang' was chosen but the package is not installed: "
+                                "pip install yunchang (and flash-attn on GPUs), or choose 'torch', which needs nothing.")
         if world_size < 1:
             raise ParallelError(f"world size must be at least 1, got {world_size}")
         can_split_guidance = guided and world_size % 2 == 0
@@ -113,7 +126,8 @@ class ParallelPlan:
             raise ParallelError(
                 f"Ulysses degree {ulysses} must divide both the {sequence} ranks per branch and the {heads} attention "
                 f"heads; choose one of {[d for d in range(1, sequence + 1) if sequence % d == 0 and heads % d == 0]}.")
-        return cls(guidance=guidance, ring=sequence // ulysses, ulysses=ulysses, shard_weights=shard_weights)
+        return cls(guidance=guidance, ring=sequence // ulysses, ulysses=ulysses, shard_weights=shard_weights,
+                   attention=attention)
 
 
 @dataclass(frozen=True)
@@ -166,6 +180,7 @@ class ParallelContext:
     guidance_group: object
     ulysses_group: object
     ring_group: object
+    usp: object = None  # yunchang's LongContextAttention when the plan asks for it
 
     @property
     def ring_rank(self) -> int:
@@ -177,13 +192,19 @@ class ParallelContext:
         ranks of an Ulysses group are neighbours (on one node when possible)."""
         if plan.world_size != group.world_size:
             raise ParallelError(f"the plan needs {plan.world_size} processes but {group.world_size} were launched")
+        if plan.attention == "yunchang" and plan.ring > 1 and group.device.type != "cuda":
+            # yunchang's CPU kernel (SDPA math) returns no log-sum-exp, so its ring would merge blocks wrongly
+            raise ParallelError(f"yunchang's ring attention needs a GPU (its CPU kernel gives no log-sum-exp); this "
+                                f"plan has a ring of {plan.ring} on {group.device.type}. Use the 'torch' "
+                                "sequence-parallel attention, or a Ulysses degree that covers all ranks.")
         g_n, p, u = plan.guidance, plan.sequence, plan.ulysses
         rank = group.rank
         seq = _my_group([[g * p + s for s in range(p)] for g in range(g_n)], rank)
         guid = _my_group([[g * p + s for g in range(g_n)] for s in range(p)], rank)
         uly = _my_group([[g * p + r * u + i for i in range(u)] for g in range(g_n) for r in range(plan.ring)], rank)
         ring = _my_group([[g * p + r * u + i for r in range(plan.ring)] for g in range(g_n) for i in range(u)], rank)
-        return cls(plan, rank, group.device, rank // p, rank % p, seq, guid, uly, ring)
+        usp = _yunchang_attention(plan, rank, group.device) if plan.attention == "yunchang" else None
+        return cls(plan, rank, group.device, rank // p, rank % p, seq, guid, uly, ring, usp)
 
 
 # ---- token shards ------------------------------------------------------------------------------------------
@@ -327,6 +348,42 @@ class SequenceParallelAttention:
         return out
 
 
+def _yunchang_attention(plan: ParallelPlan, rank: int, device: torch.device):
+    """yunchang's USP layer for ``plan``. Its ``set_seq_parallel_pg`` makes the same groups as ours (Ulysses
+    groups of neighbouring ranks, rings across them, one set per guidance branch) and keeps them in yunchang's
+    own module state, so one process serves one yunchang plan at a time."""
+    from yunchang import LongContextAttention, set_seq_parallel_pg
+    from yunchang.kernels import AttnType
+
+    set_seq_parallel_pg(plan.ulysses, plan.ring, rank, plan.world_size, use_ulysses_low=True)
+    if device.type == "cuda":
+        kind = AttnType.FA if importlib.util.find_spec("flash_attn") else AttnType.TORCH_EFFICIENT
+    else:
+        kind = AttnType.TORCH_MATH
+    return LongContextAttention(ring_impl_type="basic", attn_type=kind)
+
+
+class YunchangAttention:
+    """Sequence-parallel self-attention by yunchang (xDiT's USP): the same Ulysses x ring split as
+    ``SequenceParallelAttention``, with its kernels. It has no notion of padding, so the token count must
+    divide into equal shards (true at the official sizes: 75,888 = 2^4 x 3^2 x 17 x 31)."""
+
+    def __init__(self, ctx: ParallelContext, shard: TokenShard):
+        if shard.padded != shard.tokens:
+            raise ParallelError(
+                f"yunchang attention needs the {shard.tokens} video tokens to split evenly over {shard.ranks} ranks; "
+                "choose another process count or size, or the 'torch' sequence-parallel attention, which pads.")
+        self.layer = ctx.usp
+
+    def __call__(self, q, k, v, mask=None):
+        if mask is not None:
+            raise ParallelError("sequence-parallel self-attention takes no mask")
+        # ours: [b, heads, tokens, d]; yunchang's: [b, tokens, heads, d]
+        out = self.layer(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=q.shape[-1] ** -0.5,
+                         causal=False)
+        return out.transpose(1, 2)
+
+
 # ---- the DiT and the sampler ------------------------------------------------------------------------------
 
 
@@ -340,8 +397,11 @@ def branch_forward(dit: StepVideoDiT, ctx: ParallelContext, x: torch.Tensor, t: 
     if ctx.plan.sequence == 1:
         return dit.finish(dit.run_blocks(tokens, context), embedded), grid
     shard = TokenShard(tokens.shape[1], ctx.plan.sequence, ctx.sequence_rank)
-    context = replace(context, rope=shard.rope(context.rope),
-                      self_attention=SequenceParallelAttention(ctx, shard, context.self_attention or context.attention))
+    if ctx.plan.attention == "yunchang":
+        attention = YunchangAttention(ctx, shard)
+    else:
+        attention = SequenceParallelAttention(ctx, shard, context.self_attention or context.attention)
+    context = replace(context, rope=shard.rope(context.rope), self_attention=attention)
     out = dit.finish(dit.run_blocks(shard.take(tokens), context), embedded)
     return shard.gather(out, ctx.sequence_group), grid
 

@@ -6,6 +6,7 @@ dominates the time; the tests then compare what the ranks returned with single-p
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 
@@ -26,6 +27,7 @@ from tests.builders import small_dit, small_vae, text_inputs
 from tests.test_vae import latents as vae_latents
 
 CAPTION = (24, 12)
+HAS_YUNCHANG = importlib.util.find_spec("yunchang") is not None
 # 17 frames at 64x80: 3 x 4 x 5 = 60 latent tokens, which 2 and 3 ranks split unevenly once padded (60 = 2 x 30,
 # and at 48x80: 3 x 3 x 5 = 45 = 3 x 15): both an even and an odd token count get used below.
 SETTINGS = GenerationSettings(num_frames=17, height=64, width=80, steps=3, cfg=4.0, shift=5.0, seed=3)
@@ -80,6 +82,16 @@ def _worker(rank: int, world: int, store: str, heads: int, results: str, dit_fil
             if name == "sequence":  # the other entry points of sample_latents: a start image (TI2V), partial denoise
                 out["ti2v"] = parallel.sample_latents(ti2v_dit(heads), ctx, got_pos, got_neg, SETTINGS, image=start_image())
                 out["denoise"] = parallel.sample_latents(dit, ctx, got_pos, got_neg, PARTIAL, latents=start_latents())
+        if HAS_YUNCHANG and heads % world == 0:  # xDiT's USP attention, where installed (Ulysses: exact on the CPU)
+            plan = ParallelPlan.choose(world, heads, guided=True, guidance_parallel=False, attention="yunchang")
+            out["yunchang"] = parallel.sample_latents(reduced_dit(heads), ParallelContext.build(plan, group), got_pos,
+                                                      got_neg, SETTINGS)
+        if HAS_YUNCHANG:
+            ring = ParallelPlan.choose(world, heads, guided=False, ulysses=1, attention="yunchang")
+            try:
+                ParallelContext.build(ring, group)
+            except ParallelError as e:
+                out["yunchang/ring"] = str(e)
         # fp8 storage: FSDP2 gathers fp8 weights beside bf16 norms; compare one bf16 call with one process
         x, t = torch.randn(1, 3, 4, 4, 5, generator=torch.Generator().manual_seed(9)), torch.tensor([0.4])
         fp8 = parallel.load_dit_sharded(dit_file, ctx, weight_dtype=torch.float8_e4m3fn)
@@ -145,6 +157,10 @@ def test_parallel_latents_equal_single_process(world, heads):
             for r, result in enumerate(ranks):
                 assert_same(result[f"{name}/{key}"], want[key], f"{name} ({result[f'{name}/plan'].describe()}) rank {r} {key}")
     for r, result in enumerate(ranks):
+        if HAS_YUNCHANG:
+            assert "needs a GPU" in result["yunchang/ring"]
+            if heads % world == 0:
+                assert_same(result["yunchang"], want["even"], f"yunchang Ulysses rank {r}")
         assert_same(result["ti2v"], want["ti2v"], f"TI2V rank {r}")
         assert_same(result["denoise"], want["denoise"], f"partial denoise rank {r}")
     for r, result in enumerate(ranks):
