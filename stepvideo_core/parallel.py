@@ -54,6 +54,7 @@ from .dit import Rope3D, StepVideoDiT
 from .image_condition import ImageCondition
 from .pipeline import GenerationSettings, latent_shape
 from .scheduler import StepCallback, denoise_sigmas, make_noise, sample_euler
+from .step_cache import GROUP_MEAN_KEY
 from .text_encoding import TextConditioning
 from .vae import VideoVAE, blend_chunk_borders
 from .video_shape import LATENTS_PER_CHUNK, video_frames
@@ -185,6 +186,12 @@ class ParallelContext:
     @property
     def ring_rank(self) -> int:
         return self.sequence_rank // self.plan.ulysses
+
+    def sequence_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a scalar over the ranks sharing this branch's tokens (the same result on each of them)."""
+        total = value.detach().float().reshape(1).clone()
+        dist.all_reduce(total, group=self.sequence_group)
+        return total[0] / self.plan.sequence
 
     @classmethod
     def build(cls, plan: ParallelPlan, group: DistributedGroup) -> ParallelContext:
@@ -375,7 +382,7 @@ class YunchangAttention:
                 "choose another process count or size, or the 'torch' sequence-parallel attention, which pads.")
         self.layer = ctx.usp
 
-    def __call__(self, q, k, v, mask=None):
+    def __call__(self, q, k, v, mask=None, transformer_options=None):
         if mask is not None:
             raise ParallelError("sequence-parallel self-attention takes no mask")
         # ours: [b, heads, tokens, d]; yunchang's: [b, tokens, heads, d]
@@ -388,29 +395,36 @@ class YunchangAttention:
 
 
 def branch_forward(dit: StepVideoDiT, ctx: ParallelContext, x: torch.Tensor, t: torch.Tensor,
-                   text: TextConditioning, image: ImageCondition | None = None
-                   ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+                   text: TextConditioning, image: ImageCondition | None = None,
+                   transformer_options: dict | None = None) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """(The DiT's output tokens ``[b, tokens, p*p*C]`` for this rank's branch, token grid), with the tokens
-    split over the sequence group and gathered again, so every rank of the group holds all of them."""
+    split over the sequence group and gathered again, so every rank of the group holds all of them.
+
+    ``transformer_options`` reaches every block as in ``StepVideoDiT.forward``; with sharded tokens it also
+    carries ``step_cache.GROUP_MEAN_KEY``, so a step cache decides from statistics of all the tokens, the
+    same decision on every rank of the group."""
     extra = image.dit_kwargs(x.shape[0]) if image is not None else {}
     tokens, context, embedded, grid = dit.prepare(x, t, **text.dit_kwargs(), **extra)
     if ctx.plan.sequence == 1:
-        return dit.finish(dit.run_blocks(tokens, context), embedded), grid
+        return dit.finish(dit.run_blocks(tokens, context, transformer_options), embedded), grid
     shard = TokenShard(tokens.shape[1], ctx.plan.sequence, ctx.sequence_rank)
     if ctx.plan.attention == "yunchang":
         attention = YunchangAttention(ctx, shard)
     else:
         attention = SequenceParallelAttention(ctx, shard, context.self_attention or context.attention)
     context = replace(context, rope=shard.rope(context.rope), self_attention=attention)
-    out = dit.finish(dit.run_blocks(shard.take(tokens), context), embedded)
+    options = {**(transformer_options or {}), GROUP_MEAN_KEY: ctx.sequence_mean}
+    out = dit.finish(dit.run_blocks(shard.take(tokens), context, options), embedded)
     return shard.gather(out, ctx.sequence_group), grid
 
 
 def parallel_velocity(dit: StepVideoDiT, ctx: ParallelContext, positive: TextConditioning,
-                      negative: TextConditioning | None, cfg: float, image: ImageCondition | None = None):
+                      negative: TextConditioning | None, cfg: float, image: ImageCondition | None = None,
+                      transformer_options: dict | None = None):
     """A ``VelocityFn`` that gives the guided velocity on every rank; with guidance parallel this rank runs
     only its own branch (positive on guidance rank 0, negative on 1) and the branches are exchanged. An image
-    condition (TI2V) goes to both branches, as in ``pipeline.dit_velocity``."""
+    condition (TI2V) goes to both branches and ``transformer_options`` to every call with ``"sigmas"`` set,
+    as in ``pipeline.dit_velocity``."""
     guided = negative is not None and cfg != 1.0
     if ctx.plan.guidance == 2 and not guided:
         raise ParallelError("the plan splits guidance over ranks but sampling is unguided; choose the plan with "
@@ -423,13 +437,17 @@ def parallel_velocity(dit: StepVideoDiT, ctx: ParallelContext, positive: TextCon
     if image is not None:
         image = ImageCondition(image.latents.to(ctx.device), image.motion_score)
 
+    def call(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        options = None if transformer_options is None else {**transformer_options, "sigmas": 1 - t}
+        return branch_forward(dit, ctx, x, t, text, image, options)
+
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x, t = x.to(ctx.device), t.to(ctx.device)
         if guided and ctx.plan.guidance == 1:
-            out, grid = branch_forward(dit, ctx, torch.cat([x, x]), torch.cat([t, t]), text, image)
+            out, grid = call(torch.cat([x, x]), torch.cat([t, t]))
             v_cond, v_uncond = dit.unpatchify(out, grid).float().chunk(2)
             return v_uncond + cfg * (v_cond - v_uncond)
-        out, grid = branch_forward(dit, ctx, x, t, text, image)
+        out, grid = call(x, t)
         v = dit.unpatchify(out, grid).float()
         if ctx.plan.guidance == 1:
             return v
@@ -444,15 +462,20 @@ def parallel_velocity(dit: StepVideoDiT, ctx: ParallelContext, positive: TextCon
 def sample_latents(dit: StepVideoDiT, ctx: ParallelContext, positive: TextConditioning,
                    negative: TextConditioning | None, settings: GenerationSettings,
                    latents: torch.Tensor | None = None, callback: StepCallback | None = None,
-                   noise: torch.Tensor | None = None, image: ImageCondition | None = None) -> torch.Tensor:
+                   noise: torch.Tensor | None = None, image: ImageCondition | None = None,
+                   transformer_options: dict | None = None) -> torch.Tensor:
     """``pipeline.sample_latents`` split over the ranks, with the same arguments: the same seeded noise and
     schedule everywhere, the same fp32 latents ``[b, F, C, h, w]`` returned on every rank. ``latents`` and
-    ``noise``, when given, must be the same on every rank."""
+    ``noise``, when given, must be the same on every rank; ``transformer_options`` (e.g. a step cache's, one per
+    rank) gets the schedule as the pipeline sets it."""
     shape = latent_shape(settings, dit.config.in_channels, positive.mask.shape[0]) if latents is None else latents.shape
     noise = make_noise(shape, settings.seed) if noise is None else noise
     guided = negative is not None and settings.cfg != 1.0
-    velocity = parallel_velocity(dit, ctx, positive, negative if guided else None, settings.cfg, image)
     sigmas = denoise_sigmas(settings.steps, settings.shift, settings.denoise)
+    if transformer_options is not None:
+        transformer_options = {**transformer_options, "sample_sigmas": 1 - sigmas}
+    velocity = parallel_velocity(dit, ctx, positive, negative if guided else None, settings.cfg, image,
+                                 transformer_options)
     return sample_euler(velocity, noise.to(ctx.device), sigmas,
                         latents=None if latents is None else latents.to(ctx.device), callback=callback)
 

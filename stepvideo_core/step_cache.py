@@ -39,6 +39,16 @@ import torch
 OPTIONS_KEY = "stepvideo_step_cache"  # where the cache sits in transformer_options
 BLOCK_KEY = "double_block"  # the per-block replacement key of the DiT's blocks (see StepVideoDiT.run_blocks)
 SAMPLE_STRIDE = 8  # the skip criterion reads every 8th token (as EasyCache subsamples), which is enough for a mean
+# Set by parallel.py when the tokens are sharded over ranks: averages a statistic over the ranks that share the
+# tokens, so that all of them take the same skip decision (a rank that skipped while another ran the blocks would
+# leave the other waiting in the blocks' all-to-alls).
+GROUP_MEAN_KEY = "stepvideo_group_mean"
+
+
+def _mean_abs(t: torch.Tensor, options: dict) -> torch.Tensor:
+    mean = t.abs().mean()
+    group_mean = options.get(GROUP_MEAN_KEY)
+    return mean if group_mean is None else group_mean(mean)
 
 
 @dataclass(frozen=True)
@@ -134,15 +144,15 @@ class StepCache:
         s = self.settings
         state.skip = False
         if s.threshold > 0 and s.start <= progress < s.end and state.rate is not None:
-            change = (sample - state.x_sample).abs().mean()
-            state.accumulated += float(state.rate * change / state.residuals[-1][1].abs().mean().float())
+            change = _mean_abs(sample - state.x_sample, options)
+            state.accumulated += float(state.rate * change / _mean_abs(state.residuals[-1][1], options).float())
             state.skip = state.accumulated < s.threshold
         if state.skip:
             state.x_in = None
             return True
         state.accumulated = 0.0
         if state.x_sample is not None:
-            state.dx = (sample - state.x_sample).abs().mean()
+            state.dx = _mean_abs(sample - state.x_sample, options)
         state.x_sample = sample
         self.stats.computed += 1
         return False
@@ -156,10 +166,10 @@ class StepCache:
             return x + r1
         return x + r1 + (state.sigma - s1) / (s1 - s2) * (r1 - r2)
 
-    def _computed(self, out: torch.Tensor, state: _CallState) -> None:
+    def _computed(self, out: torch.Tensor, state: _CallState, options: dict) -> None:
         residual = out - state.x_in
         if state.residuals and state.dx is not None and state.dx > 0:
-            state.rate = float((residual - state.residuals[-1][1]).abs().mean().float() / state.dx)
+            state.rate = float(_mean_abs(residual - state.residuals[-1][1], options).float() / state.dx)
         state.residuals = [*state.residuals[-1:], (state.sigma, residual)]
         state.x_in = None
 
@@ -177,5 +187,5 @@ def step_cache_block(args: dict, extra: dict) -> dict:
     cache.stats.block_evaluations += 1
     out = extra["original_block"](args)
     if last:
-        cache._computed(out["img"], cache._state(x, options))
+        cache._computed(out["img"], cache._state(x, options), options)
     return out

@@ -22,6 +22,7 @@ from stepvideo_core.dit import load_dit
 from stepvideo_core.image_condition import ImageCondition
 from stepvideo_core.parallel import DistributedGroup, ParallelContext, ParallelError, ParallelPlan, TokenShard
 from stepvideo_core.pipeline import GenerationSettings, sample_latents
+from stepvideo_core.step_cache import StepCache, StepCacheSettings
 from stepvideo_core.text_encoding import TextConditioning
 from tests.builders import small_dit, small_vae, text_inputs
 from tests.test_vae import latents as vae_latents
@@ -32,6 +33,8 @@ HAS_YUNCHANG = importlib.util.find_spec("yunchang") is not None
 # and at 48x80: 3 x 3 x 5 = 45 = 3 x 15): both an even and an odd token count get used below.
 SETTINGS = GenerationSettings(num_frames=17, height=64, width=80, steps=3, cfg=4.0, shift=5.0, seed=3)
 ODD_SETTINGS = GenerationSettings(num_frames=17, height=48, width=80, steps=3, cfg=4.0, shift=5.0, seed=4)
+CACHED = GenerationSettings(num_frames=17, height=64, width=80, steps=10, cfg=4.0, shift=5.0, seed=6)
+CACHE = StepCacheSettings(threshold=0.5)
 PARTIAL = GenerationSettings(num_frames=17, height=64, width=80, steps=2, cfg=4.0, shift=5.0, seed=5, denoise=0.5)
 
 
@@ -80,6 +83,10 @@ def _worker(rank: int, world: int, store: str, heads: int, results: str, dit_fil
                 out[f"{name}/{key}"] = parallel.sample_latents(dit, ctx, got_pos, got_neg, settings)
             out[f"{name}/plan"] = plan
             if name == "sequence":  # the other entry points of sample_latents: a start image (TI2V), partial denoise
+                cache = StepCache(CACHE)  # and a step cache, which must take one decision on every rank
+                out["cache"] = parallel.sample_latents(dit, ctx, got_pos, got_neg, CACHED,
+                                                       transformer_options=cache.transformer_options(dit))
+                out["cache/stats"] = (cache.stats.forward_passes, cache.stats.computed)
                 out["ti2v"] = parallel.sample_latents(ti2v_dit(heads), ctx, got_pos, got_neg, SETTINGS, image=start_image())
                 out["denoise"] = parallel.sample_latents(dit, ctx, got_pos, got_neg, PARTIAL, latents=start_latents())
         if HAS_YUNCHANG and heads % world == 0:  # xDiT's USP attention, where installed (Ulysses: exact on the CPU)
@@ -138,6 +145,9 @@ def single_process(heads: int) -> dict:
         out = {key: sample_latents(dit, pos, neg, s) for key, s in (("even", SETTINGS), ("odd", ODD_SETTINGS))}
         out["ti2v"] = sample_latents(ti2v_dit(heads), pos, neg, SETTINGS, image=start_image())
         out["denoise"] = sample_latents(dit, pos, neg, PARTIAL, latents=start_latents())
+        cache = StepCache(CACHE)
+        out["cache"] = sample_latents(dit, pos, neg, CACHED, transformer_options=cache.transformer_options(dit))
+        out["cache/stats"] = (cache.stats.forward_passes, cache.stats.computed)
     return out
 
 
@@ -156,6 +166,12 @@ def test_parallel_latents_equal_single_process(world, heads):
         for key in ("even", "odd"):
             for r, result in enumerate(ranks):
                 assert_same(result[f"{name}/{key}"], want[key], f"{name} ({result[f'{name}/plan'].describe()}) rank {r} {key}")
+    for r, result in enumerate(ranks):
+        passes, computed = result["cache/stats"]
+        assert passes == CACHED.steps and computed < passes, "the cache skipped steps"
+        assert result["cache/stats"] == ranks[0]["cache/stats"], "every rank took the same decisions"
+        if result["cache/stats"] == want["cache/stats"]:  # statistics of sharded tokens may tip a decision
+            assert_same(result["cache"], want["cache"], f"step cache rank {r}")
     for r, result in enumerate(ranks):
         if HAS_YUNCHANG:
             assert "needs a GPU" in result["yunchang/ring"]
