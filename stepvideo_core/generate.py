@@ -32,6 +32,7 @@ from .attention import BACKENDS, get_attention
 from .dit import load_dit, open_dit_checkpoint, resolve_compute_dtype
 from .pipeline import GenerationSettings, sample_latents
 from .scheduler import PRESETS, denoise_sigmas
+from .step_cache import StepCache, StepCacheSettings
 from .text_encoding import encode_prompts, load_text_encoders
 from .tiny import model as tiny
 from .vae import load_vae
@@ -100,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shift", type=float, help="overrides the preset's time shift")
     s.add_argument("--seed", type=int, default=0)
 
+    sp = p.add_argument_group("speed")
+    sp.add_argument("--cache", type=float, metavar="THRESHOLD",
+                    help="step cache: skip the DiT's blocks on steps whose change it predicts to stay below THRESHOLD "
+                         "(e.g. 0.3; more skips as it grows); prints how many DiT passes ran their blocks")
+
     d = p.add_argument_group("decoding")
     d.add_argument("--tile-size", type=int, help="decode in spatial tiles of this many latents (16 = 256 px) to "
                                                  "bound memory; default: whole frames")
@@ -145,6 +151,8 @@ def resolve_settings(args: argparse.Namespace, is_tiny: bool) -> GenerationSetti
     if args.tile_size is not None and (args.tile_size < 1 or args.tile_overlap < 0 or 2 * args.tile_overlap > args.tile_size):
         raise ValueError(f"--tile-size {args.tile_size} / --tile-overlap {args.tile_overlap}: need tiles of at least "
                          "1 latent and an overlap of at most half a tile (e.g. --tile-size 16 --tile-overlap 4)")
+    if args.cache is not None:
+        StepCacheSettings(threshold=args.cache)  # raises on a negative threshold, naming it
     if args.ff_chunk_size < 0:
         raise ValueError(f"--ff-chunk-size {args.ff_chunk_size} must be 0 (all tokens at once) or a token count")
     return settings
@@ -221,13 +229,18 @@ def run(args: argparse.Namespace) -> dict:
     if ctx is not None:
         positive, negative = parallel.broadcast_conditioning(positive, negative, ctx)
 
+    cache = StepCache(StepCacheSettings(threshold=args.cache)) if args.cache is not None else None
+    options = cache.transformer_options(dit) if cache is not None else None
     bar, callback = step_progress(rank == 0, settings.steps, "sampling")
     with torch.no_grad(), bar:
         if ctx is None:
-            latents = sample_latents(dit, positive, negative, settings, callback=callback)
+            latents = sample_latents(dit, positive, negative, settings, callback=callback, transformer_options=options)
         else:
-            latents = parallel.sample_latents(dit, ctx, positive, negative, settings, callback=callback)
+            latents = parallel.sample_latents(dit, ctx, positive, negative, settings, callback=callback,
+                                              transformer_options=options)
     del dit
+    if cache is not None and rank == 0:
+        print(cache.stats.summary(), file=sys.stderr)
 
     written = {"latents": latents}
     if rank == 0 and args.out_latents:
