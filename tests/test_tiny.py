@@ -52,6 +52,21 @@ def test_tokenizers_cover_the_world_and_accept_any_text():
     assert not [line for line in corpus if "[UNK]" in bert.tokenize(line)]
 
 
+def test_the_wordpiece_vocabulary_builder_rebuilds_the_shipped_one(tmp_path):
+    """The vocabulary written with ``tokenizers`` from the caption corpus is the shipped file byte for byte, so
+    the shipped CLIP's tokenization (pinned ids below) is unchanged."""
+    shipped = tiny.paths()["hunyuan_clip"] / "tokenizer"
+    built = train_tiny.write_wordpiece_vocab(tmp_path, train_tiny.caption_corpus())
+    assert built.read_bytes() == (shipped / "vocab.txt").read_bytes()
+    assert (tmp_path / "tokenizer_config.json").read_text() == (shipped / "tokenizer_config.json").read_text()
+    from transformers import BertTokenizer
+
+    bert = BertTokenizer.from_pretrained(str(shipped), local_files_only=True)
+    assert bert("a blue square moves right")["input_ids"] == [101, 115, 121, 149, 136, 143, 102]
+    assert bert("红色的圆形向左移动。")["input_ids"] == [101, 245, 253, 237, 190, 203, 188, 202, 239, 181, 162, 102]
+    assert bert("A Zebra walks!")["input_ids"] == [101, 115, 100, 100, 104, 102]  # unknown words are [UNK] (100)
+
+
 def test_the_vae_round_trip_keeps_the_colour_of_objects(model):
     # A regression floor under the shipped VAE's level on a third of the card's clips; a broken decode, a
     # layout mix-up or a wrong GroupNorm count reads almost none.

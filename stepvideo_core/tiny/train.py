@@ -118,35 +118,29 @@ def train_sentencepiece(folder: Path, corpus: list[str], vocab_size: int = 640) 
     return folder / TOKENIZER_FILE
 
 
-def basic_split(text: str) -> list[str]:
-    """BERT's pre-tokenisation for this corpus: lower case, CJK characters and punctuation on their own."""
-    out, word = [], []
-    for ch in text.lower():
-        if ch.isalnum() and not ("\u4e00" <= ch <= "\u9fff"):
-            word.append(ch)
-            continue
-        if word:
-            out.append("".join(word))
-            word = []
-        if not ch.isspace():
-            out.append(ch)
-    if word:
-        out.append("".join(word))
-    return out
-
-
 BERT_SPECIALS = ["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+def bert_words(corpus: list[str]) -> set[str]:
+    """Every piece BERT's basic tokenizer makes of the corpus (``tokenizers``' BERT normaliser and pre-tokenizer,
+    set as the shipped tokenizer_config.json asks: lower case, CJK characters and punctuation on their own)."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    return {piece for line in corpus for piece, _ in splitter.pre_tokenize_str(normalizer.normalize_str(line))}
+
+
 def write_wordpiece_vocab(folder: Path, corpus: list[str]) -> Path:
-    """A BERT vocabulary in the Chinese-RoBERTa id order: specials, then every character and word in the corpus
-    as the BERT basic tokenizer splits it (Chinese characters one by one, English words lower-cased)."""
-    pieces = sorted({piece for line in corpus for piece in basic_split(line)} | set(",.!?;:'\"()-"))
+    """A BERT vocabulary in the Chinese-RoBERTa id order: specials, then every character and whole word of the
+    corpus, sorted (no sub-word pieces: the world's words are few). Written by ``tokenizers``' WordPiece model."""
+    from tokenizers.models import WordPiece
+
+    pieces = sorted(bert_words(corpus) | set(",.!?;:'\"()-"))
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "vocab.txt"
-    path.write_text("\n".join(BERT_SPECIALS + pieces) + "\n", encoding="utf-8")
+    (path,) = WordPiece({token: i for i, token in enumerate(BERT_SPECIALS + pieces)}, unk_token="[UNK]").save(str(folder))
     (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "tokenize_chinese_chars": True}))
-    return path
+    return Path(path)
 
 
 def train_tokenizers(work: Path) -> None:
