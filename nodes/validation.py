@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..stepvideo_core import video_shape
@@ -48,21 +46,13 @@ def check_choice(name: str, value, choices) -> bool | str:
 # ---- sampler settings ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SamplerSettings:
-    steps: int
-    cfg: float
-    shift: float
-
-
-def resolve_preset(preset: str, steps: int, cfg: float, shift: float) -> SamplerSettings:
+def resolve_preset(preset: str, steps: int, cfg: float, shift: float) -> SamplerPreset:
     """A named preset overrides steps/cfg/shift; 'custom' keeps the widget values."""
     if preset == "custom":
-        return SamplerSettings(int(steps), float(cfg), float(shift))
+        return SamplerPreset(int(steps), float(cfg), float(shift))
     if preset not in NAMED_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(SAMPLER_PRESETS)}")
-    p = NAMED_PRESETS[preset]
-    return SamplerSettings(p.steps, p.cfg, p.shift)
+    return NAMED_PRESETS[preset]
 
 
 def preset_summary() -> str:

@@ -225,7 +225,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.lora:
         from .lora import attach, load_lora
 
-        attach(dit, load_lora(args.lora, dit), args.lora_strength)
+        lora = load_lora(args.lora, dit)
+        attach(dit, lora, args.lora_strength)
+        if rank == 0:
+            print(f"{lora.summary()} ({args.lora}, strength {args.lora_strength})", file=sys.stderr)
     if ctx is not None:
         positive, negative = parallel.broadcast_conditioning(positive, negative, ctx)
 

@@ -73,10 +73,13 @@ class LoraSet:
     def matched_modules(self) -> int:
         return len(self.pairs)
 
-    def summary(self) -> str:
-        msg = f"{self.matched_modules} DiT layer(s) patched from {self.source_keys} LoRA tensor(s)"
+    def summary(self, accepted: int | None = None) -> str:
+        """The one LoRA report (CLI and nodes): layers patched (``accepted`` of them, when a host such as
+        ComfyUI's patcher took fewer than matched), tensors read, and the first tensors that matched no layer."""
+        patched = self.matched_modules if accepted is None else f"{accepted} of {self.matched_modules}"
+        msg = f"Step-Video LoRA: {patched} DiT layer(s) patched from {self.source_keys} tensor(s)"
         if self.unmatched:
-            msg += f"; {len(self.unmatched)} tensor(s) matched nothing (e.g. {', '.join(self.unmatched[:3])})"
+            msg += f"; {len(self.unmatched)} tensor(s) matched no layer (e.g. {', '.join(self.unmatched[:3])})"
         return msg
 
 

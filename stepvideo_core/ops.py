@@ -48,15 +48,12 @@ class GroupNorm(nn.GroupNorm):
 
 
 class Embedding(nn.Embedding):
-    """Looks rows up in the stored dtype; fp8 tables are upcast to ``compute_dtype`` after the lookup."""
-
-    compute_dtype: torch.dtype | None = None
+    """Looks rows up in the stored dtype; rows of an fp8 table come out in bf16 (callers cast to their compute
+    dtype), so only the looked-up rows are ever upcast."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = F.embedding(ids, self.weight.to(ids.device))
-        if out.dtype in FP8_DTYPES:
-            out = out.to(self.compute_dtype or torch.bfloat16)
-        return out
+        return out.to(torch.bfloat16) if out.dtype in FP8_DTYPES else out
 
 
 class RMSNorm(nn.Module):

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange, reduce
 from torch import nn
 
 from .loading import CheckpointError, load_checkpoint_model
@@ -343,26 +344,20 @@ def space_to_channel(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
     """
     if factor > 1:
         x = F.pad(x, (0, 0, 0, 0, factor - 1, 0))
-    b, c, t, h, w = x.shape
-    f = factor
-    x = x.reshape(b, c, t // f, f, h // f, f, w // f, f).permute(0, 1, 3, 5, 7, 2, 4, 6)
-    return x.reshape(b, c * f**3, t // f, h // f, w // f).contiguous(memory_format=CL)
+    x = rearrange(x, "b c (t dt) (h dy) (w dx) -> b (c dt dy dx) t h w", dt=factor, dy=factor, dx=factor)
+    return x.contiguous(memory_format=CL)
 
 
 def channel_to_space(x: torch.Tensor, factor: int = 2) -> torch.Tensor:
     """Inverse of ``space_to_channel``: unfold channels into ``factor``^3 neighbourhoods, drop the first
     ``factor - 1`` frames (3 latent frames unfold into 5)."""
-    b, c, t, h, w = x.shape
-    f = factor
-    x = x.reshape(b, c // f**3, f, f, f, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
-    x = x.reshape(b, c // f**3, t * f, h * f, w * f)
-    return (x[:, :, f - 1:] if f > 1 else x).contiguous(memory_format=CL)
+    x = rearrange(x, "b (c dt dy dx) t h w -> b c (t dt) (h dy) (w dx)", dt=factor, dy=factor, dx=factor)
+    return x[:, :, factor - 1:].contiguous(memory_format=CL)
 
 
 def channel_average(x: torch.Tensor, out_channels: int) -> torch.Tensor:
     """Average consecutive groups of channels down to ``out_channels``."""
-    b, c = x.shape[:2]
-    return x.reshape(b, out_channels, c // out_channels, *x.shape[2:]).mean(dim=2).contiguous(memory_format=CL)
+    return reduce(x, "b (c group) t h w -> b c t h w", "mean", c=out_channels).contiguous(memory_format=CL)
 
 
 class Stage(nn.Module):

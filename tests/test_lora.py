@@ -123,7 +123,9 @@ def test_partially_matching_lora_reports_what_matched(tmp_path):
           "transformer_blocks.9.attn1.wo.lora_B.weight": up, "transformer_blocks.9.attn1.wo.lora_A.weight": down}
     lora = parse_lora(sd, model)
     assert lora.matched_modules == 1 and lora.unmatched == ["transformer_blocks.9.attn1.wo"]
-    assert "1 DiT layer(s) patched" in lora.summary() and "transformer_blocks.9" in lora.summary()
+    assert lora.summary() == ("Step-Video LoRA: 1 DiT layer(s) patched from 4 tensor(s); 1 tensor(s) matched no layer "
+                              "(e.g. transformer_blocks.9.attn1.wo)")
+    assert lora.summary(accepted=0).startswith("Step-Video LoRA: 0 of 1 DiT layer(s) patched")
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -55,13 +55,13 @@ def test_dtype_parsing():
 
 
 def test_presets_override_unless_custom():
-    assert validation.resolve_preset("standard", 3, 1.0, 2.0) == validation.SamplerSettings(50, 9.0, 13.0)
+    assert validation.resolve_preset("standard", 3, 1.0, 2.0) == validation.SamplerPreset(50, 9.0, 13.0)
     t = PRESETS["turbo"]
-    assert validation.resolve_preset("turbo", 3, 1.0, 2.0) == validation.SamplerSettings(t.steps, t.cfg, t.shift)
-    assert validation.resolve_preset("custom", 3, 1.0, 2.0) == validation.SamplerSettings(3, 1.0, 2.0)
+    assert validation.resolve_preset("turbo", 3, 1.0, 2.0) == validation.SamplerPreset(t.steps, t.cfg, t.shift)
+    assert validation.resolve_preset("custom", 3, 1.0, 2.0) == validation.SamplerPreset(3, 1.0, 2.0)
     t = tiny.SETTINGS
-    assert validation.resolve_preset("tiny", 3, 1.0, 2.0) == validation.SamplerSettings(t.steps, t.cfg, t.shift) == (
-        validation.SamplerSettings(20, 5.0, 3.0))
+    assert validation.resolve_preset("tiny", 3, 1.0, 2.0) == validation.SamplerPreset(t.steps, t.cfg, t.shift) == (
+        validation.SamplerPreset(20, 5.0, 3.0))
     assert validation.SAMPLER_PRESETS == ("standard", "turbo", "tiny", "custom")
     assert "tiny (20 steps, cfg 5, shift 3)" in validation.preset_summary()
     assert "standard (50 steps, cfg 9, shift 13)" in validation.preset_summary()
