@@ -31,9 +31,9 @@ encoded once on rank 0 and broadcast (``broadcast_conditioning``). NCCL on GPUs,
 Typical use (what ``python -m stepvideo_core.generate`` does under ``torchrun``)::
 
     group = init_from_environment()                      # None outside torchrun / with one process
-    plan = ParallelPlan.choose(group.world_size, dit.config.num_attention_heads, guided=cfg != 1)
+    plan = ParallelPlan.choose(group.world_size, heads, guided=cfg != 1, shard_weights=...)
     ctx = ParallelContext.build(plan, group)
-    if plan.shard_weights: shard_dit_weights(dit, ctx)
+    dit = load_dit_sharded(path, ctx) if plan.shard_weights else load_dit(path, device=ctx.device)
     positive, negative = broadcast_conditioning(pos_or_none, neg_or_none, ctx)
     latents = sample_latents(dit, ctx, positive, negative, settings)   # the same on every rank
     video = decode(vae, latents, ctx)                                  # whole video on rank 0, None elsewhere
@@ -50,8 +50,9 @@ import torch
 import torch.distributed as dist
 
 from .attention import AttentionFn
-from .dit import Rope3D, StepVideoDiT
+from .dit import DIT_NAME, Rope3D, StepVideoDiT, open_dit_checkpoint, resolve_compute_dtype
 from .image_condition import ImageCondition
+from .loading import check_keys, storage_dtype, to_storage_dtype
 from .pipeline import GenerationSettings, latent_shape
 from .scheduler import StepCallback, denoise_sigmas, make_noise, sample_euler
 from .step_cache import GROUP_MEAN_KEY
@@ -533,43 +534,19 @@ def decode(vae: VideoVAE, latents: torch.Tensor, ctx: ParallelContext, **decode_
 # ---- weight sharding ------------------------------------------------------------------------------------------
 
 
-def _shard_blocks(dit: StepVideoDiT, ctx: ParallelContext) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(ctx.device.type, (ctx.plan.world_size,))
-    for block in dit.transformer_blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=True)
-
-
-def shard_dit_weights(dit: StepVideoDiT, ctx: ParallelContext) -> StepVideoDiT:
-    """Shard the block weights of a DiT already in memory (see ``load_dit_sharded`` to load it sharded).
-
-    Every transformer block is wrapped with FSDP2's ``fully_shard`` over all ranks (dim 0 of each tensor);
-    the rest of the DiT (embeddings, projections: about 1% of it) stays whole on every rank. A block
-    gathers its weights just before it runs and frees them after (``reshard_after_forward``), so a rank holds
-    1/world of the blocks plus one whole block. Everything moves to ``ctx.device``."""
-    _shard_blocks(dit, ctx)  # moves each block's shard to the mesh's device
-    for name, child in dit.named_children():
-        if name != "transformer_blocks":
-            child.to(ctx.device)
-    for name, param in dit.named_parameters(recurse=False):
-        dit.register_parameter(name, torch.nn.Parameter(param.to(ctx.device), requires_grad=param.requires_grad))
-    return dit
-
-
 def load_dit_sharded(path, ctx: ParallelContext, weight_dtype: torch.dtype = torch.bfloat16,
                      compute_dtype: torch.dtype | None = None, operations=None, **config_overrides) -> StepVideoDiT:
     """``load_dit`` straight into sharded blocks: the model is built and sharded on the meta device, then each
     rank reads the checkpoint one tensor at a time and keeps only its own rows of the block weights.
 
-    Host memory holds one tensor at a time and the device 1/world of the blocks plus the rest of the DiT, so
-    four 24 GB GPUs on a 64 GB machine can load the 30B DiT in fp8, which neither fits one GPU nor four
-    whole copies in host memory."""
+    Every transformer block is wrapped with FSDP2's ``fully_shard`` over all ranks (dim 0 of each tensor); the
+    rest of the DiT (embeddings, projections: about 1% of it) is whole on every rank. A block gathers its
+    weights just before it runs and frees them after (``reshard_after_forward``), so a rank holds 1/world of
+    the blocks plus the block at hand. Host memory holds one tensor at a time, so four 24 GB GPUs on a 64 GB
+    machine can load the 30B DiT in fp8, which neither fits one GPU nor four whole copies in host memory."""
+    from torch.distributed.device_mesh import init_device_mesh  # FSDP2 is imported only when sharding
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
-
-    from .dit import DIT_NAME, open_dit_checkpoint, resolve_compute_dtype
-    from .loading import check_keys, storage_dtype, to_storage_dtype
 
     compute_dtype = resolve_compute_dtype(weight_dtype, compute_dtype)
     model, ckpt, key_map = open_dit_checkpoint(path, operations, **config_overrides)
@@ -581,7 +558,9 @@ def load_dit_sharded(path, ctx: ParallelContext, weight_dtype: torch.dtype = tor
         owner = model.get_submodule(owner_name)
         dtypes[name] = storage_dtype(owner, attr, weight_dtype, compute_dtype)
         owner._parameters[attr] = torch.nn.Parameter(param.to(dtypes[name]), requires_grad=False)
-    _shard_blocks(model, ctx)
+    mesh = init_device_mesh(ctx.device.type, (ctx.plan.world_size,))
+    for block in model.transformer_blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
     model.to_empty(device=ctx.device)
     world, rank = ctx.plan.world_size, ctx.rank
     with torch.no_grad():

@@ -58,8 +58,8 @@ def layouts(world: int, heads: int):
             out.append(("both", ParallelPlan.choose(world, heads, guided=True)))
     out.append(("ring", ParallelPlan.choose(world, heads, guided=True, guidance_parallel=False, ulysses=1)))
     out.append(("sharded", ParallelPlan.choose(world, heads, guided=True, shard_weights=True)))
-    out.append(("loaded-sharded", ParallelPlan.choose(world, heads, guided=True, guidance_parallel=False,
-                                                      shard_weights=True)))
+    out.append(("sharded-sequence", ParallelPlan.choose(world, heads, guided=True, guidance_parallel=False,
+                                                        shard_weights=True)))
     return out
 
 
@@ -72,12 +72,10 @@ def _worker(rank: int, world: int, store: str, heads: int, results: str, dit_fil
     with torch.no_grad():
         for name, plan in layouts(world, heads):
             ctx = ParallelContext.build(plan, group)
-            if name == "loaded-sharded":
+            if plan.shard_weights:
                 dit = parallel.load_dit_sharded(dit_file, ctx, weight_dtype=torch.float32)
             else:
                 dit = reduced_dit(heads)
-            if name == "sharded":
-                parallel.shard_dit_weights(dit, ctx)
             got_pos, got_neg = parallel.broadcast_conditioning(pos if rank == 0 else None, neg if rank == 0 else None, ctx)
             for key, settings in (("even", SETTINGS), ("odd", ODD_SETTINGS)):
                 out[f"{name}/{key}"] = parallel.sample_latents(dit, ctx, got_pos, got_neg, settings)
