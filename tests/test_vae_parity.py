@@ -31,7 +31,10 @@ def reference_vae(config: VAEConfig, state_dict: dict[str, torch.Tensor]):
                                      num_res_blocks=config.decoder_num_res_blocks - 1, z_channels=config.z_channels,
                                      version=2)
     model.frame_len, model.latent_len, model.world_size = 17, 3, 1
-    model.load_state_dict(state_dict, strict=True)
+    # Our names are the release file's; the reference module wraps the decoder's last conv in ".conv" and
+    # renames the file's keys on load the same way.
+    model.load_state_dict({k.replace("decoder.conv_out.", "decoder.conv_out.conv."): v for k, v in state_dict.items()},
+                          strict=True)
     return model.eval(), ref
 
 
