@@ -13,6 +13,7 @@ import logging
 
 import comfy.model_management as mm
 import comfy.utils
+import latent_preview
 import torch
 from comfy_api.latest import io
 
@@ -29,6 +30,7 @@ from ..stepvideo_core.worker_pool import (
     parse_devices,
 )
 from . import conversions, registered_folders, validation
+from .comfy_model import StepVideoLatentFormat
 from .sampler_nodes import StepVideoSampler
 
 log = logging.getLogger("stepvideo")
@@ -199,14 +201,22 @@ class StepVideoParallelSampler(io.ComfyNode):
             if not pool.running:
                 pool.start(should_cancel=mm.processing_interrupted)
             pbar = comfy.utils.ProgressBar(s.steps)
+            # The previewer ComfyUI's own samplers use (per --preview-method), fed rank 0's first latent frame.
+            previewer = latent_preview.get_previewer(mm.intermediate_device(), StepVideoLatentFormat(pool.in_channels))
+
+            def progress(step: int, total: int, preview: torch.Tensor | None) -> None:
+                image = None
+                if previewer is not None and preview is not None:
+                    image = previewer.decode_latent_to_preview_image("JPEG", conversions.to_comfy_latent(preview))
+                pbar.update_absolute(step, total, image)
+
             job = SampleJob(conversions.from_conditioning(positive), conversions.from_conditioning(negative),
                             GenerationSettings(steps=s.steps, cfg=s.cfg, shift=s.shift, seed=int(seed),
                                                denoise=float(denoise)),
-                            fit_channels(latents, pool.in_channels), parallel_dit.loras)
+                            fit_channels(latents, pool.in_channels), parallel_dit.loras, preview=previewer is not None)
             # ComfyUI's interrupt arrives either as the flag (polled after each step) or as the exception its
             # progress hook raises; both stop every worker after the step, and the pool stays loaded.
-            out = pool.sample(job, on_progress=lambda step, total: pbar.update_absolute(step, total),
-                              should_cancel=mm.processing_interrupted)
+            out = pool.sample(job, on_progress=progress, should_cancel=mm.processing_interrupted)
         except SamplingCancelled:
             mm.throw_exception_if_processing_interrupted()
             raise

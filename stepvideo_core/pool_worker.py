@@ -108,7 +108,8 @@ class Worker:
         attached = [attach(self.dit, self._lora(path), strength) for path, strength in body["loras"]]
 
         def after_step(done: int, total: int, x, denoised) -> None:
-            if self._agree(self._ask_parent(job, done, total) if self.rank == 0 else False):
+            preview = denoised[:1, :1].float().cpu() if body["preview"] and self.rank == 0 else None
+            if self._agree(self._ask_parent(job, done, total, preview) if self.rank == 0 else False):
                 raise Cancelled(done, total)
 
         try:
@@ -135,9 +136,9 @@ class Worker:
             self.loras[key] = load_lora(path, self.dit)
         return self.loras[key]
 
-    def _ask_parent(self, job: int, step: int, total: int) -> bool:
+    def _ask_parent(self, job: int, step: int, total: int, preview: torch.Tensor | None) -> bool:
         """Rank 0 only: report the step and wait for the parent's answer; True when the job is to stop."""
-        send(self.conn, "progress", {"job": job, "step": step, "total": total})
+        send(self.conn, "progress", {"job": job, "step": step, "total": total, "preview": preview})
         while True:
             try:
                 kind, body = receive(self.conn)

@@ -16,10 +16,10 @@ socket (``multiprocessing.connection``).
 Protocol: each message is ``(kind, body)``, ``body`` a dict of plain values, dtypes and CPU tensors, written with
 ``torch.save`` and read with ``torch.load(weights_only=True)``, so a message carries data, never code.
 
-- parent -> worker: ``load`` {spec}, ``sample`` {job, positive, negative, settings, latents, loras},
-  ``continue`` {job, cancel} (the answer to each ``progress``), ``shutdown`` {}
-- worker -> parent: ``hello`` {rank, pid}, ``loaded`` {rank, in_channels}, ``progress`` {job, step, total} (rank 0
-  only), ``done`` {job, rank, latents (rank 0) or None}, ``cancelled`` {job, rank, step, total},
+- parent -> worker: ``load`` {spec, shard_weights}, ``sample`` {job, plan, positive, negative, settings, latents,
+  loras, preview}, ``continue`` {job, cancel} (the answer to each ``progress``), ``shutdown`` {}
+- worker -> parent: ``hello`` {rank, pid}, ``loaded`` {rank, in_channels, heads}, ``progress`` {job, step, total,
+  preview} (rank 0 only), ``done`` {job, rank, latents (rank 0) or None}, ``cancelled`` {job, rank, step, total},
   ``failed`` {job, rank, error, traceback}
 
 Cancel: after each step rank 0 reports it and waits for the parent's answer (one local round trip, nothing next to a
@@ -61,7 +61,9 @@ WORKER_BOOT = ("import os, sys; sys.path.insert(0, os.environ['STEPVIDEO_POOL_RO
                "from stepvideo_core.pool_worker import main; main()")
 WORKER_HINT = "Its own output (traceback, CUDA or NCCL messages) is in this console above."
 
-ProgressFn = Callable[[int, int], None]  # (steps done, total steps)
+# (steps done, total steps, preview): the preview is the first latent frame of the first sample of this step's
+# predicted clean latents, ``[1, 1, C, h, w]``, when the job asked for previews, else None.
+ProgressFn = Callable[[int, int, "torch.Tensor | None"], None]
 CancelFn = Callable[[], bool]
 
 
@@ -168,6 +170,7 @@ class SampleJob:
     settings: GenerationSettings
     latents: torch.Tensor
     loras: tuple[tuple[str, float], ...] = ()
+    preview: bool = False  # rank 0 sends each step's preview latents with its progress
 
 
 def parse_devices(devices: str, workers: int = 0, gpu_count: int | None = None) -> tuple[str, ...]:
@@ -240,7 +243,7 @@ def conditioning_body(text: TextConditioning | None) -> dict | None:
 def job_body(job_id: int, job: SampleJob, plan: ParallelPlan) -> dict:
     return {"job": job_id, "plan": asdict(plan), "positive": conditioning_body(job.positive), "negative": conditioning_body(job.negative),
             "settings": asdict(job.settings), "latents": job.latents.float().cpu(),
-            "loras": [[str(path), float(strength)] for path, strength in job.loras]}
+            "loras": [[str(path), float(strength)] for path, strength in job.loras], "preview": job.preview}
 
 
 def load_body(spec: DiTSpec, shard_weights: bool = False) -> dict:
@@ -386,7 +389,7 @@ class WorkerPool:
         """Run ``job`` on every worker (starting them first if needed); returns rank 0's latents ``[b, F, C, h, w]``
         (fp32, CPU).
 
-        After each step, ``on_progress(step, total)`` is called, then ``should_cancel()``; when it is true every
+        After each step, ``on_progress(step, total, preview)`` is called, then ``should_cancel()``; when it is true every
         worker stops after that step and ``SamplingCancelled`` is raised. An exception from either callback (e.g.
         ComfyUI's interrupt, raised inside its progress hook) also stops the workers and is then re-raised. The pool
         stays loaded in both cases.
@@ -431,7 +434,7 @@ class WorkerPool:
             if state.caller_error is None:
                 try:
                     if on_progress is not None:
-                        on_progress(step, total)
+                        on_progress(step, total, body.get("preview"))
                     state.cancel = state.cancel or (should_cancel is not None and bool(should_cancel()))
                 except BaseException as e:
                     state.caller_error = e

@@ -46,9 +46,9 @@ def files(tmp_path_factory):
     return {"dit": str(root / "dit.safetensors"), "lora": str(root / "lora.safetensors")}
 
 
-def make_job(loras=(), settings=SETTINGS) -> wp.SampleJob:
+def make_job(loras=(), settings=SETTINGS, preview=False) -> wp.SampleJob:
     latents = torch.zeros(1, 3, 4, 2, 3)
-    return wp.SampleJob(conditioning(7, 1), conditioning(3, 2), settings, latents, tuple(loras))
+    return wp.SampleJob(conditioning(7, 1), conditioning(3, 2), settings, latents, tuple(loras), preview)
 
 
 def reference(path: str, job: wp.SampleJob) -> torch.Tensor:
@@ -83,7 +83,8 @@ class ThreadWorker:
         return wp.receive(self.conn)
 
     def run(self, job_id: int, job: wp.SampleJob, cancel_at: int | None = None) -> tuple[str, dict, list[int]]:
-        """Send the job, answer each step (cancel at ``cancel_at``); return the final message and the steps seen."""
+        """Send the job, answer each step (cancel at ``cancel_at``); return the final message and the progress
+        messages."""
         wp.send(self.conn, "sample", wp.job_body(job_id, job, wp.ParallelPlan()))
         steps = []
         while True:
@@ -91,7 +92,7 @@ class ThreadWorker:
             assert body["job"] == job_id
             if kind != "progress":
                 return kind, body, steps
-            steps.append(body["step"])
+            steps.append(body)
             assert body["total"] == job.settings.steps
             wp.send(self.conn, "continue", {"job": job_id, "cancel": body["step"] == cancel_at})
 
@@ -111,14 +112,25 @@ def worker(files):
 def test_worker_samples_what_the_pipeline_samples_and_reports_every_step(worker, files):
     job = make_job()
     kind, body, steps = worker.run(0, job)
-    assert kind == "done" and steps == list(range(1, SETTINGS.steps + 1))
+    assert kind == "done" and [p["step"] for p in steps] == list(range(1, SETTINGS.steps + 1))
+    assert all(p["preview"] is None for p in steps)
     assert_matches(body["latents"], reference(files["dit"], job))
+
+
+def test_previews_are_the_first_frame_of_each_steps_clean_prediction(worker):
+    """At the last step the predicted clean latents are the result itself, so its preview is the result's first
+    frame; earlier previews differ from it."""
+    kind, body, steps = worker.run(0, make_job(preview=True))
+    assert kind == "done" and len(steps) == SETTINGS.steps
+    assert all(p["preview"].shape == (1, 1, 4, 2, 3) for p in steps)
+    torch.testing.assert_close(steps[-1]["preview"], body["latents"][:1, :1], rtol=0, atol=1e-6)
+    assert not torch.allclose(steps[0]["preview"], steps[-1]["preview"], atol=1e-3)
 
 
 def test_cancel_stops_after_the_answered_step_and_the_next_job_is_whole(worker, files):
     job = make_job()
     kind, body, steps = worker.run(0, job, cancel_at=2)
-    assert (kind, body["step"], body["total"], steps) == ("cancelled", 2, SETTINGS.steps, [1, 2])
+    assert (kind, body["step"], body["total"], [p["step"] for p in steps]) == ("cancelled", 2, SETTINGS.steps, [1, 2])
     kind, body, _ = worker.run(1, job)
     assert kind == "done"
     assert_matches(body["latents"], reference(files["dit"], job))
@@ -225,7 +237,7 @@ def test_pool_latents_equal_the_single_process_pipeline(pool, files):
     assert (pool.plan_for(unguided).guidance, pool.plan_for(unguided).ulysses) == (1, 2)  # tokens split in two
     for job in (guided, make_job(loras=[(files["lora"], 0.7)]), unguided):
         seen.clear()
-        got = pool.sample(job, on_progress=lambda step, total: seen.append((step, total)))
+        got = pool.sample(job, on_progress=lambda step, total, preview: seen.append((step, total)))
         assert_matches(got, reference(files["dit"], job))
         assert seen == [(i, job.settings.steps) for i in range(1, job.settings.steps + 1)]
 
@@ -234,13 +246,14 @@ def test_pool_latents_equal_the_single_process_pipeline(pool, files):
 def test_pool_cancel_stops_every_worker_after_the_same_step_and_the_next_run_works(pool, files):
     seen = []
     with pytest.raises(wp.SamplingCancelled) as info:
-        pool.sample(make_job(), on_progress=lambda step, total: seen.append(step), should_cancel=lambda: len(seen) >= 2)
+        pool.sample(make_job(), on_progress=lambda step, total, preview: seen.append(step),
+                    should_cancel=lambda: len(seen) >= 2)
     assert (info.value.step, info.value.total) == (2, SETTINGS.steps) and seen == [1, 2]
 
     class Interrupted(Exception):  # what ComfyUI's progress hook raises on an interrupt
         pass
 
-    def interrupt_at_3(step, total):
+    def interrupt_at_3(step, total, preview):
         if step == 3:
             raise Interrupted
 
@@ -265,7 +278,7 @@ def test_a_killed_worker_is_named_and_the_next_run_starts_a_fresh_pool(files):
         p.start()
         victim = p._workers[1].process
 
-        def kill_rank_1(step, total):
+        def kill_rank_1(step, total, preview):
             if step == 1:
                 os.kill(victim.pid, signal.SIGKILL)
 

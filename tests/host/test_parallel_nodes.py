@@ -117,6 +117,22 @@ def test_interrupt_stops_every_worker_and_the_next_run_works(host, tiny_demo, pa
     assert_matches(parallel_sample(host, parallel_dit, parts), core_reference(host, tiny_demo, parts))
 
 
+def test_rank_0_drives_the_progress_bar_with_live_previews(host, parts, parallel_dit, monkeypatch):
+    import comfy.utils
+    import latent_preview
+    from comfy.cli_args import LatentPreviewMethod
+
+    monkeypatch.setattr(latent_preview.args, "preview_method", LatentPreviewMethod.Latent2RGB)
+    calls = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
+                        lambda value, total, preview, node_id=None: calls.append((value, total, preview)))
+    parallel_sample(host, parallel_dit, parts)
+    assert [(v, t) for v, t, _ in calls] == [(i, tiny.SETTINGS.steps) for i in range(1, tiny.SETTINGS.steps + 1)]
+    for _, _, preview in calls:
+        kind, image, _ = preview
+        assert kind == "JPEG" and image.size == (8, 8)  # one latent frame of the 128x128 video, one pixel per latent
+
+
 def test_a_killed_worker_is_named_and_the_next_run_restarts_the_pool(host, tiny_demo, parts, parallel_dit,
                                                                      monkeypatch):
     import comfy.utils
