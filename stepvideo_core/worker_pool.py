@@ -44,6 +44,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge, wait
 from pathlib import Path
 
@@ -100,7 +101,8 @@ class WorkerFailed(PoolError):
 class SamplingCancelled(PoolError):
     def __init__(self, step: int, total: int):
         self.step, self.total = step, total
-        super().__init__(f"sampling cancelled after step {step} of {total}; every worker stopped and stays loaded")
+        super().__init__(f"sampling cancelled after step {step} of {total}; every worker stopped and stays loaded"
+                         if total else "cancelled while the workers were starting; they were stopped")
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -347,9 +349,13 @@ class WorkerPool:
                     continue
                 sock.settimeout(None)
                 conn = Connection(sock.detach())
-                deliver_challenge(conn, authkey)
-                answer_challenge(conn, authkey)
-                kind, body = receive(conn)
+                try:
+                    deliver_challenge(conn, authkey)
+                    answer_challenge(conn, authkey)
+                    kind, body = receive(conn)
+                except (AuthenticationError, EOFError, OSError):
+                    conn.close()  # not one of our workers (they all hold the key): ignore it
+                    continue
                 if kind != "hello":
                     raise PoolError(f"a Step-Video worker sent {kind!r} instead of its greeting")
                 self._workers[int(body["rank"])].conn = conn
