@@ -20,6 +20,7 @@ import torch
 
 from ..stepvideo_core.attention import install_hint
 from ..stepvideo_core.dit import load_dit
+from ..stepvideo_core.loading import Checkpoint, scaled_fp8_dtype
 from ..stepvideo_core.ops import FP8_DTYPES
 from .conversions import CLIP_KEY, LATENT_CHANNELS, MASK_KEY
 from .previews import preview_rgb
@@ -137,12 +138,25 @@ def choose_dtypes(weight_dtype: torch.dtype | None, load_device) -> tuple[torch.
     return weight_dtype, manual_cast
 
 
-def build_model_patcher(path: str, weight_dtype: torch.dtype | None, attention) -> comfy.model_patcher.ModelPatcher:
+def build_model_patcher(path: str, weight_dtype: torch.dtype | None, attention,
+                        fp8_fast: bool = False) -> comfy.model_patcher.ModelPatcher:
+    """The DiT at ``path`` as a MODEL. ``fp8_fast``: ComfyUI's fp8 matrix multiplication where the device supports
+    it (the cast path elsewhere). A scaled-fp8 file (ComfyUI's format) keeps its fp8 dtype and per-tensor scales."""
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
+    scaled = scaled_fp8_dtype(Checkpoint(path))
+    if scaled is not None and weight_dtype != scaled:
+        log.info("StepVideo: %s is a scaled-fp8 checkpoint; its weights stay in %s with their scales", path, scaled)
+        weight_dtype = scaled
     weight_dtype, manual_cast = choose_dtypes(weight_dtype, load_device)
     compute_dtype = manual_cast or weight_dtype
-    operations = comfy.ops.pick_operations(weight_dtype, manual_cast, load_device=load_device)
+    if scaled is not None:
+        # Without input scales (ComfyUI writes none unless a model was saved in fast mode): the file has none.
+        operations = comfy.ops.scaled_fp8_ops(fp8_matrix_mult=fp8_fast and mm.supports_fp8_compute(load_device),
+                                              scale_input=False, override_dtype=scaled)
+    else:
+        operations = comfy.ops.pick_operations(weight_dtype, manual_cast, load_device=load_device,
+                                               fp8_optimizations=fp8_fast)
     # One line per read from disk: the host tests count them to prove that LoRA swaps reuse the loaded DiT.
     log.info("StepVideo: loading DiT from %s (weights %s, compute %s, ops %s)", path, weight_dtype, compute_dtype,
              getattr(operations, "__name__", operations))
@@ -153,5 +167,7 @@ def build_model_patcher(path: str, weight_dtype: torch.dtype | None, attention) 
     config = StepVideoModelConfig(dict(StepVideoModelConfig.unet_config))
     config.latent_format = StepVideoLatentFormat(dit.config.in_channels)
     config.set_inference_dtype(weight_dtype, manual_cast)
+    config.scaled_fp8 = scaled  # ComfyUI's model savers then write the marker back
+    config.optimizations = {"fp8": fp8_fast}
     model = StepVideoModel(config, dit, device=offload_device)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)

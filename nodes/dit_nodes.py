@@ -27,8 +27,9 @@ class StepVideoDiTLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("model_name", options=registered_folders.dit_choices(),
                                tooltip=f"From {registered_folders.DIT_WHERE}."),
-                io.Combo.Input("weight_dtype", options=list(validation.WEIGHT_DTYPES), default="default",
-                               tooltip="Storage dtype of the weights. fp8 halves memory; layers are cast to bf16 one at a time."),
+                io.Combo.Input("weight_dtype", options=list(validation.DIT_WEIGHT_DTYPES), default="default",
+                               tooltip="Storage dtype of the weights. fp8 halves memory; layers are cast to bf16 one at a time; "
+                                       "fp8_e4m3fn_fast multiplies in fp8 where the GPU can."),
                 io.Combo.Input("attention", options=list(validation.ATTENTION_CHOICES), default="comfy",
                                tooltip="'comfy' uses ComfyUI's choice (--use-sage-attention, --use-flash-attention, "
                                        "...); the others override it with that ComfyUI attention function."),
@@ -40,7 +41,7 @@ class StepVideoDiTLoader(io.ComfyNode):
     def validate_inputs(cls, model_name, weight_dtype, attention):
         if model_name is not None and registered_folders.dit_path(model_name) is None:
             return validation.not_found("DiT", model_name, registered_folders.DIT_WHERE)
-        for name, value, choices in (("weight_dtype", weight_dtype, validation.WEIGHT_DTYPES),
+        for name, value, choices in (("weight_dtype", weight_dtype, validation.DIT_WEIGHT_DTYPES),
                                      ("attention", attention, validation.ATTENTION_CHOICES)):
             msg = validation.check_choice(name, value, choices)
             if msg is not True:
@@ -57,7 +58,8 @@ class StepVideoDiTLoader(io.ComfyNode):
         path = registered_folders.dit_path(model_name)
         if path is None:
             raise FileNotFoundError(validation.not_found("DiT", model_name, registered_folders.DIT_WHERE))
-        return io.NodeOutput(build_model_patcher(path, validation.parse_dtype(weight_dtype), comfy_attention(attention)))
+        return io.NodeOutput(build_model_patcher(path, validation.parse_dtype(weight_dtype), comfy_attention(attention),
+                                                 fp8_fast=weight_dtype == validation.FAST_FP8))
 
 
 class StepVideoLoraLoader(io.ComfyNode):

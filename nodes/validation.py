@@ -10,6 +10,9 @@ from ..stepvideo_core.tiny import model as tiny
 from .conversions import LATENT_CHANNELS
 
 WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
+# The DiT loader also offers ComfyUI's fp8 fast matmul (fp8 weights multiplied in fp8 where the GPU can).
+FAST_FP8 = "fp8_e4m3fn_fast"
+DIT_WEIGHT_DTYPES = (*WEIGHT_DTYPES, FAST_FP8)
 LLM_DTYPES = ("bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
 VAE_DTYPES = ("bf16", "fp16", "fp32")
 ATTENTION_CHOICES = ("comfy", "sdpa", "sageattention", "flash-attn")
@@ -23,6 +26,7 @@ _DTYPES = {
     "fp32": torch.float32,
     "fp8_e4m3fn": torch.float8_e4m3fn,
     "fp8_e5m2": torch.float8_e5m2,
+    FAST_FP8: torch.float8_e4m3fn,
 }
 
 

@@ -42,6 +42,12 @@ FOREIGN_SIGNATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+# ComfyUI's scaled-fp8 files: a marker tensor (its dtype is the weights' fp8 dtype; fp32 means e4m3fn) and a
+# per-tensor ``scale_weight`` (optionally ``scale_input``) beside each fp8 Linear weight.
+SCALED_FP8_MARKER = "scaled_fp8"
+FP8_SCALE_NAMES = ("scale_weight", "scale_input")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the fix."""
 
@@ -204,7 +210,7 @@ def _few(items: Iterable[str], n: int = 5) -> str:
 
 def check_keys(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], model_name: str, key_map: Callable[[str], str]) -> dict[str, str]:
     """Compare a checkpoint with a model's expected keys and shapes; return {model key: checkpoint key}."""
-    mapping = {key_map(k): k for k in ckpt.keys()}
+    mapping = {key_map(k): k for k in ckpt.keys() if key_map(k) != SCALED_FP8_MARKER}  # a marker, not a weight
     missing = set(expected) - set(mapping)
     unexpected = set(mapping) - set(expected)
     if missing or unexpected:
@@ -233,9 +239,21 @@ def to_storage_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype)
 
 
+def scaled_fp8_dtype(ckpt: Checkpoint) -> torch.dtype | None:
+    """The weights' fp8 dtype if ``ckpt`` is a ComfyUI scaled-fp8 file (it has the marker), else None."""
+    marker = next((k for k in ckpt.keys() if k.rpartition(".")[2] == SCALED_FP8_MARKER), None)
+    if marker is None:
+        return None
+    dtype = ckpt.read(marker).dtype
+    return torch.float8_e4m3fn if dtype == torch.float32 else dtype
+
+
 def storage_dtype(owner: nn.Module, attr: str, weight_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.dtype:
     """Weights of weight layers (Linear, Conv, Embedding) are stored in ``weight_dtype`` (fp8 allowed); every
-    other tensor (norms, tables, biases) in ``compute_dtype`` when ``weight_dtype`` is fp8, else in ``weight_dtype``."""
+    other tensor (norms, tables, biases) in ``compute_dtype`` when ``weight_dtype`` is fp8, else in ``weight_dtype``;
+    the per-tensor scales of scaled-fp8 layers stay in fp32, as ComfyUI keeps them."""
+    if attr in FP8_SCALE_NAMES:
+        return torch.float32
     if attr == "weight" and is_weight_layer(owner):
         return weight_dtype
     return compute_dtype if weight_dtype in FP8_DTYPES else weight_dtype

@@ -23,6 +23,7 @@ WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 DTYPES_DIT = ["default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]
+DTYPES_DIT_LOADER = [*DTYPES_DIT, "fp8_e4m3fn_fast"]
 DTYPES_LLM = ["bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]
 
 
@@ -51,7 +52,7 @@ def str_(name):
 CONTRACT: dict[str, dict] = {
     "StepVideoDiTLoader": {
         "sockets": [],
-        "widgets": [combo("model_name"), combo("weight_dtype", DTYPES_DIT),
+        "widgets": [combo("model_name"), combo("weight_dtype", DTYPES_DIT_LOADER),
                     combo("attention", ["comfy", "sdpa", "sageattention", "flash-attn"])],
         "outputs": [("MODEL", "MODEL")],
     },
