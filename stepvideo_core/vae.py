@@ -35,7 +35,7 @@ from torch import nn
 
 from .loading import CheckpointError, load_checkpoint_model
 from .ops import FP8_DTYPES, default_ops
-from .video_shape import FRAMES_PER_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR, latent_frames, latent_size, video_frames
+from .video_shape import FRAMES_PER_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR, encoded_grid, video_frames
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -570,8 +570,7 @@ class VideoVAE(nn.Module):
         if video.ndim != 5 or video.shape[2] != self.config.in_channels:
             raise ValueError(f"expected video [b, T, {self.config.in_channels}, H, W], got {tuple(video.shape)}")
         b, n, _, height, width = video.shape
-        num_latents = latent_frames(n)
-        lh, lw = latent_size(height, width)
+        num_latents, lh, lw = encoded_grid(n, height, width)
         dtype, device = self.compute_dtype, self.device
         moments = torch.empty((b, num_latents, 2 * self.config.z_channels, lh, lw), dtype=dtype, device=device)
         starts = list(range(0, n, FRAMES_PER_CHUNK))

@@ -114,17 +114,30 @@ def encodable_frames(num_frames: int) -> bool:
     return num_frames >= 1 and num_frames % FRAMES_PER_CHUNK in _TAIL_FRAMES_TO_LATENTS
 
 
+_TAILS_WHY = "a single frame, or a trailing 1 or 9 frames after whole chunks, also encodes"
+
+
+def _encode_frames_problem(num_frames) -> str | None:
+    if isinstance(num_frames, bool) or not isinstance(num_frames, numbers.Integral):
+        return f"frames {num_frames!r} must be a whole number"
+    if encodable_frames(num_frames):
+        return None
+    # the nearest whole chunks; below one chunk, the single frame
+    lower = max(num_frames // FRAMES_PER_CHUNK * FRAMES_PER_CHUNK, 1)
+    upper = max(-(-num_frames // FRAMES_PER_CHUNK) * FRAMES_PER_CHUNK, FRAMES_PER_CHUNK)
+    return f"frames {num_frames} must be a multiple of {FRAMES_PER_CHUNK} (nearest valid: {lower} or {upper})"
+
+
+def _size_problems(height, width) -> list[str]:
+    return [p for p in (_problem(n, v, SPATIAL_FACTOR, SPATIAL_FACTOR, None)
+                        for n, v in (("width", width), ("height", height))) if p]
+
+
 def latent_frames(num_frames: int) -> int:
     """Latent frames of a video: 3 per 17-frame chunk (17 -> 3, 34 -> 6, 204 -> 36; 1 -> 1, 18 -> 4, 26 -> 5)."""
-    if isinstance(num_frames, bool) or not isinstance(num_frames, numbers.Integral):
-        raise ValueError(f"{_PREFIX}frames {num_frames!r} must be a whole number.")
-    if not encodable_frames(num_frames):
-        # the nearest whole chunks; below one chunk, the single frame
-        lower = max(num_frames // FRAMES_PER_CHUNK * FRAMES_PER_CHUNK, 1)
-        upper = max(-(-num_frames // FRAMES_PER_CHUNK) * FRAMES_PER_CHUNK, FRAMES_PER_CHUNK)
-        problem = f"frames {num_frames} must be a multiple of {FRAMES_PER_CHUNK} (nearest valid: {lower} or {upper})"
-        raise ValueError(_message([problem], [_FRAMES_WHY, "a single frame, or a trailing 1 or 9 frames after "
-                                              "whole chunks, also encodes"]))
+    problem = _encode_frames_problem(num_frames)
+    if problem:
+        raise ValueError(_message([problem], [_FRAMES_WHY, _TAILS_WHY]))
     q, r = divmod(int(num_frames), FRAMES_PER_CHUNK)
     return q * LATENTS_PER_CHUNK + _TAIL_FRAMES_TO_LATENTS[r]
 
@@ -140,8 +153,18 @@ def video_frames(num_latents: int) -> int:
 def latent_size(height: int, width: int) -> tuple[int, int]:
     """``(height / 16, width / 16)``; a ``ValueError`` names the nearest valid sizes unless both are positive
     multiples of 16 (the VAE has no upper limit; requests do, see :func:`request_error`)."""
-    problems = [p for p in (_problem(n, v, SPATIAL_FACTOR, SPATIAL_FACTOR, None)
-                            for n, v in (("width", width), ("height", height))) if p]
+    problems = _size_problems(height, width)
     if problems:
         raise ValueError(_message(problems, [_SIZE_WHY]))
     return height // SPATIAL_FACTOR, width // SPATIAL_FACTOR
+
+
+def encoded_grid(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """``(latent frames, latent height, latent width)`` the VAE encodes a video of this shape to; one
+    ``ValueError`` names every problem (frames and sizes) with the nearest valid values."""
+    size = _size_problems(height, width)
+    frames = _encode_frames_problem(num_frames)
+    if size or frames:
+        why = ([_SIZE_WHY] if size else []) + ([_FRAMES_WHY, _TAILS_WHY] if frames else [])
+        raise ValueError(_message(size + ([frames] if frames else []), why))
+    return (latent_frames(num_frames), *latent_size(height, width))

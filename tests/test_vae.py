@@ -43,6 +43,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 2.0) -> float:
 def test_encode_rejects_bad_shapes_before_running(vae):
     with pytest.raises(ValueError, match=r"frames 20 must be a multiple of 17 \(nearest valid: 17 or 34\)"):
         vae.encode(torch.zeros(1, 20, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"height 40 must be .* \(nearest valid: 32 or 48\); frames 20 must be"):
+        vae.encode(torch.zeros(1, 20, 3, 40, 32))
     with pytest.raises(ValueError, match=r"height 40 must be a multiple of 16 \(nearest valid: 32 or 48\)"):
         vae.encode(torch.zeros(1, 17, 3, 40, 32))
     with pytest.raises(ValueError, match=r"\[b, L, 8, h, w\]"):

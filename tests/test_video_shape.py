@@ -96,3 +96,13 @@ def test_the_frontend_copy_mirrors_the_python_rules():
     # the snapping notes use the Python messages' wording for each rule
     for phrase in ("must be a multiple of", "must be at least", "must be at most"):
         assert phrase in js
+
+
+def test_encoded_grid_names_frame_and_size_problems_together():
+    assert vs.encoded_grid(204, 544, 992) == (36, 34, 62) and vs.encoded_grid(1, 16, 16) == (1, 1, 1)
+    with pytest.raises(ValueError) as err:
+        vs.encoded_grid(20, 40, 32)
+    message = str(err.value)
+    assert "height 40 must be a multiple of 16 (nearest valid: 32 or 48)" in message
+    assert "frames 20 must be a multiple of 17 (nearest valid: 17 or 34)" in message
+    assert "width" not in message.split(".")[0] and "trailing 1 or 9 frames" in message
