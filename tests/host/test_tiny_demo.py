@@ -75,10 +75,13 @@ def test_loaders_list_the_tiny_model_without_a_user_stepvideo_folder(host, tiny_
     pack_models = tmp_path / "pack_models"
     pack_models.mkdir()
     (pack_models / tiny.NAME).symlink_to(tiny_demo.root, target_is_directory=True)
+    loras, lora_exts = folder_paths.folder_names_and_paths["loras"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", (list(loras), lora_exts))  # restored afterwards
     exts = folder_paths.folder_names_and_paths["stepvideo"][1]
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "stepvideo", ([str(tmp_path / "no_models_stepvideo")], exts))
     monkeypatch.setattr(host.model_folders, "BUILTIN_MODELS_DIR", str(pack_models))
     p = host.registered_folders
+    p.register_folders()  # what loading the pack does (once), here with the pack's models/ at pack_models
     assert builtin("transformer") in p.dit_choices()
     assert builtin("step_llm") in p.step_llm_choices()
     assert builtin("hunyuan_clip") in p.hunyuan_clip_choices()
