@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,11 +162,10 @@ def test_bad_devices_are_refused_before_anything_starts(host):
     assert "not one of" in loader.validate_inputs(builtin("transformer"), "fp32", "comfy", "cpu", 2, "auto", False, 0)
 
 
-def test_parallel_graph_runs_end_to_end_in_the_server(server, host, tiny_demo, parts):
-    """Text encoders, empty latent, VAE and video nodes as in the single-GPU graph; only the DiT loader and the sampler
-    are the parallel ones. The saved latents equal the core pipeline's."""
+def graph(seed: int = SEED, ff_chunk_size: int = 0) -> dict:
+    """The single-GPU text-to-video graph with the parallel DiT loader and sampler, plus SaveLatent."""
     s = tiny.SETTINGS
-    prompt = {
+    return {
         "1": {"class_type": "StepVideoTextEncoderLoader",
               "inputs": {"step_llm": builtin("step_llm"), "hunyuan_clip": builtin("hunyuan_clip"), "llm_dtype": "fp32",
                          "device": "default"}},
@@ -175,12 +175,12 @@ def test_parallel_graph_runs_end_to_end_in_the_server(server, host, tiny_demo, p
         "3": {"class_type": "StepVideoParallelDiTLoader",
               "inputs": {"model_name": builtin("transformer"), "weight_dtype": "fp32", "attention": "sdpa",
                          "devices": "cpu", "workers": 2, "guidance_parallel": "auto", "shard_weights": False,
-                         "ff_chunk_size": 0}},
+                         "ff_chunk_size": ff_chunk_size}},
         "4": {"class_type": "StepVideoEmptyLatent",
               "inputs": {"width": s.width, "height": s.height, "frames": s.num_frames, "batch_size": 1}},
         "5": {"class_type": "StepVideoParallelSampler",
               "inputs": {"parallel_dit": ["3", 0], "positive": ["2", 0], "negative": ["2", 1], "latent_image": ["4", 0],
-                         "preset": "tiny", "steps": 1, "cfg": 1.0, "shift": 1.0, "seed": SEED, "denoise": 1.0}},
+                         "preset": "tiny", "steps": 1, "cfg": 1.0, "shift": 1.0, "seed": seed, "denoise": 1.0}},
         "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "parallel/tiny"}},
         "7": {"class_type": "StepVideoVAELoader", "inputs": {"vae_name": builtin("vae/vae_v2.safetensors"),
                                                               "dtype": "fp32"}},
@@ -190,9 +190,42 @@ def test_parallel_graph_runs_end_to_end_in_the_server(server, host, tiny_demo, p
         "10": {"class_type": "SaveVideo", "inputs": {"video": ["9", 0], "filename_prefix": "parallel/tiny",
                                                      "format": "auto", "codec": "auto"}},
     }
+
+
+def pool_workers(server) -> set[int]:
+    """Process ids of the worker processes the test server started (its children running pool_worker)."""
+    def cmdline(pid: str) -> str:
+        try:
+            return (Path("/proc") / pid / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return ""
+
+    def parent(pid: str) -> str:
+        try:
+            return (Path("/proc") / pid / "stat").read_text().rsplit(")", 1)[1].split()[1]
+        except (OSError, IndexError):
+            return ""
+
+    pids = [p.name for p in Path("/proc").iterdir() if p.name.isdigit()]
+    servers = {p for p in pids if "main.py" in cmdline(p) and str(server.base) in cmdline(p)}
+    return {int(p) for p in pids if parent(p) in servers and "stepvideo_core.pool_worker" in cmdline(p)}
+
+
+def test_parallel_graph_runs_end_to_end_in_the_server(server, host, tiny_demo, parts):
+    """Text encoders, empty latent, VAE and video nodes as in the single-GPU graph; only the DiT loader and the sampler
+    are the parallel ones. The saved latents equal the core pipeline's. The workers stay between runs, and a changed
+    loader replaces them (the old ones are gone, so two copies of the DiT never share a device)."""
+    prompt = graph()
     entry = server.run(prompt, timeout=600)
     (item,) = entry["outputs"]["6"]["latents"]
     saved = load_file(str(server.base / "output" / item["subfolder"] / item["filename"]))["latent_tensor"]
     assert_matches(saved, core_reference(host, tiny_demo, parts))
     (video,) = entry["outputs"]["10"]["images"]
     assert (server.base / "output" / video["subfolder"] / video["filename"]).stat().st_size > 0
+    first = pool_workers(server)
+    assert len(first) == 2
+    server.run(graph(seed=SEED + 1), timeout=600)  # a new seed: the same workers sample again
+    assert pool_workers(server) == first
+    server.run(graph(ff_chunk_size=1024), timeout=600)  # a changed loader: new workers, the old ones stopped
+    second = pool_workers(server)
+    assert len(second) == 2 and not second & first
