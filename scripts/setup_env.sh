@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, einops, safetensors, transformers, sentencepiece, cv2, pytest, ruff" 2>/dev/null; then
+# The pack's requirements, plus what the tests and the tiny-model lab need (pyproject's dev and lab extras).
+if ! .venv/bin/python -c "import torch, einops, safetensors, transformers, sentencepiece, av, tqdm, cv2, tokenizers, pytest, ruff" 2>/dev/null; then
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q "torch==2.13.0" -r requirements.txt "pytest>=7" "ruff>=0.5"
+  .venv/bin/pip install -q "torch==2.13.0" -r requirements.txt "opencv-python-headless" "tokenizers" "pytest>=7" "ruff>=0.5"
 fi
