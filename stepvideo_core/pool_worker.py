@@ -57,7 +57,7 @@ class Worker:
                 self._run(None, self._load, body)
             elif kind == "sample":
                 self._run(body["job"], self._sample, body)
-            # a "cancel" for a job that already ended needs nothing
+            # anything else (a late answer to an abandoned job) needs nothing
 
     def _run(self, job: int | None, handler, body: dict) -> None:
         try:
@@ -115,7 +115,8 @@ class Worker:
         try:
             with torch.no_grad():
                 if self.world_size == 1:
-                    # The same noise as the single-process pipeline, drawn on the CPU and moved.
+                    # The same noise as the single-process pipeline (drawn on the CPU), handed over on the device so
+                    # that it lives where the velocity does.
                     noise = make_noise(tuple(latents.shape), settings.seed, device=self.device)
                     out = pipeline.sample_latents(self.dit, positive, negative, settings, latents=latents,
                                                   callback=after_step, noise=noise)
