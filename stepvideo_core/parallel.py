@@ -339,8 +339,10 @@ class SequenceParallelAttention:
         if u > 1:
             # [b, H, n, d] -> [u, 3, b, H/u, n, d]: head group j goes to Ulysses rank j; we get our head group
             # for the u neighbouring token shards, which are contiguous in the sequence.
-            qkv = torch.stack([q, k, v]).view(3, b, u, heads // u, n, d).permute(2, 0, 1, 3, 4, 5)
-            qkv = _all_to_all(qkv, ctx.ulysses_group)
+            send = q.new_empty(u, 3, b, heads // u, n, d)
+            for i, t in enumerate((q, k, v)):  # one copy into the send buffer (the DiT hands over strided views)
+                send[:, i].copy_(t.unflatten(1, (u, heads // u)).transpose(0, 1))
+            qkv = _all_to_all(send, ctx.ulysses_group)
             q, k, v = qkv.permute(1, 2, 3, 0, 4, 5).reshape(3, b, heads // u, u * n, d)
         # Tokens now held: block ``ring_rank`` of the sequence, of length u * n.
         if plan.ring > 1:

@@ -34,7 +34,7 @@ HAS_YUNCHANG = importlib.util.find_spec("yunchang") is not None
 SETTINGS = GenerationSettings(num_frames=17, height=64, width=80, steps=3, cfg=4.0, shift=5.0, seed=3)
 ODD_SETTINGS = GenerationSettings(num_frames=17, height=48, width=80, steps=3, cfg=4.0, shift=5.0, seed=4)
 CACHED = GenerationSettings(num_frames=17, height=64, width=80, steps=10, cfg=4.0, shift=5.0, seed=6)
-CACHE = StepCacheSettings(threshold=0.5)
+CACHE = StepCacheSettings(threshold=1.0)
 PARTIAL = GenerationSettings(num_frames=17, height=64, width=80, steps=2, cfg=4.0, shift=5.0, seed=5, denoise=0.5)
 
 
