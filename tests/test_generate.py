@@ -79,10 +79,12 @@ def assert_same_latents(a_file, b_file):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_gives_the_single_process_latents_tiny(tmp_path):
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_torchrun_gives_the_single_process_latents_tiny(tmp_path, nproc):
+    """2 processes: guidance parallel; 3: sequence parallel, as a ring (Step-Video-Tiny's 4 heads do not split 3 ways)."""
     common = ["a red circle moves left", "--seed", "3", "--steps", "6", "--out", str(tmp_path)]
     generate.main([*common, "--out-latents", str(tmp_path / "A.safetensors")])
-    torchrun(2, *common, "--out-latents", str(tmp_path / "B.safetensors"))
+    torchrun(nproc, *common, "--out-latents", str(tmp_path / "B.safetensors"))
     assert_same_latents(tmp_path / "A.safetensors", tmp_path / "B.safetensors")
 
 
