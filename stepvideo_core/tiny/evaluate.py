@@ -3,7 +3,10 @@
     python -m stepvideo_core.tiny.evaluate                      # held-out combinations, English and Chinese
     python -m stepvideo_core.tiny.evaluate --lora models/loras/step-video-tiny-dpo.safetensors
     python -m stepvideo_core.tiny.evaluate --vae                # the VAE alone: reconstructions of ground truth
+    python -m stepvideo_core.tiny.evaluate --vae --vae-file runs/tiny/vae.safetensors   # a VAE still in training
     python -m stepvideo_core.tiny.evaluate --reliance           # how much the DiT reads each kind of caption word
+    python -m stepvideo_core.tiny.evaluate --paraphrases        # held-out combinations in phrasings never trained on
+    python -m stepvideo_core.tiny.evaluate --demo               # the README's prompt, seeds 0-3
 
 The prompts are the world's captions of combinations never seen in training (``synthetic.HELD_OUT``), one
 phrasing per language; each is sampled with a few seeds at the tiny model's own settings.
@@ -23,6 +26,7 @@ import torch
 from ..pipeline import GenerationSettings, latent_shape, sample_latents
 from ..scheduler import make_noise
 from ..text_encoding import encode_prompts
+from ..vae import load_vae
 from ..video_io import to_uint8
 from . import model as tiny
 from . import oracle, synthetic
@@ -43,6 +47,19 @@ def held_out_prompts(languages=LANGUAGES, variant: int = 0, combos=None) -> list
     for combo in sorted(combos or synthetic.HELD_OUT):
         obj = synthetic.SceneObject(*combo, x=0, y=0, half=0)
         out += [Prompt(synthetic.phrase(obj, lang, variant), lang, combo) for lang in languages]
+    return out
+
+
+def paraphrase_prompts(languages=LANGUAGES, offset: int = 0, combos=None) -> list[Prompt]:
+    """One paraphrase (``synthetic.paraphrase_captions``) per held-out combination and language. The frames and
+    backgrounds are taken in turn over the sorted combinations, starting at frame ``offset``, so 18 combinations
+    use every frame four or five times at the cost of the plain evaluation."""
+    out = []
+    backgrounds = list(synthetic.BACKGROUNDS)
+    for i, combo in enumerate(sorted(combos or synthetic.HELD_OUT)):
+        obj = synthetic.SceneObject(*combo, x=0, y=0, half=0)
+        texts = synthetic.paraphrase_captions(synthetic.Scene((obj,), backgrounds[i % len(backgrounds)]))
+        out += [Prompt(texts[lang][(i + offset) % len(texts[lang])], lang, combo) for lang in languages]
     return out
 
 
@@ -96,6 +113,25 @@ def summarise(rows: list[tuple[tuple[str, str, str], oracle.Score]]) -> dict:
             **{key: float(np.mean([getattr(s, key) for s in scores]))
                for key in ("colour", "shape", "motion", "overall", "artifacts")},
             "read_as": confusion}
+
+
+DEMO_PROMPT = Prompt("a blue square moves right", "en", ("blue", "square", "right"))  # the README's first command
+
+
+def demo_check(model: tiny.TinyModel, seeds=(0, 1, 2, 3), prompt: Prompt = DEMO_PROMPT,
+               settings: GenerationSettings = tiny.SETTINGS) -> dict:
+    """The oracle on the README's prompt for each seed, sampled as ``python -m stepvideo_core.generate PROMPT --seed
+    N`` samples it (one prompt, noise of seed N): what the oracle read per seed, whether all three checks pass, and
+    the summary over the seeds."""
+    rows, per_seed = [], {}
+    for seed in seeds:
+        (frames,) = generate_frames(model, [prompt.text], seed, settings)
+        s = oracle.score(frames, prompt.target)
+        rows.append((prompt.target, s))
+        per_seed[seed] = {"read": [s.detection.colour, s.detection.shape, s.detection.motion],
+                          "right": bool(s.colour and s.shape and s.motion)}
+    return {"prompt": prompt.text, "seeds": per_seed, "all_right": sum(v["right"] for v in per_seed.values()),
+            "summary": summarise(rows)}
 
 
 def round_trip_combos() -> list[tuple[str, str, str]]:
@@ -166,13 +202,22 @@ def caption_reliance(model: tiny.TinyModel, times=(0.2, 0.4), clips: int = 21, s
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(tiny.TINY_DIR))
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default 2; 4 with --demo)")
     p.add_argument("--lora", default=None)
     p.add_argument("--strength", type=float, default=1.0)
     p.add_argument("--out", default=None, help="write the report here as JSON")
     p.add_argument("--vae", action="store_true", help="score the VAE's reconstructions of ground-truth clips instead")
+    p.add_argument("--vae-file", default=None,
+                   help="with --vae: score this VAE file (e.g. a training phase's) instead of the model's")
     p.add_argument("--reliance", action="store_true", help="measure how much the DiT reads colour, shape and motion words")
+    p.add_argument("--paraphrases", action="store_true",
+                   help="ask for the held-out combinations in phrasings never trained on (synthetic.PARAPHRASE_FRAMES)")
+    p.add_argument("--demo", action="store_true",
+                   help=f"score the README's prompt {DEMO_PROMPT.text!r} for seeds 0 .. --seeds - 1 (default 0-3)")
     args = p.parse_args(argv)
+    if args.vae and args.vae_file:
+        print(json.dumps(vae_round_trip(load_vae(args.vae_file, dtype=torch.float32)), indent=1))
+        return
     model = tiny.load_tiny(args.model)
     if args.vae:
         print(json.dumps(vae_round_trip(model.vae), indent=1))
@@ -184,7 +229,11 @@ def main(argv=None) -> None:
         from ..lora import attach, load_lora
 
         attach(model.dit, load_lora(args.lora, model.dit), args.strength)
-    report = evaluate(model, held_out_prompts(), seeds=tuple(range(args.seeds)))
+    if args.demo:
+        report = demo_check(model, seeds=tuple(range(args.seeds or 4)))
+    else:
+        prompts = paraphrase_prompts() if args.paraphrases else held_out_prompts()
+        report = evaluate(model, prompts, seeds=tuple(range(args.seeds or 2)))
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:

@@ -228,3 +228,61 @@ def render(scene: Scene) -> np.ndarray:
 def to_model_range(frames: np.ndarray) -> np.ndarray:
     """uint8 [T, H, W, 3] -> float32 [3, T, H, W] in [-1, 1], the VAE's input layout and range."""
     return (frames.astype(np.float32) / 127.5 - 1.0).transpose(3, 0, 1, 2)
+
+
+# ---- evaluation paraphrases -----------------------------------------------------------------------------------
+# Prompts the model never trains on: new word orders and sentence frames built only from the words (English) and
+# characters (Chinese) of the training captions, so every token is known to the shipped tokenizers and a drop in
+# score measures phrasing, not vocabulary. They are for evaluation only: ``captions()`` and the caption corpus,
+# to which the shipped tokenizers are pinned, do not use them.
+
+# motion -> (leading phrase of an inverted sentence, its verb, a verb phrase the captions never use, a doubled one)
+EN_PARAPHRASE_MOTION = {
+    "left": ("to the left", "moves", "slides left", "slides left and moves to the left"),
+    "right": ("to the right", "moves", "slides right", "slides right and moves to the right"),
+    "up": ("upward", "rises", "rises up", "rises and moves upward"),
+    "down": ("downward", "falls", "falls down", "falls and moves downward"),
+    "grow": ("larger and larger", "grows", "grows bigger", "grows and gets larger"),
+    "shrink": ("smaller and smaller", "shrinks", "shrinks smaller", "shrinks and gets smaller"),
+    "still": ("still", "stands", "stands and stays still", "stays still and does not move"),
+}
+# motion -> a verb phrase the Chinese captions never use (known characters in new combinations)
+ZH_PARAPHRASE_MOTION = {
+    "left": "往左滑动", "right": "往右滑动", "up": "往上升起", "down": "往下落",
+    "grow": "渐渐变大", "shrink": "渐渐变小", "still": "静止在原地",
+}
+# Sentence frames, filled with: colour, shape (the language's names), motion (a training verb phrase), fresh (the
+# verb phrase above), doubled, front and verb (the inverted sentence's parts), background, the English article,
+# and for Chinese the colour's first character and the short shape name.
+PARAPHRASE_FRAMES: dict[str, tuple[str, ...]] = {
+    "en": (
+        "{front} {verb} the {colour} {shape}",  # inverted: "to the right moves the blue square"
+        "on a {background} background the {colour} {shape} {fresh}",  # background first
+        "{article} {colour} {shape} on a {background} background {motion}",  # background between subject and verb
+        "the {colour} {shape} {doubled}",  # two verb phrases
+    ),
+    "zh": (
+        "{fresh}的{colour}{shape}",  # the motion as a clause before the noun: "往右滑动的蓝色正方形"
+        "{colour}{shape}在{background}背景上{motion}",  # the background inside the sentence
+        "一个{shape}，{colour}的，{fresh}",  # shape first, colour after it
+        "{background}背景上的{colour_short}{shape_short}{fresh}",  # background as a modifier
+    ),
+}
+
+
+def paraphrase_captions(scene: Scene) -> dict[str, tuple[str, ...]]:
+    """Every paraphrase frame filled for a one-object scene, English and Chinese, in ``PARAPHRASE_FRAMES`` order.
+    None of them is a training caption (``captions()``); the evaluation uses them to ask for held-out
+    combinations in words the model has seen but not in that order."""
+    if len(scene.objects) != 1:
+        raise ValueError(f"paraphrase_captions takes one-object scenes; this one has {len(scene.objects)} objects")
+    obj = scene.objects[0]
+    front, verb, fresh, doubled = EN_PARAPHRASE_MOTION[obj.motion]
+    en = {"article": "an" if obj.colour[0] in "aeiou" else "a", "colour": obj.colour, "shape": obj.shape,
+          "motion": EN_MOTION[obj.motion][0], "fresh": fresh, "doubled": doubled, "front": front, "verb": verb, "background": scene.background}
+    colour_zh = COLOURS[obj.colour][1]
+    zh = {"colour": colour_zh, "shape": SHAPES[obj.shape], "motion": ZH_MOTION[obj.motion][0],
+          "fresh": ZH_PARAPHRASE_MOTION[obj.motion], "background": BACKGROUNDS[scene.background][1],
+          "colour_short": colour_zh[0], "shape_short": ZH_SHAPE_SHORT[obj.shape]}
+    return {"en": tuple(f.format(**en) for f in PARAPHRASE_FRAMES["en"]),
+            "zh": tuple(f.format(**zh) for f in PARAPHRASE_FRAMES["zh"])}
