@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from stepvideo_core.lora import attach, load_lora
@@ -40,6 +41,7 @@ def test_dpo_gradient_pushes_winner_error_down_and_loser_error_up():
     assert math.isclose(lora_w.grad.item(), -lora_l.grad.item())
 
 
+@pytest.mark.slow  # samples the held-out prompts twice with the shipped model: minutes on 2 cores
 def test_shipped_dpo_lora_beats_the_base_on_held_out_prompts_and_strength_zero_is_the_base():
     # A floor, not the card's figures: every held-out combination, one seed, both languages together.
     model = tiny.load_tiny()
