@@ -67,6 +67,7 @@ def test_the_wordpiece_vocabulary_builder_rebuilds_the_shipped_one(tmp_path):
     assert bert("A Zebra walks!")["input_ids"] == [101, 115, 100, 100, 104, 102]  # unknown words are [UNK] (100)
 
 
+@pytest.mark.slow  # ~27 s on one core: the VAE round trip of 14 clips, read by the oracle
 def test_the_vae_round_trip_keeps_the_colour_of_objects(model):
     # A regression floor under the shipped VAE's level on a third of the card's clips; a broken decode, a
     # layout mix-up or a wrong GroupNorm count reads almost none.
@@ -82,6 +83,7 @@ def test_the_vae_round_trip_keeps_the_colour_of_objects(model):
         assert right == round(report[attribute] * len(combos)), report
 
 
+@pytest.mark.slow  # ~24 s on one core: 20-step generations of 6 held-out combinations in two languages
 def test_generations_follow_held_out_prompts_in_both_languages(model):
     # Floors under what the shipped weights reach on these prompts (one seed), not the targets (see the model card).
     prompts = evaluate.held_out_prompts(combos=sorted(synthetic.HELD_OUT)[::3])
