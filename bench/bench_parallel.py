@@ -21,10 +21,10 @@ The figures are for the official request, 992x544, 204 frames: 36 x 34 x 62 = 75
    20 GB/s; and the effective bandwidth of the exchange measured in step 2 (what gloo over shared memory on this
    machine would give). Beside: xDiT's published speedups (1.97x / 3.7x / 7.1x on 2 / 4 / 8 GPUs) and the official
    743 s on 4 GPUs.
-4. Memory per GPU by mode: weights (29.34 B parameters; 604 M per block) plus activations, estimated at about
-   12 hidden-state copies live in a block (x, the modulated input, q/k/v, rotated q/k, attention output, the
-   4x-wide feed-forward) of tokens/P x 6144 x 2 bytes per row of the DiT batch; ``--ff-chunk-size`` removes most
-   of the feed-forward share (estimate: 7 copies).
+4. Memory per GPU by mode: weights (29.34 B parameters; 604 M per block; sharded: 1/world of the blocks plus
+   two whole ones, the block at hand and the one FSDP2 prefetches) plus activations: the peak rise while the
+   blocks run, measured on the CPU in copies of the blocks' input (one block, width 512, 8,192 tokens), times the
+   rank's tokens x 6144 x 2 bytes per row of the DiT batch. A GPU's attention kernel may keep less.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.measure import PeakRSS, emit, run_variant  # noqa: E402
 
 TOKENS = 36 * 34 * 62  # 75,888
 WIDTH = 6144
@@ -209,14 +211,42 @@ def speedup_table(gloo_bandwidth: dict[int, float]) -> None:
           f"{weight_volume(4, 1) / LINKS['PCIe 4.0']:.1f} s per step against {t1 / 4:.1f} s of compute.")
 
 
-def memory_table() -> None:
+def activation_copies(ff_chunk_size: int) -> float:
+    """Peak rise of resident memory while the blocks run, in copies of the blocks' input ``[b, tokens, width]``:
+    measured here on the CPU with one block at width 512 over 8,192 tokens (fp32); run it in a fresh process
+    (``run_variant``), since memory a process has freed still counts as resident."""
+    import torch
+
+    from stepvideo_core.dit import DiTConfig, StepVideoDiT
+
+    cfg = DiTConfig(num_attention_heads=4, attention_head_dim=128, in_channels=16, out_channels=16, num_layers=1,
+                    caption_channels=(128, 128), ff_chunk_size=ff_chunk_size)
+    torch.manual_seed(0)
+    dit = StepVideoDiT(cfg).eval()
+    x = torch.randn(1, 4, 16, 32, 64)  # 4 x 32 x 64 = 8,192 tokens
+    with torch.no_grad():
+        tokens, context, _, _ = dit.prepare(x, torch.tensor([0.5]), torch.randn(1, 320, 128), torch.ones(1, 397),
+                                            torch.randn(1, 77, 128))
+        dit.run_blocks(tokens, context)  # warm-up: the allocator's pools exist before the measured run
+        with PeakRSS() as peak:
+            dit.run_blocks(tokens, context)
+    return peak.peak_delta / (tokens.numel() * tokens.element_size())
+
+
+def memory_table(frames: int = 204) -> dict:
+    """Weights (exact) and activations (measured copies x the rank's tokens) per GPU; returns the copy counts."""
+    copies = {chunked: run_variant(__file__, str(1024 if chunked else 0))["copies"]
+              for chunked in (False, True)}
     nonblock = DIT_PARAMS - LAYERS * BLOCK_PARAMS
-    hidden = TOKENS * WIDTH * BF16
 
-    def act(p: int, batch: int, chunked: bool) -> float:
-        return (7 if chunked else 12) * hidden * batch / p
+    def act(tokens: int, p: int, batch: int, chunked: bool) -> float:
+        return copies[chunked] * tokens * WIDTH * BF16 * batch / p
 
-    print("\n### Memory per GPU at 992x544x204 (DiT weights + activations; estimate)\n")
+    def weights(n: int, sharded: bool, nbytes: int) -> float:
+        return (LAYERS * BLOCK_PARAMS / n + 2 * BLOCK_PARAMS + nonblock) * nbytes if sharded else DIT_PARAMS * nbytes
+
+    print(f"\n### Memory per GPU at 992x544x204 (weights exact; activations = {copies[False]:.1f} copies of the rank's "
+          f"hidden states, {copies[True]:.1f} with --ff-chunk-size, as measured on the CPU for one block)\n")
     print("| GPUs | mode | DiT fp8 (GB) | DiT bf16 (GB) | activations (GB), ff chunked |")
     print("|---|---|---|---|---|")
     for n in (1, 2, 4, 8):
@@ -225,17 +255,30 @@ def memory_table() -> None:
             ("guidance x Ulysses + sharded weights", 2, n // 2, True)]
         for name, g, p, sharded in modes:
             batch = 1 if g == 2 else 2
-            weights = [(LAYERS * BLOCK_PARAMS / n + 2 * BLOCK_PARAMS + nonblock) * b if sharded
-                       else DIT_PARAMS * b for b in (1, 2)]
-            print(f"| {n} | {name} | {gb(weights[0])} | {gb(weights[1])} | {gb(act(p, batch, False))}, "
-                  f"{gb(act(p, batch, True))} |")
+            print(f"| {n} | {name} | {gb(weights(n, sharded, 1))} | {gb(weights(n, sharded, 2))} | "
+                  f"{gb(act(TOKENS, p, batch, False))}, {gb(act(TOKENS, p, batch, True))} |")
+    print("\n### Suggested setups: DiT + activations + 2 GB (CUDA context, VAE tiles) per GPU\n")
+    print("| GPUs | weights | frames | sharded | ff chunked | per GPU (GB) |")
+    print("|---|---|---|---|---|---|")
+    for n, nbytes, frames_, sharded, chunked in ((2, 1, 204, True, True), (2, 1, 136, True, True),
+                                                  (2, 1, 102, True, True), (4, 1, 204, True, False),
+                                                  (4, 1, 204, True, True), (2, 2, 204, False, False),
+                                                  (8, 2, 204, False, False)):
+        tokens = (frames_ // 17 * 3) * 34 * 62
+        total = weights(n, sharded, nbytes) + act(tokens, n // 2, 1, chunked) + 2e9
+        print(f"| {n} | {'fp8' if nbytes == 1 else 'bf16'} | {frames_} | {sharded} | {chunked} | {gb(total)} |")
+    return copies
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--skip-measure", action="store_true", help="model-only tables (no gloo processes)")
     p.add_argument("--worlds", default="2,4,8")
+    p.add_argument("--child", type=int, help=argparse.SUPPRESS)  # one activation measurement (ff chunk size)
     args = p.parse_args()
+    if args.child is not None:
+        emit({"copies": activation_copies(args.child)})
+        return
     volume_table()
     exchange_bandwidth: dict[int, float] = {}
     if not args.skip_measure:
