@@ -150,7 +150,7 @@ def test_tiled_decode_agrees_with_untiled(vae):
 
 
 def test_callback_progress_and_cancel_leave_model_usable(vae):
-    z = latents(n=6, h=1, w=3, seed=4)
+    z = latents(n=4, h=1, w=3, seed=4)  # chunks of 3 latents and 1: two chunks, the second one cheap
     tiles = dict(tile_size=2, tile_overlap=1)
     baseline = vae.decode(z, **tiles)
     calls = []
