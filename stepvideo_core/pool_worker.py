@@ -183,6 +183,9 @@ def main() -> None:
 
         if torch.device(device).type == "cuda":
             torch.cuda.set_device(torch.device(device))
+        elif "OMP_NUM_THREADS" not in env:
+            # CPU workers share the machine's cores; each taking all of them would oversubscribe it many times over.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         store = dist.TCPStore(host, int(env["STEPVIDEO_POOL_STORE_PORT"]), world_size, False, timedelta(minutes=5))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     except Exception as e:
