@@ -546,7 +546,7 @@ def check_engine(config: PoolConfig) -> None:
     backend = config.resolved_backend()
     available = {"nccl": dist.is_nccl_available, "gloo": dist.is_gloo_available}.get(backend)
     if available is None or not available():
-        hint = ("NCCL ships with the Linux CUDA builds of PyTorch; on Windows use backend 'gloo'"
+        hint = ("NCCL ships with PyTorch's Linux CUDA builds; on Windows run ComfyUI under WSL2 for several GPUs"
                 if backend == "nccl" else "every official PyTorch build includes gloo")
         raise EngineUnavailable(f"torch.distributed backend {backend!r} is not available in this torch build ({hint}).")
     for device in config.devices:

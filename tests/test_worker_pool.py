@@ -202,7 +202,7 @@ def test_engine_check_names_what_is_missing(monkeypatch):
         with pytest.raises(wp.PoolError, match="'cuda:0' does not exist"):
             wp.check_engine(wp.PoolConfig(("cuda:0", "cuda:1"), backend="gloo"))
     monkeypatch.setattr(dist, "is_nccl_available", lambda: False)
-    with pytest.raises(wp.EngineUnavailable, match="'nccl' is not available.*gloo"):
+    with pytest.raises(wp.EngineUnavailable, match="'nccl' is not available.*Linux CUDA builds.*WSL2"):
         wp.check_engine(wp.PoolConfig(("cpu",), backend="nccl"))
     monkeypatch.setattr(dist, "is_available", lambda: False)
     with pytest.raises(wp.EngineUnavailable, match="no torch.distributed"):
