@@ -78,6 +78,11 @@ def sample_latents(
     with the schedule as ComfyUI sets it (``"sample_sigmas"`` = 1 - the reference levels)."""
     shape = latent_shape(settings, dit.config.in_channels, positive.mask.shape[0]) if latents is None else latents.shape
     noise = make_noise(shape, settings.seed) if noise is None else noise
+    # The noise is drawn on the CPU (so a seed gives the same video anywhere) and sampled where the DiT is: the
+    # velocity comes back on the DiT's device, and Euler steps must not mix devices.
+    device = next(dit.parameters()).device
+    noise = noise.to(device)
+    latents = None if latents is None else latents.to(device)
     use_cfg = negative is not None and settings.cfg != 1.0
     sigmas = denoise_sigmas(settings.steps, settings.shift, settings.denoise)
     if transformer_options is not None:
