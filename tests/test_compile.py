@@ -49,7 +49,8 @@ def test_cancel_is_not_taken_for_a_compiler_failure():
 
 @pytest.mark.slow
 def test_inductor_compiled_blocks_match_eager():
-    """fp32 on the CPU: inductor reorders reductions, so equal within 1e-5 (see bench/bench_compile.py)."""
+    """fp32 on the CPU: inductor reorders reductions; bench/bench_compile.py measured a max difference of 3.0e-7 of
+    the output's magnitude (512 wide, 4 blocks, 768 tokens), so 1e-5 is allowed."""
     torch._dynamo.reset()
     dit = small_dit(layers=3)
     eager = call(dit)
