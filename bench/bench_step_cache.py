@@ -141,6 +141,10 @@ def main(argv=None) -> None:
                 start = time.perf_counter()
                 try:
                     out = sampler_nodes.sample(variant, pos, neg, latent, preset.steps, preset.cfg, preset.shift, seed=0)
+                except RuntimeError as e:  # e.g. core EasyCache 0.3.64 on a batch of several prompts
+                    rows.append({"variant": label, "error": f"{type(e).__name__}: {e}"})
+                    print(name, json.dumps(rows[-1]), flush=True)
+                    continue
                 finally:
                     counter.close()
                 seconds = time.perf_counter() - start
