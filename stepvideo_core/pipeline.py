@@ -8,7 +8,18 @@ import torch
 
 from .dit import StepVideoDiT
 from .image_condition import ImageCondition
-from .scheduler import PRESETS, StepCallback, VelocityFn, denoise_sigmas, guided_velocity, make_noise, sample_euler
+from .ops import FP8_DTYPES
+from .scheduler import (
+    PRESETS,
+    StepCallback,
+    VelocityFn,
+    check_settings,
+    denoise_sigmas,
+    guided_velocity,
+    make_noise,
+    preset,
+    sample_euler,
+)
 from .text_encoding import TextConditioning
 from .video_shape import latent_grid
 
@@ -26,8 +37,8 @@ class GenerationSettings:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> GenerationSettings:
-        preset = PRESETS[name]
-        return cls(**{"steps": preset.steps, "cfg": preset.cfg, "shift": preset.shift, **overrides})
+        chosen = preset(name)
+        return cls(**{"steps": chosen.steps, "cfg": chosen.cfg, "shift": chosen.shift, **overrides})
 
 
 def latent_shape(settings: GenerationSettings, channels: int, batch: int = 1) -> tuple[int, ...]:
@@ -75,7 +86,15 @@ def sample_latents(
 
     ``noise`` replaces the seeded draw (e.g. one seed per sample of a batch); ``image`` is the start image's
     condition for a TI2V DiT (``image_condition.image_condition``). ``transformer_options`` reaches every DiT call,
-    with the schedule as ComfyUI sets it (``"sample_sigmas"`` = 1 - the reference levels)."""
+    with the schedule as ComfyUI sets it (``"sample_sigmas"`` = 1 - the reference levels). Settings and inputs
+    are checked before the first step, each error naming the input."""
+    check_settings(settings.steps, settings.cfg, settings.shift, settings.denoise)
+    for name, cond in (("positive", positive), ("negative", negative)):
+        if cond is not None:
+            cond.check(f"the {name} conditioning", dit.config.caption_channels)
+    if latents is not None and latents.shape[2] != dit.config.in_channels:
+        raise ValueError(f"the input latents have {latents.shape[2]} channels but this DiT takes "
+                         f"{dit.config.in_channels}: they come from another model's VAE or empty-latent node.")
     shape = latent_shape(settings, dit.config.in_channels, positive.mask.shape[0]) if latents is None else latents.shape
     noise = make_noise(shape, settings.seed) if noise is None else noise
     # The noise is drawn on the CPU (so a seed gives the same video anywhere) and sampled where the DiT is: the
@@ -90,7 +109,24 @@ def sample_latents(
     velocity = dit_velocity(dit, positive, negative if use_cfg else None, image, transformer_options)
     if use_cfg:
         velocity = guided_velocity(velocity, settings.cfg)
-    return sample_euler(velocity, noise, sigmas, latents=latents, callback=callback)
+    return sample_euler(velocity, noise, sigmas, latents=latents, callback=callback, compute_dtype=dit.compute_dtype,
+                        oom_advice=sampling_oom_advice(dit, tuple(shape)))
+
+
+def sampling_oom_advice(dit: StepVideoDiT, shape: tuple[int, ...]) -> str:
+    """What to change when the DiT runs out of memory on latents of ``shape``, given how it is loaded."""
+    tips = []
+    if dit.transformer_blocks[0].attn1.wqkv.weight.dtype not in FP8_DTYPES:
+        tips.append("load the DiT with weight dtype fp8_e4m3fn (half the memory of bf16)")
+    if dit.compute_dtype == torch.float32:
+        tips.append("compute in bf16 rather than fp32")
+    if not dit.config.ff_chunk_size:
+        tips.append("set ff_chunk_size (e.g. 16384) to run the feed-forward in chunks")
+    tips.append("let ComfyUI offload weights (--lowvram)")
+    if shape[0] > 1:
+        tips.append(f"sample fewer videos at once (batch {shape[0]})")
+    tips.append(f"use fewer frames ({shape[1]} latent frames now) or a smaller width/height")
+    return "To fit: " + "; ".join(tips) + "."
 
 
 def generate(dit, vae, positive, negative, settings: GenerationSettings, callback=None, decode_kwargs=None,

@@ -8,6 +8,8 @@ Training in the same convention (the tiny lab's DiT and its DPO LoRA) uses the l
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +32,52 @@ PRESETS = {
     "tiny": SamplerPreset(steps=20, cfg=5.0, shift=3.0),
 }
 
+# Accepted ranges of the sampler settings (the nodes' widgets use the same): beyond them a value is a typo.
+STEPS_RANGE = (1, 1000)
+CFG_RANGE = (0.0, 100.0)
+SHIFT_RANGE = (0.01, 100.0)
+
+
+def preset(name: str) -> SamplerPreset:
+    """The named preset; an unknown name raises a ``ValueError`` listing the known ones."""
+    try:
+        return PRESETS[name]
+    except (KeyError, TypeError):
+        known = ", ".join(f"{n} ({p.steps} steps, cfg {p.cfg:g}, shift {p.shift:g})" for n, p in PRESETS.items())
+        raise ValueError(f"unknown sampler preset {name!r}; the presets are: {known}.") from None
+
+
+def _check_number(name: str, value, low: float, high: float, whole: bool = False) -> None:
+    """A ``ValueError`` naming the input unless ``value`` is a finite number in ``[low, high]``."""
+    kind = "a whole number" if whole else "a number"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+            whole and not (isinstance(value, numbers.Integral) or float(value).is_integer())):
+        raise ValueError(f"{name} must be {kind} from {low:g} to {high:g}, got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} is {value}: it must be {kind} from {low:g} to {high:g}. A NaN/inf setting makes "
+                         "every step NaN; set a finite value.")
+    if not low <= value <= high:
+        raise ValueError(f"{name} {value:g} is out of range: use {kind} from {low:g} to {high:g}.")
+
+
+def check_settings(steps: int, cfg: float, shift: float, denoise: float = 1.0) -> None:
+    """Check the sampler settings up front, naming the first bad one (NaN/inf included)."""
+    _check_number("steps", steps, *STEPS_RANGE, whole=True)
+    _check_number("cfg (guidance scale)", cfg, *CFG_RANGE)
+    _check_number("shift", shift, *SHIFT_RANGE)
+    _check_number("denoise", denoise, 0.0, 1.0)
+    if denoise == 0:
+        raise ValueError("denoise 0 would run no step: use a value in (0, 1] (1 = start from pure noise).")
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """A ``ValueError`` naming ``name`` and the first NaN/inf position unless every value is finite."""
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} holds {int(bad.sum())} NaN/inf value(s) (first at index {first} of shape "
+                         f"{tuple(tensor.shape)}); every step would be NaN. Check where these values come from.")
+
 
 def time_shift(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
@@ -37,17 +85,16 @@ def time_shift(u: torch.Tensor, shift: float) -> torch.Tensor:
 
 def step_video_sigmas(num_steps: int, shift: float) -> torch.Tensor:
     """The ``num_steps + 1`` noise levels of the reference scheduler, from 0 (noise) to 1 (data), in fp32."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-    if shift <= 0:
-        raise ValueError(f"shift must be positive, got {shift}")
+    # no upper limit on steps here: a partial denoise asks for a longer schedule than the steps it runs
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
+        raise ValueError(f"steps must be a whole number of at least 1, got {num_steps!r}.")
+    _check_number("shift", shift, *SHIFT_RANGE)
     return 1 - time_shift(torch.linspace(1, 0, num_steps + 1, dtype=torch.float32), shift)
 
 
 def denoise_sigmas(num_steps: int, shift: float, denoise: float = 1.0) -> torch.Tensor:
     """Sigmas for partial denoising: the last ``num_steps`` levels of a ``num_steps / denoise`` schedule."""
-    if not 0 < denoise <= 1:
-        raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+    check_settings(num_steps, 1.0, shift, denoise)
     total = max(num_steps, round(num_steps / denoise))
     return step_video_sigmas(total, shift)[-(num_steps + 1):]
 
@@ -71,6 +118,7 @@ StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 def guided_velocity(velocity_fn: VelocityFn, cfg: float) -> VelocityFn:
     """Classifier-free guidance with one batched call: the model sees [cond; uncond]."""
+    _check_number("cfg (guidance scale)", cfg, *CFG_RANGE)
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if cfg == 1.0:
@@ -87,11 +135,19 @@ def sample_euler(
     sigmas: torch.Tensor,
     latents: torch.Tensor | None = None,
     callback: StepCallback | None = None,
+    compute_dtype: torch.dtype | None = None,
+    oom_advice: str = "",
 ) -> torch.Tensor:
     """Integrate from ``sigmas[0]`` to ``sigmas[-1]`` with Euler steps in fp32.
 
     With ``latents`` given and ``sigmas[0] > 0`` (partial denoise) the start is ``s * latents + (1 - s) * noise``.
+    Inputs are checked to be finite first, so a NaN/inf from the model can only come from the model: the error
+    then names fp16 overflow when ``compute_dtype`` is fp16, else the weights. Out of memory at a step re-raises
+    ``torch.OutOfMemoryError`` naming the step, followed by ``oom_advice``.
     """
+    check_finite("the starting noise", noise)
+    if latents is not None:
+        check_finite("the input latents", latents)
     sigmas = sigmas.to(torch.float32)
     x = noise.float()
     if latents is not None and sigmas[0] > 0:
@@ -100,17 +156,28 @@ def sample_euler(
     for i in range(total):
         s, s_next = sigmas[i], sigmas[i + 1]
         t = s.expand(x.shape[0]).to(x.device)
-        v = velocity_fn(x, t).float()
+        try:
+            v = velocity_fn(x, t).float()
+        except torch.OutOfMemoryError as e:
+            raise torch.OutOfMemoryError(f"Out of memory at sampling step {i + 1}/{total} (latents "
+                                         f"{tuple(x.shape)}). {oom_advice}".strip() + f" [{e}]") from e
         if not torch.isfinite(v).all():
-            raise FloatingPointError(
-                f"The model produced NaN/inf at step {i + 1}/{total}. This usually means fp16 overflow: "
-                "use bf16 or fp32 compute, or check the weights."
-            )
+            raise FloatingPointError(model_nan_message(f"at step {i + 1}/{total}", compute_dtype))
         denoised = x + (1 - s) * v
         x = x + v * (s_next - s)
         if callback is not None:
             callback(i + 1, total, x, denoised)
     return x
+
+
+def model_nan_message(where: str, compute_dtype: torch.dtype | None) -> str:
+    """Why a model gave NaN/inf from finite inputs: fp16 overflow when it computes in fp16, else its weights."""
+    if compute_dtype == torch.float16:
+        return (f"The model produced NaN/inf {where} from finite inputs while computing in float16: this is fp16 "
+                "overflow. Use bf16 or fp32 compute.")
+    dtype = str(compute_dtype).removeprefix("torch.") if compute_dtype is not None else "its compute dtype"
+    return (f"The model produced NaN/inf {where} from finite inputs while computing in {dtype}: its weights (or a "
+            "LoRA's) are probably damaged or hold NaN/inf. Re-download the checkpoint, or load it without the LoRA.")
 
 
 # ---- training in the same convention --------------------------------------------------------------------------

@@ -8,6 +8,7 @@ to 320, and the combined mask is 77 ones (every CLIP position, its padding inclu
 from __future__ import annotations
 
 import gc
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -15,6 +16,7 @@ from typing import Literal
 import torch
 
 from .hunyuan_clip import HunyuanClip, load_hunyuan_clip
+from .scheduler import check_finite
 from .step_llm import StepLLM, StepLLMTokenizer, load_step_llm
 
 POSITIVE_MAGIC = "超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、自然、生动、超细节、清晰。"
@@ -38,6 +40,18 @@ class TextConditioning:
         """Keyword arguments for ``StepVideoDiT.forward``."""
         return dict(encoder_hidden_states=self.llm_states, encoder_attention_mask=self.mask,
                     encoder_hidden_states_2=self.clip_states)
+
+    def check(self, name: str, caption_channels: tuple[int, int]) -> None:
+        """A ``ValueError`` naming ``name`` unless the states fit a DiT taking ``caption_channels`` (Step-LLM,
+        CLIP) and are finite."""
+        for what, states, want in (("Step-LLM", self.llm_states, caption_channels[0]),
+                                   ("CLIP", self.clip_states, caption_channels[1])):
+            if states.ndim != 3 or states.shape[-1] != want:
+                raise ValueError(f"{name}: its {what} states have shape {tuple(states.shape)} but this DiT takes "
+                                 f"{want} channels; encode the prompt with the text encoders that belong to this DiT.")
+            check_finite(f"{name} ({what} states)", states)
+        if self.mask.shape[0] != self.llm_states.shape[0]:
+            raise ValueError(f"{name}: {self.mask.shape[0]} mask row(s) for {self.llm_states.shape[0]} prompt(s).")
 
     @staticmethod
     def cat(items: Sequence[TextConditioning]) -> TextConditioning:
@@ -89,12 +103,34 @@ def build_prompts(prompts: str | Sequence[str], negative_prompt: str | None = No
     With the switches on this is what the official pipeline feeds its encoders; a negative prompt given by the
     user is followed by the negative magic string (the reference has no user negative, only the magic string).
     """
+    if prompts is None:
+        raise ValueError("the prompt is None: give the text of the video to generate.")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("at least one prompt is needed")
+    for i, text in enumerate(prompts):
+        check_prompt(text, "the prompt" if len(prompts) == 1 else f"prompt {i + 1}")
+    if negative_prompt is not None:
+        check_prompt(negative_prompt, "the negative prompt", allow_empty=True)
     positives = [p + POSITIVE_MAGIC if positive_magic else p for p in prompts]
     negative = (negative_prompt or "") + (NEGATIVE_MAGIC if negative_magic else "")
     return positives, [negative] * len(prompts)
+
+
+def check_prompt(text, name: str = "the prompt", allow_empty: bool = False) -> None:
+    """A ``ValueError`` naming the prompt unless it is text, not blank (unless allowed) and free of control
+    characters (tabs and line breaks are fine): the tokenizers drop or garble those, so the model would read
+    another prompt than the one on screen."""
+    if not isinstance(text, str):
+        raise ValueError(f"{name} must be text, got {type(text).__name__} {text!r}.")
+    if not allow_empty and not text.strip():
+        raise ValueError(f"{name} is empty: describe the video to generate.")
+    bad = [(i, c) for i, c in enumerate(text) if unicodedata.category(c) == "Cc" and c not in "\t\n\r"]
+    if bad:
+        i, c = bad[0]
+        raise ValueError(f"{name} holds {len(bad)} control character(s), first U+{ord(c):04X} at position {i} "
+                         f"(after {text[max(0, i - 20):i]!r}); remove them (they are invisible, and the tokenizers "
+                         "drop or garble them).")
 
 
 def combined_mask(llm_mask: torch.Tensor) -> torch.Tensor:
