@@ -35,6 +35,7 @@ from torch import nn
 
 from .loading import CheckpointError, load_checkpoint_model
 from .ops import FP8_DTYPES, default_ops
+from .scheduler import model_nan_message
 from .video_shape import FRAMES_PER_CHUNK, LATENTS_PER_CHUNK, SPATIAL_FACTOR, encoded_grid, video_frames
 
 ProgressCallback = Callable[[int, int], None]
@@ -571,13 +572,20 @@ class VideoVAE(nn.Module):
             raise ValueError(f"expected video [b, T, {self.config.in_channels}, H, W], got {tuple(video.shape)}")
         b, n, _, height, width = video.shape
         num_latents, lh, lw = encoded_grid(n, height, width)
+        _check_finite("The video to encode holds", video, ("video", "frame", "colour channel", "row", "column"))
         dtype, device = self.compute_dtype, self.device
         moments = torch.empty((b, num_latents, 2 * self.config.z_channels, lh, lw), dtype=dtype, device=device)
         starts = list(range(0, n, FRAMES_PER_CHUNK))
         pos = 0
         for k, s in enumerate(starts):
             chunk = video[:, s:s + FRAMES_PER_CHUNK].to(device=device, dtype=dtype).permute(0, 2, 1, 3, 4).contiguous()
-            m = self.encoder(chunk)
+            try:
+                m = self.encoder(chunk)
+            except torch.OutOfMemoryError as e:
+                raise torch.OutOfMemoryError(
+                    f"Out of memory encoding frames {s}-{s + chunk.shape[2] - 1} ({height}x{width}). To fit: encode a "
+                    f"smaller width/height{', in bf16' if dtype == torch.float32 else ''}, or let ComfyUI offload "
+                    f"the other models first. [{e}]") from e
             moments[:, pos:pos + m.shape[2]] = m.permute(0, 2, 1, 3, 4)
             pos += m.shape[2]
             del chunk, m
@@ -620,6 +628,9 @@ class VideoVAE(nn.Module):
         if latents.ndim != 5 or latents.shape[2] != cfg.z_channels:
             raise ValueError(f"expected latents [b, L, {cfg.z_channels}, h, w], got {tuple(latents.shape)}")
         b, num_latents, _, lh, lw = latents.shape
+        _check_finite("The latents to decode hold", latents, ("video", "latent frame", "channel", "row", "column"),
+                      "The sampler (or a node that edited the latents) produced them; without this check they "
+                      "decode to black frames.")
         dtype, device = self.compute_dtype, self.device
         height, width = lh * SPATIAL_FACTOR, lw * SPATIAL_FACTOR
         chunks = list(range(0, num_latents, LATENTS_PER_CHUNK))
@@ -642,7 +653,7 @@ class VideoVAE(nn.Module):
             n = video_frames(z.shape[2])
             target = video[:, pos:pos + n].permute(0, 2, 1, 3, 4)  # [b, 3, n, H, W] view into the output
             if len(tiles) == 1:
-                target.copy_(self.decoder(z.contiguous()))
+                target.copy_(self._decode_part(z.contiguous(), s, tile_size, tile_overlap))
                 done += 1
                 if callback is not None:
                     callback(done, total)
@@ -650,7 +661,7 @@ class VideoVAE(nn.Module):
                 acc = torch.zeros((b, cfg.out_channels, n, height, width), dtype=torch.float32, device=device)
                 weight = torch.zeros((height, width), dtype=torch.float32, device=device)
                 for (y0, y1, wy), (x0, x1, wx) in tiles:
-                    part = self.decoder(z[..., y0:y1, x0:x1].contiguous())
+                    part = self._decode_part(z[..., y0:y1, x0:x1].contiguous(), s, tile_size, tile_overlap)
                     w2 = (wy[:, None] * wx[None, :]).to(device)
                     ys, xs = slice(y0 * SPATIAL_FACTOR, y1 * SPATIAL_FACTOR), slice(x0 * SPATIAL_FACTOR, x1 * SPATIAL_FACTOR)
                     acc[..., ys, xs].addcmul_(part.float(), w2)
@@ -663,6 +674,36 @@ class VideoVAE(nn.Module):
                 del acc, weight
             pos += n
         return blend_chunk_borders(video, keep=cfg.blend_keep)
+
+    def _decode_part(self, z: torch.Tensor, first: int, tile_size, tile_overlap: int) -> torch.Tensor:
+        """One chunk (or tile of it) through the decoder; out of memory and NaN/inf outputs say what to change."""
+        latents = f"latent frames {first}-{first + z.shape[2] - 1}"
+        try:
+            out = self.decoder(z)
+        except torch.OutOfMemoryError as e:
+            if tile_size is None:
+                tip = "decode in tiles (tile_size 16, tile_overlap 4)"
+            else:
+                th, tw = _pair(tile_size)
+                tip = (f"use smaller tiles (now {th}x{tw} latents; try {max(th // 2, 1)}x{max(tw // 2, 1)} with "
+                       f"tile_overlap {min(tile_overlap, max(min(th, tw) // 4, 0))})")
+            if self.compute_dtype == torch.float32:
+                tip += ", decode in bf16"
+            raise torch.OutOfMemoryError(f"Out of memory decoding {latents} ({z.shape[3]}x{z.shape[4]} latents). "
+                                         f"To fit: {tip}, or let ComfyUI offload the DiT first. [{e}]") from e
+        if not torch.isfinite(out).all():
+            raise FloatingPointError(model_nan_message(f"decoding {latents}", self.compute_dtype))
+        return out
+
+
+def _check_finite(what: str, tensor: torch.Tensor, axes: tuple[str, ...], why: str = "") -> None:
+    """A ``ValueError`` naming the first NaN/inf position by its axes' names (e.g. latent frame, row, column)."""
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        first = bad.nonzero()[0].tolist()
+        where = ", ".join(f"{axis} {i}" for axis, i in zip(axes, first))
+        raise ValueError(f"{what} {int(bad.sum())} NaN/inf value(s), the first at {where} (shape "
+                         f"{tuple(tensor.shape)}). {why}".strip())
 
 
 # ----------------------------------------------------------------------------------------------------------
