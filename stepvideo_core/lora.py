@@ -13,7 +13,9 @@ which both this loader and ComfyUI's core LoRA loaders read.
 
 from __future__ import annotations
 
+import math
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,10 @@ _UP_DOWN = (
 
 class LoraError(ValueError):
     pass
+
+
+class LoraPartialMatchWarning(UserWarning):
+    """Some of a LoRA's tensors matched no layer of the DiT (they are ignored)."""
 
 
 @dataclass
@@ -145,6 +151,13 @@ def parse_lora(state_dict: dict[str, torch.Tensor], model: nn.Module) -> LoraSet
                 unmatched.append(base)
                 continue
             target, slot = resolved
+            if up.dim() != 2 or down.dim() != 2 or up.shape[1] != rank:
+                raise LoraError(f"layer {target} ({base}): up {tuple(up.shape)} and down {tuple(down.shape)} do not "
+                                "form a low-rank pair (up's columns must equal down's rows, the rank); the file is "
+                                "damaged or was saved wrongly.")
+            if not (math.isfinite(scale) and torch.isfinite(up).all() and torch.isfinite(down).all()):
+                raise LoraError(f"layer {target} ({base}): the LoRA weights or alpha hold NaN/inf; the file is "
+                                "damaged (e.g. a training run that diverged). Use another checkpoint of it.")
             parts.setdefault(target, []).append((slot, up * scale, down))
     unmatched += [k for k in state_dict if k not in used and not k.endswith(".alpha")]
     if not parts:
@@ -160,20 +173,26 @@ def parse_lora(state_dict: dict[str, torch.Tensor], model: nn.Module) -> LoraSet
     return LoraSet(pairs=pairs, source_keys=len(state_dict), unmatched=unmatched)
 
 
+_OTHER_MODEL = "the LoRA was trained for another model (or another size of Step-Video); use one made for this DiT."
+
+
 def _fuse(target, items, out_features, in_features, heads) -> LoraPair:
     ups, downs = [], []
     for slot, up, down in items:
         if down.shape[1] != in_features:
-            raise LoraError(f"LoRA for {target}: input size {down.shape[1]} does not match the layer's {in_features}")
+            raise LoraError(f"layer {target}: the LoRA's input size {down.shape[1]} does not match the layer's "
+                           f"{in_features}; {_OTHER_MODEL}")
         if slot is None:
             if up.shape[0] != out_features:
-                raise LoraError(f"LoRA for {target}: output size {up.shape[0]} does not match the layer's {out_features}")
+                raise LoraError(f"layer {target}: the LoRA's output size {up.shape[0]} does not match the layer's "
+                               f"{out_features}; {_OTHER_MODEL}")
             ups.append(up)
         else:
             slots = out_features // up.shape[0]  # 3 for wqkv, 2 for wkv
             head_dim = up.shape[0] // heads
             if up.shape[0] * slots != out_features or slots not in (2, 3) or head_dim * heads != up.shape[0]:
-                raise LoraError(f"LoRA for {target} part {slot}: size {up.shape[0]} does not fit the fused layer ({out_features})")
+                raise LoraError(f"layer {target} part {slot}: the LoRA's size {up.shape[0]} does not fit the fused "
+                               f"layer ({out_features}); {_OTHER_MODEL}")
             scattered = up.new_zeros(heads, slots, head_dim, up.shape[1])
             scattered[:, slot] = up.view(heads, head_dim, -1)
             ups.append(scattered.reshape(out_features, -1))
@@ -182,7 +201,22 @@ def _fuse(target, items, out_features, in_features, heads) -> LoraPair:
 
 
 def load_lora(path: str | Path, model: nn.Module) -> LoraSet:
-    return parse_lora(read_safetensors(path), model)
+    """Read and check a LoRA file for ``model``: every matched pair must fit its layer (else a ``LoraError``
+    naming the file and the layer, before anything is attached); tensors that match no layer are warned about
+    with counts (``LoraPartialMatchWarning``)."""
+    try:
+        lora = parse_lora(read_safetensors(path), model)
+    except LoraError as e:
+        raise LoraError(f"LoRA {path}: {e}") from None
+    if lora.unmatched:
+        warnings.warn(f"LoRA {path} matches this DiT only in part: {lora.summary()}. The rest is ignored; "
+                      "check that the LoRA was trained for Step-Video-T2V.", LoraPartialMatchWarning, stacklevel=2)
+    return lora
+
+
+def _check_strength(strength: float) -> None:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise LoraError(f"LoRA strength {strength!r} is not a finite number; use e.g. 1.0 (0 = the base model).")
 
 
 class LoraHook:
@@ -207,6 +241,7 @@ class AttachedLoras:
     pairs: list[LoraPair] = field(default_factory=list)
 
     def set_strength(self, strength: float) -> None:
+        _check_strength(strength)
         for hook, pair in zip(self.hooks.values(), self.pairs):
             hook.strength = strength * pair.scale
 
@@ -218,6 +253,7 @@ class AttachedLoras:
 
 def attach(model: nn.Module, lora: LoraSet, strength: float = 1.0) -> AttachedLoras:
     """Apply ``lora`` to ``model`` without changing its weights; ``detach()`` restores the base exactly."""
+    _check_strength(strength)
     handles, hooks = [], {}
     for name, pair in lora.pairs.items():
         hook = LoraHook(pair, strength)
