@@ -31,7 +31,7 @@ from . import parallel
 from .attention import BACKENDS, get_attention
 from .dit import load_dit, open_dit_checkpoint, resolve_compute_dtype
 from .pipeline import GenerationSettings, sample_latents
-from .scheduler import PRESETS, denoise_sigmas
+from .scheduler import PRESETS, check_settings
 from .step_cache import StepCache, StepCacheSettings
 from .text_encoding import encode_prompts, load_text_encoders
 from .tiny import model as tiny
@@ -147,7 +147,7 @@ def resolve_settings(args: argparse.Namespace, is_tiny: bool) -> GenerationSetti
         seed=args.seed,
     )
     check_request(settings.width, settings.height, settings.num_frames)
-    denoise_sigmas(settings.steps, settings.shift)  # raises on steps < 1 or shift <= 0, naming the value
+    check_settings(settings.steps, settings.cfg, settings.shift)  # ranges and NaN/inf, naming the value
     if args.tile_size is not None and (args.tile_size < 1 or args.tile_overlap < 0 or 2 * args.tile_overlap > args.tile_size):
         raise ValueError(f"--tile-size {args.tile_size} / --tile-overlap {args.tile_overlap}: need tiles of at least "
                          "1 latent and an overlap of at most half a tile (e.g. --tile-size 16 --tile-overlap 4)")

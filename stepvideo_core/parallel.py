@@ -53,7 +53,7 @@ from .attention import AttentionFn
 from .dit import DIT_NAME, Rope3D, StepVideoDiT, open_dit_checkpoint, resolve_compute_dtype
 from .image_condition import ImageCondition
 from .loading import check_keys, storage_dtype, to_storage_dtype
-from .pipeline import GenerationSettings, latent_shape
+from .pipeline import GenerationSettings, check_sampling_inputs, latent_shape, sampling_oom_advice
 from .scheduler import StepCallback, denoise_sigmas, make_noise, sample_euler
 from .step_cache import GROUP_MEAN_KEY
 from .text_encoding import TextConditioning
@@ -471,6 +471,7 @@ def sample_latents(dit: StepVideoDiT, ctx: ParallelContext, positive: TextCondit
     schedule everywhere, the same fp32 latents ``[b, F, C, h, w]`` returned on every rank. ``latents`` and
     ``noise``, when given, must be the same on every rank; ``transformer_options`` (e.g. a step cache's, one per
     rank) gets the schedule as the pipeline sets it."""
+    check_sampling_inputs(dit, positive, negative, settings, latents)
     shape = latent_shape(settings, dit.config.in_channels, positive.mask.shape[0]) if latents is None else latents.shape
     noise = make_noise(shape, settings.seed) if noise is None else noise
     guided = negative is not None and settings.cfg != 1.0
@@ -480,7 +481,8 @@ def sample_latents(dit: StepVideoDiT, ctx: ParallelContext, positive: TextCondit
     velocity = parallel_velocity(dit, ctx, positive, negative if guided else None, settings.cfg, image,
                                  transformer_options)
     return sample_euler(velocity, noise.to(ctx.device), sigmas,
-                        latents=None if latents is None else latents.to(ctx.device), callback=callback)
+                        latents=None if latents is None else latents.to(ctx.device), callback=callback,
+                        compute_dtype=dit.compute_dtype, oom_advice=sampling_oom_advice(dit, tuple(shape)))
 
 
 # ---- conditioning and decoding ------------------------------------------------------------------------------

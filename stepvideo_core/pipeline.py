@@ -88,13 +88,7 @@ def sample_latents(
     condition for a TI2V DiT (``image_condition.image_condition``). ``transformer_options`` reaches every DiT call,
     with the schedule as ComfyUI sets it (``"sample_sigmas"`` = 1 - the reference levels). Settings and inputs
     are checked before the first step, each error naming the input."""
-    check_settings(settings.steps, settings.cfg, settings.shift, settings.denoise)
-    for name, cond in (("positive", positive), ("negative", negative)):
-        if cond is not None:
-            cond.check(f"the {name} conditioning", dit.config.caption_channels)
-    if latents is not None and latents.shape[2] != dit.config.in_channels:
-        raise ValueError(f"the input latents have {latents.shape[2]} channels but this DiT takes "
-                         f"{dit.config.in_channels}: they come from another model's VAE or empty-latent node.")
+    check_sampling_inputs(dit, positive, negative, settings, latents)
     shape = latent_shape(settings, dit.config.in_channels, positive.mask.shape[0]) if latents is None else latents.shape
     noise = make_noise(shape, settings.seed) if noise is None else noise
     # The noise is drawn on the CPU (so a seed gives the same video anywhere) and sampled where the DiT is: the
@@ -111,6 +105,19 @@ def sample_latents(
         velocity = guided_velocity(velocity, settings.cfg)
     return sample_euler(velocity, noise, sigmas, latents=latents, callback=callback, compute_dtype=dit.compute_dtype,
                         oom_advice=sampling_oom_advice(dit, tuple(shape)))
+
+
+def check_sampling_inputs(dit: StepVideoDiT, positive: TextConditioning, negative: TextConditioning | None,
+                          settings: GenerationSettings, latents: torch.Tensor | None = None) -> None:
+    """Raise a ``ValueError`` naming the input unless the settings, conditioning and latents fit ``dit``; run
+    before the first step so that a NaN/inf during sampling can only come from the model."""
+    check_settings(settings.steps, settings.cfg, settings.shift, settings.denoise)
+    for name, cond in (("positive", positive), ("negative", negative)):
+        if cond is not None:
+            cond.check(f"the {name} conditioning", dit.config.caption_channels)
+    if latents is not None and latents.shape[2] != dit.config.in_channels:
+        raise ValueError(f"the input latents have {latents.shape[2]} channels but this DiT takes "
+                         f"{dit.config.in_channels}: they come from another model's VAE or empty-latent node.")
 
 
 def sampling_oom_advice(dit: StepVideoDiT, shape: tuple[int, ...]) -> str:

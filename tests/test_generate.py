@@ -33,7 +33,7 @@ def test_bad_values_get_the_nodes_messages_before_anything_loads(capsys):
     err = cli_error(capsys, "x", "--frames", "16", "--width", "100")
     assert err == f"error: {request_error(100, 128, 16)}\n", "the nodes' message, word for word"
     assert "width 100 must be a multiple of 16 (nearest valid: 96 or 112)" in err
-    assert "shift must be positive" in cli_error(capsys, "x", "--shift", "0")
+    assert "shift 0 is out of range: use a number from 0.01 to 100" in cli_error(capsys, "x", "--shift", "0")
     assert "threshold must be >= 0" in cli_error(capsys, "x", "--cache", "-1")
     assert "--ff-chunk-size -5" in cli_error(capsys, "x", "--ff-chunk-size", "-5")
     assert "overlap of at most half a tile" in cli_error(capsys, "x", "--tile-size", "4", "--tile-overlap", "3")
