@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .loading import CheckpointError, identify_foreign
+from .loading import CheckpointError, check_device, identify_foreign
 
 MAX_LENGTH = 77
 ENCODER_DIR = "clip_text_encoder"
@@ -120,6 +120,7 @@ def load_hunyuan_clip(folder: str | Path, dtype: torch.dtype = torch.float32, de
     as in the reference."""
     from transformers import BertTokenizer
 
+    device = check_device(device)
     encoder_dir, tokenizer_dir = _split_folder(folder)
     _require(_require(encoder_dir, "text encoder folder") / "config.json", "text encoder config")
     _require(_require(tokenizer_dir, "tokenizer folder") / "vocab.txt", "tokenizer vocabulary")

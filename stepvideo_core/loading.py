@@ -183,6 +183,42 @@ class Checkpoint:
         return {k: self.shape(k) for k in self.keys()}
 
 
+def check_device(device: torch.device | str) -> torch.device:
+    """``device`` as a ``torch.device`` when this machine has it; otherwise a ``ValueError`` saying which devices
+    it has (torch's own error for a CUDA device on a CPU build is a bare assertion)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'.") from None
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        reason = "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"device {str(device)!r}: {reason}; use device 'cpu' (or run on a machine with an NVIDIA "
+                         "GPU and a CUDA build of PyTorch).")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"device {str(device)!r}: only {count} CUDA device(s) are visible (cuda:0 to "
+                         f"cuda:{count - 1}); pick one of them (CUDA_VISIBLE_DEVICES may hide the others).")
+    return dev
+
+
+def read_config_json(ckpt: Checkpoint) -> dict | None:
+    """The ``config.json`` beside a checkpoint folder's shards (the official folders have one), else None."""
+    file = ckpt.path / "config.json"
+    if not ckpt.path.is_dir() or not file.is_file():
+        return None
+    try:
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}); download it again, or delete it (the loader reads "
+                              "the architecture from the tensors and only checks them against it).") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{file} holds a {type(values).__name__}, not the JSON object of a model config; "
+                              "download it again or delete it.")
+    return values
+
+
 def strip_known_prefix(keys: Iterable[str], expected: set[str]) -> Callable[[str], str]:
     """Return a key mapper that removes a prefix tools add (e.g. ComfyUI's ``model.diffusion_model.``)."""
     keys = list(keys)
@@ -311,8 +347,9 @@ def open_checkpoint_model(
     shapes = {key_map(k): shape for k, shape in ckpt.shapes().items()}
     if not all(a in shapes for a in anchors):
         foreign = identify_foreign(shapes)
-        what = f"looks like {foreign}" if foreign else f"has no {' / '.join(map(repr, anchors))}, so it is not"
-        raise CheckpointError(f"{ckpt.path} {what}, not a {model_name} checkpoint.{' ' + hint if hint else ''}")
+        what = (f"looks like {foreign}, not a {model_name} checkpoint" if foreign else
+                f"is not a {model_name} checkpoint (it has no {' / '.join(map(repr, anchors))})")
+        raise CheckpointError(f"{ckpt.path} {what}.{' ' + hint if hint else ''}")
     try:
         with torch.device("meta"):
             model = build(ckpt, shapes)
@@ -335,6 +372,7 @@ def load_checkpoint_model(
     hint: str = "",
 ) -> nn.Module:
     """The skeleton every model loader shares: ``open_checkpoint_model``, then stream the weights in."""
+    device = check_device(device)
     model, ckpt, key_map = open_checkpoint_model(path, model_name=model_name, anchors=anchors, build=build, hint=hint)
     load_streaming(model, ckpt, model_name=model_name, weight_dtype=weight_dtype, compute_dtype=compute_dtype,
                    device=device, key_map=key_map)
