@@ -8,6 +8,7 @@ official shards load without any key conversion. Layers come from an injectable 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import AttentionFn, sdpa_attention
-from .loading import load_checkpoint_model, open_checkpoint_model
+from .loading import Checkpoint, CheckpointError, load_checkpoint_model, open_checkpoint_model, read_config_json
 from .ops import FP8_DTYPES, RMSNorm, default_ops
 
 BLOCK_NORM_EPS = 1e-5  # block norm1/norm2; the model-level norm_eps applies only to caption_norm and norm_out
@@ -77,7 +78,9 @@ class DiTConfig:
             clip = shapes["clip_projection.weight"][1]
         except KeyError as e:
             raise ValueError(f"not a Step-Video DiT checkpoint: key {e.args[0]!r} is missing") from None
-        layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks."))
+        # Blocks counted by their self-attention weight, so one stray extra key is reported as extra, not as a
+        # whole block's worth of missing ones.
+        layers = 1 + max(int(k.split(".")[1]) for k in shapes if re.fullmatch(r"transformer_blocks\.\d+\.attn1\.wqkv\.weight", k))
         image_to_video = MOTION_SCORE_KEY in shapes
         if image_to_video and patch_in % 2:
             raise ValueError(f"a Step-Video-TI2V checkpoint's patch embedding reads latents + condition (an even channel "
@@ -469,6 +472,32 @@ class StepVideoDiT(nn.Module):
         return self.unpatchify(self.finish(x, embedded), grid)
 
 
+# config.json fields that the tensor shapes also determine; the two must agree.
+CONFIG_JSON_FIELDS = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
+                      "patch_size", "caption_channels", "use_additional_conditions")
+
+
+def check_config_json(ckpt: Checkpoint, config: DiTConfig) -> None:
+    """A ``CheckpointError`` when the folder's ``config.json`` disagrees with the architecture read from the
+    tensors: a shard that lost its last blocks would otherwise load as a shallower model without a word."""
+    values = read_config_json(ckpt)
+    if values is None:
+        return
+    diffs = []
+    for name in CONFIG_JSON_FIELDS:
+        if name in values:
+            said = tuple(values[name]) if isinstance(values[name], list) else values[name]
+            if said != getattr(config, name):
+                diffs.append(f"{name} {said!r} in config.json but {getattr(config, name)!r} in the tensors")
+    if diffs:
+        said_layers = values.get("num_layers")
+        lost = (f" Blocks transformer_blocks.{config.num_layers} to {said_layers - 1} are missing from the weights: "
+                "a shard is missing or was cut short." if isinstance(said_layers, int)
+                and said_layers > config.num_layers else "")
+        raise CheckpointError(f"{ckpt.path}: config.json and the weights disagree: {'; '.join(diffs)}.{lost} Download "
+                              "the folder again, or remove a config.json that belongs to another model.")
+
+
 DIT_NAME = "Step-Video DiT"
 DIT_ANCHORS = ("pos_embed.proj.weight",)
 
@@ -483,7 +512,12 @@ def resolve_compute_dtype(weight_dtype: torch.dtype, compute_dtype: torch.dtype 
 
 
 def _builder(operations, config_overrides):
-    return lambda ckpt, shapes: StepVideoDiT(DiTConfig.from_shapes(shapes, **config_overrides), operations=operations)
+    def build(ckpt: Checkpoint, shapes: dict[str, tuple[int, ...]]) -> StepVideoDiT:
+        config = DiTConfig.from_shapes(shapes, **config_overrides)
+        check_config_json(ckpt, config)
+        return StepVideoDiT(config, operations=operations)
+
+    return build
 
 
 def open_dit_checkpoint(path: str | Path, operations=None, **config_overrides):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -86,7 +87,9 @@ class StepLLMConfig:
             ffn = shapes["transformer.layers.0.feed_forward.w2.weight"][1]
         except KeyError as e:
             raise ValueError(f"not a Step-LLM checkpoint: key {e.args[0]!r} is missing") from None
-        layers = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("transformer.layers."))
+        # layers counted by their attention weight: one stray extra key is then reported as extra
+        layers = 1 + max(int(k.split(".")[2]) for k in shapes
+                         if re.fullmatch(r"transformer\.layers\.\d+\.attention\.wqkv\.weight", k))
         values = dict(hidden_size=hidden, num_layers=layers, num_attention_heads=hidden // head_dim,
                       num_attention_groups=(qkv_rows - hidden) // (2 * head_dim), ffn_hidden_size=ffn, vocab_size=vocab)
         return cls(**{**values, **overrides})
