@@ -192,14 +192,14 @@ def main() -> None:
                 res[impl] = measure(case, impl, args.device, tmp)
                 r = res[impl]
                 print(f"  {impl:11s} {r['seconds']:8.2f} s   peak +{r['peak_bytes'] / 2**20:9.1f} MiB", flush=True)
-            ours = torch.load(res["ours"]["out"])
-            tiled = torch.load(res["ours-tiled"]["out"])
+            ours = torch.load(res["ours"]["out"], weights_only=True)
+            tiled = torch.load(res["ours-tiled"]["out"], weights_only=True)
             print(f"  tiled / untiled: time {res['ours-tiled']['seconds'] / res['ours']['seconds']:.2f}x, "
                   f"peak {res['ours-tiled']['peak_bytes'] / res['ours']['peak_bytes']:.1%}, "
                   f"PSNR {psnr(tiled, ours):.1f} dB (max|diff| {float((tiled - ours).abs().max()):.3g}, "
                   f"output range {float(ours.min()):.2f}..{float(ours.max()):.2f})")
             if run_ref:
-                ref = torch.load(res["reference"]["out"])
+                ref = torch.load(res["reference"]["out"], weights_only=True)
                 diff = float((ours - ref).abs().max()) / float(ref.abs().max())
                 print(f"  ours / reference (untiled): time {res['ours']['seconds'] / res['reference']['seconds']:.2f}x, "
                       f"peak {res['ours']['peak_bytes'] / res['reference']['peak_bytes']:.2f}x, "
