@@ -72,7 +72,7 @@ def _problem(name: str, value, step: int, low: int, high: int | None) -> str | N
 
 def _message(problems: list[str], why: list[str]) -> str:
     reasons = "; ".join(why)
-    return f"{_PREFIX}{'; '.join(problems)}. {reasons[:1].upper()}{reasons[1:]}."
+    return f"{_PREFIX}{'; '.join(problems)}." + (f" {reasons[:1].upper()}{reasons[1:]}." if reasons else "")
 
 
 # ---- generation requests (the nodes, the pipeline, the CLI) --------------------------------------------------
