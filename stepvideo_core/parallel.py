@@ -471,7 +471,7 @@ def sample_latents(dit: StepVideoDiT, ctx: ParallelContext, positive: TextCondit
     schedule everywhere, the same fp32 latents ``[b, F, C, h, w]`` returned on every rank. ``latents`` and
     ``noise``, when given, must be the same on every rank; ``transformer_options`` (e.g. a step cache's, one per
     rank) gets the schedule as the pipeline sets it."""
-    check_sampling_inputs(dit, positive, negative, settings, latents)
+    check_sampling_inputs(dit, positive, negative, settings, latents, image)
     shape = latent_shape(settings, dit.config.in_channels, positive.mask.shape[0]) if latents is None else latents.shape
     noise = make_noise(shape, settings.seed) if noise is None else noise
     guided = negative is not None and settings.cfg != 1.0

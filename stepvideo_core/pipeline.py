@@ -13,6 +13,7 @@ from .scheduler import (
     PRESETS,
     StepCallback,
     VelocityFn,
+    check_finite,
     check_settings,
     denoise_sigmas,
     guided_velocity,
@@ -88,7 +89,7 @@ def sample_latents(
     condition for a TI2V DiT (``image_condition.image_condition``). ``transformer_options`` reaches every DiT call,
     with the schedule as ComfyUI sets it (``"sample_sigmas"`` = 1 - the reference levels). Settings and inputs
     are checked before the first step, each error naming the input."""
-    check_sampling_inputs(dit, positive, negative, settings, latents)
+    check_sampling_inputs(dit, positive, negative, settings, latents, image)
     shape = latent_shape(settings, dit.config.in_channels, positive.mask.shape[0]) if latents is None else latents.shape
     noise = make_noise(shape, settings.seed) if noise is None else noise
     # The noise is drawn on the CPU (so a seed gives the same video anywhere) and sampled where the DiT is: the
@@ -108,7 +109,8 @@ def sample_latents(
 
 
 def check_sampling_inputs(dit: StepVideoDiT, positive: TextConditioning, negative: TextConditioning | None,
-                          settings: GenerationSettings, latents: torch.Tensor | None = None) -> None:
+                          settings: GenerationSettings, latents: torch.Tensor | None = None,
+                          image: ImageCondition | None = None) -> None:
     """Raise a ``ValueError`` naming the input unless the settings, conditioning and latents fit ``dit``; run
     before the first step so that a NaN/inf during sampling can only come from the model."""
     check_settings(settings.steps, settings.cfg, settings.shift, settings.denoise)
@@ -118,6 +120,12 @@ def check_sampling_inputs(dit: StepVideoDiT, positive: TextConditioning, negativ
     if latents is not None and latents.shape[2] != dit.config.in_channels:
         raise ValueError(f"the input latents have {latents.shape[2]} channels but this DiT takes "
                          f"{dit.config.in_channels}: they come from another model's VAE or empty-latent node.")
+    if image is not None:
+        score = torch.as_tensor(image.motion_score, dtype=torch.float32)
+        if not torch.isfinite(score).all():
+            raise ValueError(f"the motion score is {image.motion_score}: use a finite number (official default 5; 2 = "
+                             "stable, 10 = strong camera motion, 20 = intense).")
+        check_finite("the image condition's latents", image.latents)
 
 
 def sampling_oom_advice(dit: StepVideoDiT, shape: tuple[int, ...]) -> str:
