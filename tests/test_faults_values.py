@@ -15,7 +15,7 @@ import torch
 
 from stepvideo_core.dit import load_dit
 from stepvideo_core.lora import LoraError, attach, new_trainable_lora
-from stepvideo_core.pipeline import GenerationSettings, generate, sample_latents
+from stepvideo_core.pipeline import GenerationSettings, generate, latent_shape, sample_latents
 from stepvideo_core.scheduler import make_noise
 from stepvideo_core.step_llm import PromptTruncatedWarning
 from stepvideo_core.text_encoding import TextConditioning, encode_prompts
@@ -33,9 +33,9 @@ def text(tiny):
         return encode_prompts(tiny.text, "a blue square moves right", after="keep")
 
 
-def sample(tiny, text, settings=SETTINGS, **kwargs):
+def sample(tiny, text, settings=SETTINGS, dit=None, **kwargs):
     with torch.no_grad():
-        return sample_latents(tiny.dit, *text, settings, **kwargs)
+        return sample_latents(dit or tiny.dit, *text, settings, **kwargs)
 
 
 # ---- prompts ---------------------------------------------------------------------------------------------------
@@ -73,6 +73,29 @@ def test_very_long_prompt_says_it_was_truncated_and_the_limit(tiny):
     with pytest.warns(PromptTruncatedWarning, match=r"tokens dropped \(at most 318 fit\)"):
         pos, _ = encode_prompts(tiny.text, "a red circle moves left " * 200, after="keep")
     assert int(pos.mask[0].sum()) == 77 + 320, "the kept part fills the whole Step-LLM window"
+
+
+# ---- frame counts and sizes: the core checks them as the nodes do (video_shape) ----------------------------------
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(num_frames=16), r"frames 16 must be at least 17 \(nearest valid: 17\)"),
+    (dict(num_frames=0), r"frames 0 must be at least 17"),
+    (dict(num_frames=18), r"frames 18 must be a multiple of 17 \(nearest valid: 17 or 34\)"),
+    (dict(num_frames=10_000), r"frames 10000 must be at most 1700"),
+    (dict(width=100_000), r"width 100000 must be at most 4096"),
+    (dict(height=100), r"height 100 must be a multiple of 16 \(nearest valid: 96 or 112\)"),
+    (dict(num_frames=17.5), r"frames 17.5 must be a whole number"),
+])
+def test_video_shape(tiny, text, change, message):
+    with pytest.raises(ValueError, match="Step-Video video shape: " + message):
+        with torch.no_grad():
+            generate(tiny.dit, tiny.vae, *text, replace(SETTINGS, **change))
+
+
+def test_batch_past_the_limit(tiny):
+    with pytest.raises(ValueError, match=r"batch_size 100 must be at most 64 \(nearest valid: 64\)\.$"):
+        latent_shape(SETTINGS, 16, batch=100)
 
 
 # ---- sampler settings --------------------------------------------------------------------------------------------
@@ -237,3 +260,53 @@ def test_generate_still_works_after_every_value_fault(tiny, text):
         a = generate(tiny.dit, tiny.vae, *text, SETTINGS)
         b = generate(tiny.dit, tiny.vae, *text, SETTINGS)
     assert torch.equal(a, b) and torch.isfinite(a).all()
+
+
+# ---- image to video (TI2V) -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ti2v():
+    from tests.builders import small_dit
+
+    return small_dit(heads=2, head_dim=16, layers=1, channels=16, caption=(128, 128), use_additional_conditions=True)
+
+
+def start_image(motion_score=5.0, shape=(1, 3, 16, 2, 2)):
+    from stepvideo_core.image_condition import ImageCondition
+
+    return ImageCondition(torch.zeros(shape), motion_score)
+
+
+def test_ti2v_dit_without_its_image(tiny, text, ti2v):
+    with pytest.raises(ValueError, match="this is a Step-Video-TI2V DiT .*it needs condition_hidden_states and "
+                                         "motion_score: the start image's latents"):
+        sample(tiny, text, dit=ti2v)
+
+
+def test_t2v_dit_given_an_image(tiny, text):
+    with pytest.raises(ValueError, match="this is a Step-Video-T2V DiT .*it takes no condition_hidden_states or "
+                                         "motion_score. Load Step-Video-TI2V weights"):
+        sample(tiny, text, image=start_image())
+
+
+def test_ti2v_image_of_another_shape(tiny, text, ti2v):
+    with pytest.raises(ValueError, match=r"condition_hidden_states \(\d, 3, 16, 4, 4\) must have the latents' shape "
+                                         r"\(\d, 3, 16, 2, 2\) .*build it for the same frames and size"):
+        sample(tiny, text, dit=ti2v, image=start_image(shape=(1, 3, 16, 4, 4)))
+
+
+@pytest.mark.parametrize("score", [math.nan, math.inf])
+def test_ti2v_motion_score_not_finite(tiny, text, ti2v, score):
+    with pytest.raises(ValueError, match=f"the motion score is {score}: use a finite number \\(official default 5"):
+        sample(tiny, text, dit=ti2v, image=start_image(score))
+
+
+def test_ti2v_start_image_with_nan(tiny):
+    from stepvideo_core.image_condition import image_condition
+
+    image = torch.zeros(3, 32, 32)
+    image[1, 4, 5] = math.nan
+    with pytest.raises(ValueError, match="The video to encode holds 1 NaN/inf value\\(s\\), the first at video 0, "
+                                         "frame 0, colour channel 1"):
+        image_condition(tiny.vae, image, 17, 32, 32)
