@@ -312,7 +312,7 @@ def test_clip_pickle_with_code_is_refused(tiny, tmp_path):
     encoder = folder / "clip_text_encoder"
     (encoder / "model.safetensors").unlink()
     torch.save({"weights": torch.zeros(2), "payload": Exception("arbitrary object")}, encoder / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="pytorch_model.bin could not be read as plain tensors"):
+    with pytest.raises(CheckpointError, match="clip_text_encoder: the weights could not be read as plain tensors"):
         load_hunyuan_clip(folder)
 
 
