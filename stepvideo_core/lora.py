@@ -209,7 +209,7 @@ def load_lora(path: str | Path, model: nn.Module) -> LoraSet:
     except LoraError as e:
         raise LoraError(f"LoRA {path}: {e}") from None
     if lora.unmatched:
-        warnings.warn(f"LoRA {path} matches this DiT only in part: {lora.summary()}. The rest is ignored; "
+        warnings.warn(f"LoRA {path} matches this DiT only in part ({lora.summary()}). The rest is ignored; "
                       "check that the LoRA was trained for Step-Video-T2V.", LoraPartialMatchWarning, stacklevel=2)
     return lora
 

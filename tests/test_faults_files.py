@@ -359,8 +359,8 @@ def test_lora_partial_match_is_warned_with_counts(tiny, tmp_path):
     path = lora_file(tmp_path, {"transformer_blocks.0.attn1.wo": lora_pair(128, 128, 4),
                                 "transformer_blocks.0.attn1.gate": lora_pair(128, 128, 4),
                                 "transformer_blocks.7.attn1.wo": lora_pair(128, 128, 4)})
-    with pytest.warns(LoraPartialMatchWarning, match=r"matches this DiT only in part: 1 DiT layer\(s\) patched from 6 "
-                                                     r"LoRA tensor\(s\); 2 tensor\(s\) matched nothing"):
+    with pytest.warns(LoraPartialMatchWarning, match=r"matches this DiT only in part \(Step-Video LoRA: 1 DiT layer\(s\) "
+                                                     r"patched from 6 tensor\(s\); 2 tensor\(s\) matched no layer"):
         lora = load_lora(path, tiny.dit)
     assert list(lora.pairs) == ["transformer_blocks.0.attn1.wo"]
 
