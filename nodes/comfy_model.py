@@ -21,6 +21,7 @@ import torch
 from ..stepvideo_core.attention import install_hint
 from ..stepvideo_core.dit import load_dit
 from ..stepvideo_core.loading import Checkpoint, scaled_fp8_dtype
+from ..stepvideo_core.memory import dit_activation_bytes, dit_tokens
 from ..stepvideo_core.ops import FP8_DTYPES
 from .conversions import CLIP_KEY, LATENT_CHANNELS, MASK_KEY
 from .previews import preview_rgb
@@ -44,7 +45,7 @@ class StepVideoModelConfig(comfy.supported_models_base.BASE):
     unet_extra_config = {}
     latent_format = StepVideoLatentFormat
     sampling_settings = {"shift": 13.0, "multiplier": 1000}
-    memory_usage_factor = 2.0
+    # No memory_usage_factor: StepVideoModel.memory_required replaces ComfyUI's generic estimate with the measured plan.
     supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
 
 
@@ -68,6 +69,16 @@ class StepVideoModel(comfy.model_base.BaseModel):
             if kwargs.get(key) is not None:
                 out[key] = comfy.conds.CONDRegular(kwargs[key])
         return out
+
+    def memory_required(self, input_shape, cond_shapes=None):
+        """Activation bytes of one DiT call on latents of ``input_shape`` (``[b, c, t, h, w]``), from the measured
+        plan in ``stepvideo_core.memory``. ComfyUI reserves this before loading weights (so partial loading leaves
+        room for it) and compares it with free memory to decide whether cond and uncond run as one batch.
+        ``streamed``: weights may be brought layer by layer from the offload device, one layer in flight."""
+        dit = self.diffusion_model
+        batch, tokens = dit_tokens(input_shape, dit.config.patch_size)
+        return dit_activation_bytes(dit.config, batch, tokens, dit.compute_dtype, weight_dtype=self.get_dtype(),
+                                    streamed=True)
 
     def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
         sigma = t

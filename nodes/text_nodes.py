@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.ops
+import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..stepvideo_core.text_encoding import TextEncoders, encode_prompts, load_text_encoders
+from ..stepvideo_core import memory
+from ..stepvideo_core.ops import FP8_DTYPES
+from ..stepvideo_core.text_cache import TextEmbeddingCache, encode_prompts_cached, encoder_identity
+from ..stepvideo_core.text_encoding import TextEncoders, load_text_encoders
 from . import conversions, registered_folders, validation
 
 log = logging.getLogger("stepvideo")
@@ -17,21 +23,55 @@ log = logging.getLogger("stepvideo")
 TextEncodersType = io.Custom("STEPVIDEO_TEXT_ENCODERS")
 
 
-class _EncoderModules(torch.nn.Module):
-    """Both encoders under one module so one ModelPatcher (and ComfyUI's memory manager) moves them together."""
-
-    def __init__(self, encoders: TextEncoders):
-        super().__init__()
-        self.step_llm = encoders.step_llm
-        self.clip = encoders.clip
+def cache_folder() -> str:
+    """Encoded prompts live in the ComfyUI user directory (kept across restarts, unlike temp/)."""
+    return os.path.join(folder_paths.get_user_directory(), "stepvideo", "text_cache")
 
 
 class StepVideoTextEncoders:
-    """What flows through a STEPVIDEO_TEXT_ENCODERS socket: the core encoders and their ModelPatcher."""
+    """What flows through a STEPVIDEO_TEXT_ENCODERS socket: where the encoders are and how to load them.
 
-    def __init__(self, encoders: TextEncoders, patcher):
-        self.encoders = encoders
-        self.patcher = patcher
+    Nothing is read from disk until ``load()``, which the encode node calls only when a prompt is not in the text
+    cache. Step-LLM is built from ``comfy.ops`` layers inside its own ModelPatcher, so ComfyUI can load it
+    partially and stream the rest layer by layer; Hunyuan-CLIP (a ``transformers`` BERT of plain torch layers,
+    0.4 GB) has its own patcher and is always loaded whole, right before it runs.
+    """
+
+    def __init__(self, llm_dir: str, clip_dir: str, weight_dtype: torch.dtype, load_device, offload_device):
+        self.llm_dir, self.clip_dir = llm_dir, clip_dir
+        self.weight_dtype = weight_dtype
+        self.compute_dtype = torch.bfloat16 if weight_dtype in FP8_DTYPES else weight_dtype
+        self.load_device, self.offload_device = load_device, offload_device
+        self.encoders: TextEncoders | None = None
+        self.llm_patcher = self.clip_patcher = None
+
+    def identity(self) -> str:
+        return encoder_identity([self.llm_dir, self.clip_dir], llm_dtype=self.weight_dtype)
+
+    def load(self) -> TextEncoders:
+        if self.encoders is None:
+            operations = comfy.ops.pick_operations(self.weight_dtype, self.compute_dtype, load_device=self.load_device)
+            log.info("StepVideo: loading text encoders %s + %s (%s, computing in %s on %s)", self.llm_dir,
+                     self.clip_dir, self.weight_dtype, self.compute_dtype, self.load_device)
+            encoders = load_text_encoders(self.llm_dir, self.clip_dir, weight_dtype=self.weight_dtype,
+                                          device=self.offload_device, operations=operations)
+            self.llm_patcher = comfy.model_patcher.ModelPatcher(encoders.step_llm, load_device=self.load_device,
+                                                                offload_device=self.offload_device)
+            self.clip_patcher = comfy.model_patcher.ModelPatcher(encoders.clip, load_device=self.load_device,
+                                                                 offload_device=self.offload_device)
+            self.encoders = encoders
+        return self.encoders
+
+    def prepare(self, stage: str) -> None:
+        """Bring the encoder about to run to the load device (``text_encoding.PrepareHook``)."""
+        if stage == "step_llm":
+            batch, length = memory.prompt_pair_tokens()
+            needed = memory.step_llm_activation_bytes(self.encoders.step_llm.config, batch, length, self.compute_dtype,
+                                                      weight_dtype=self.weight_dtype, streamed=True)
+            mm.load_models_gpu([self.llm_patcher], memory_required=needed)
+        else:
+            mm.load_models_gpu([self.clip_patcher], force_full_load=True)
+        mm.throw_exception_if_processing_interrupted()
 
 
 class StepVideoTextEncoderLoader(io.ComfyNode):
@@ -73,15 +113,12 @@ class StepVideoTextEncoderLoader(io.ComfyNode):
         if clip_dir is None:
             raise FileNotFoundError(validation.not_found("Hunyuan-CLIP folder", hunyuan_clip, registered_folders.CLIP_WHERE))
         load_device = torch.device("cpu") if device == "cpu" else mm.text_encoder_device()
-        offload_device = mm.text_encoder_offload_device()
         weight_dtype = validation.parse_dtype(llm_dtype)
         if load_device.type == "cpu" and weight_dtype in (torch.float16,):
             weight_dtype = torch.float32  # fp16 matmuls are slow or missing on CPU
-        log.info("StepVideo: loading text encoders %s + %s (%s, on %s)", llm_dir, clip_dir, weight_dtype, load_device)
-        encoders = load_text_encoders(llm_dir, clip_dir, weight_dtype=weight_dtype, device=offload_device)
-        patcher = comfy.model_patcher.ModelPatcher(_EncoderModules(encoders), load_device=load_device,
-                                                   offload_device=offload_device)
-        return io.NodeOutput(StepVideoTextEncoders(encoders, patcher))
+        # Lazy: the weights load on the first prompt that is not in the text cache.
+        return io.NodeOutput(StepVideoTextEncoders(llm_dir, clip_dir, weight_dtype, load_device,
+                                                   mm.text_encoder_offload_device()))
 
 
 class StepVideoTextEncode(io.ComfyNode):
@@ -99,19 +136,26 @@ class StepVideoTextEncode(io.ComfyNode):
                 io.String.Input("negative_prompt", multiline=True, default=""),
                 io.Boolean.Input("positive_magic", default=True),
                 io.Boolean.Input("negative_magic", default=True),
+                io.Boolean.Input("cache", default=True,
+                                 tooltip="Keep the encoded prompt on disk (ComfyUI user folder, stepvideo/text_cache, "
+                                         "at most 1 GiB, least recently used first out): a cached prompt runs "
+                                         "without loading Step-LLM at all."),
             ],
             outputs=[io.Conditioning.Output("positive"), io.Conditioning.Output("negative")],
         )
 
     @classmethod
-    def execute(cls, text_encoders, prompt, negative_prompt="", positive_magic=True, negative_magic=True) -> io.NodeOutput:
+    def execute(cls, text_encoders, prompt, negative_prompt="", positive_magic=True, negative_magic=True,
+                cache=True) -> io.NodeOutput:
         if not isinstance(text_encoders, StepVideoTextEncoders):
             raise ValueError("text_encoders must come from StepVideoTextEncoderLoader")
-        patcher = text_encoders.patcher
-        mm.load_models_gpu([patcher])
-        mm.throw_exception_if_processing_interrupted()
-        pos, neg = encode_prompts(text_encoders.encoders, prompt, negative_prompt or None, positive_magic=positive_magic,
-                                  negative_magic=negative_magic, device=patcher.load_device, after="keep")
+        store = TextEmbeddingCache(cache_folder()) if cache else None
+        pos, neg, hit = encode_prompts_cached(store, text_encoders.identity(), text_encoders.load, prompt,
+                                              negative_prompt or None, positive_magic=positive_magic,
+                                              negative_magic=negative_magic, device=text_encoders.load_device,
+                                              after="keep", prepare=text_encoders.prepare)
+        if hit:
+            log.info("StepVideo: prompt found in the text cache; the text encoders were not needed")
         out = mm.intermediate_device()
         pos, neg = pos.to(device=out), neg.to(device=out)
         return io.NodeOutput(conversions.to_conditioning(pos), conversions.to_conditioning(neg))

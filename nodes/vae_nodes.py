@@ -10,6 +10,7 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
+from ..stepvideo_core import memory
 from ..stepvideo_core.vae import load_vae
 from . import conversions, registered_folders, validation
 
@@ -33,9 +34,10 @@ class StepVideoVAEHandle:
         self.vae = vae
         self.patcher = patcher
 
-    def load(self) -> None:
-        # The core VAE reads its weights directly in places, so it is always loaded whole.
-        mm.load_models_gpu([self.patcher], force_full_load=True)
+    def load(self, memory_required: int = 0) -> None:
+        """``memory_required``: activation bytes of the coming call, which ComfyUI frees room for besides the weights.
+        The core VAE reads its weights directly in places, so it is always loaded whole."""
+        mm.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
 
 
 def _progress_callback():
@@ -120,10 +122,11 @@ class StepVideoVAEDecode(io.ComfyNode):
     def execute(cls, vae, samples, tile_size=16, tile_overlap=4) -> io.NodeOutput:
         latents = conversions.to_core_latent(samples["samples"])
         conversions.check_latent_channels(samples["samples"], vae.vae.config.z_channels, "this VAE")
-        vae.load()
         tile = None
         if tile_size and (tile_size < latents.shape[-2] or tile_size < latents.shape[-1]):
             tile = int(tile_size)
+        b, num_latents, _, lh, lw = latents.shape
+        vae.load(memory.vae_decode_bytes(vae.vae.config, b, num_latents, lh, lw, vae.vae.compute_dtype, tile))
         video = vae.vae.decode(latents.to(vae.vae.compute_dtype), tile_size=tile, tile_overlap=int(tile_overlap),
                                callback=_progress_callback())
         return io.NodeOutput(conversions.video_to_images(video).to(mm.intermediate_device()))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -139,16 +139,26 @@ def combined_mask(llm_mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([ones, llm_mask], dim=1)
 
 
+# Called with "step_llm" or "clip" right before that encoder runs, so a host can bring each model to its device
+# then (ComfyUI loads one, possibly partially, while the other may be offloaded).
+PrepareHook = Callable[[str], None]
+
+
 @torch.no_grad()
-def encode_texts(encoders: TextEncoders, texts: Sequence[str], device: torch.device | str | None = None) -> TextConditioning:
+def encode_texts(encoders: TextEncoders, texts: Sequence[str], device: torch.device | str | None = None,
+                 prepare: PrepareHook | None = None) -> TextConditioning:
     if encoders.step_llm is None or encoders.clip is None:
         raise RuntimeError("the text encoders were released; load them again to encode new prompts")
     llm = encoders.step_llm
     if device is None:
         device = next(llm.parameters()).device
     ids, llm_mask = encoders.tokenizer(list(texts))
+    if prepare is not None:
+        prepare("step_llm")
     # Weights may stay on the CPU while ids go to ``device``: the default operations stream each layer over.
     llm_states = llm(ids.to(device), llm_mask.to(device))
+    if prepare is not None:
+        prepare("clip")
     clip_states = encoders.clip(list(texts))
     return TextConditioning(llm_states, combined_mask(llm_mask).to(device), clip_states.to(device))
 
@@ -163,18 +173,20 @@ def encode_prompts(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     after: Literal["keep", "offload", "release"] = "offload",
+    prepare: PrepareHook | None = None,
 ) -> tuple[TextConditioning, TextConditioning]:
     """Encode prompts and their negative into (positive, negative) conditioning for the DiT.
 
     ``dtype`` casts the states (the reference hands bf16 to the DiT; None keeps the encoders' own). ``after``
     decides what happens to the encoders once done: "offload" moves them to the CPU, "release" drops them,
     "keep" leaves them where they are; so the 39 GB model need not stay on the GPU while the DiT samples.
+    ``prepare`` is called before each encoder runs (see ``PrepareHook``).
     """
     if after not in ("keep", "offload", "release"):
         raise ValueError(f"after must be 'keep', 'offload' or 'release', not {after!r}")
     positives, negatives = build_prompts(prompts, negative_prompt, positive_magic=positive_magic,
                                          negative_magic=negative_magic)
-    both = encode_texts(encoders, positives + negatives[:1], device)
+    both = encode_texts(encoders, positives + negatives[:1], device, prepare)
     n = len(positives)
     pos = TextConditioning(both.llm_states[:n], both.mask[:n], both.clip_states[:n])
     neg_one = TextConditioning(both.llm_states[n:], both.mask[n:], both.clip_states[n:])

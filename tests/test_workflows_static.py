@@ -64,7 +64,8 @@ CONTRACT: dict[str, dict] = {
     },
     "StepVideoTextEncode": {
         "sockets": [("text_encoders", "STEPVIDEO_TEXT_ENCODERS")],
-        "widgets": [str_("prompt"), str_("negative_prompt"), bool_("positive_magic"), bool_("negative_magic")],
+        "widgets": [str_("prompt"), str_("negative_prompt"), bool_("positive_magic"), bool_("negative_magic"),
+                    bool_("cache")],
         "outputs": [("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
     },
     "StepVideoVAELoader": {

@@ -73,6 +73,8 @@ def host(base_dir):
 
     import nodes
 
+    folder_paths.set_user_directory(str(base_dir / "user"))  # the text cache writes there, not into the checkout
+
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     assert asyncio.run(nodes.load_custom_node(str(REPO))), "the pack failed to load"
     models = base_dir / "models"
