@@ -1,21 +1,18 @@
 """The memory plan against measurement: activation peaks of the DiT, the VAE decoder and Step-LLM at official widths.
 
-    python bench/bench_memory_plan.py                      # every case (about 20 min on 2 CPU cores), JSON to stdout
-    python bench/bench_memory_plan.py --only dit --out runs/memory.json
-    python bench/bench_memory_plan.py --compare runs/memory.json   # re-check stored measurements against the formulas
+    python bench/bench_memory_plan.py                      # every case (about an hour on 2 busy CPU cores)
+    python bench/bench_memory_plan.py --only dit --cases dit-bf16-1024 --out runs/memory.jsonl
 
 Method: ``bench.measure.allocation_peak`` (torch.profiler with ``profile_memory=True``: every allocation and free
 made through torch's allocator during one forward, summed in time order; the maximum is the peak). Weights and
 inputs exist before the call and are not counted, so the peak is the activation memory the formulas in
 ``stepvideo_core/memory.py`` predict. Each case builds one model at the official width with random weights: the
-DiT with one block (its peak is one block's, whatever the depth), the VAE decoder on one 3-latent chunk of a
-tile, Step-LLM with one layer on a prompt pair (320 tokens each).
+DiT with two blocks (from the second block on the peak is the same at any depth), the VAE decoder on one 3-latent
+chunk of a tile, Step-LLM with one layer on a prompt pair (320 tokens each). The "fit" cases are the ones the
+formulas' constants were read from; the "check" cases (other token counts, batch, fp8 weights, tile sizes) must
+land within +-20% (the script exits 1 otherwise).
 
-The formulas' constants were fitted on the ``fit`` cases; the ``check`` cases (other token counts / tile
-sizes) must land within +-20%.
-
-Recorded on 2 shared CPU cores (torch 2.13; measured / predicted):
-  see the README's "Memory plan" section, which quotes the last full run.
+Last full run: see the README's "Memory plan" section and the closing report of the memory-plan work.
 """
 
 from __future__ import annotations

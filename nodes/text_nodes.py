@@ -136,7 +136,7 @@ class StepVideoTextEncode(io.ComfyNode):
                 io.String.Input("negative_prompt", multiline=True, default=""),
                 io.Boolean.Input("positive_magic", default=True),
                 io.Boolean.Input("negative_magic", default=True),
-                io.Boolean.Input("cache", default=True,
+                io.Boolean.Input("cache", default=True, optional=True,  # optional: older API prompts lack it
                                  tooltip="Keep the encoded prompt on disk (ComfyUI user folder, stepvideo/text_cache, "
                                          "at most 1 GiB, least recently used first out): a cached prompt runs "
                                          "without loading Step-LLM at all."),

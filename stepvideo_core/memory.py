@@ -43,12 +43,19 @@ def _cast_bytes(elements: int, dtype: torch.dtype, weight_dtype: torch.dtype | N
 #   feed-forward over a fraction f of the tokens at a time (f = 1 without ``ff_chunk_size``): the block's
 #     attention result (1) + h (1) + finished chunks (1 - f) + up-projection (4f) + GELU output (4f) -> 3 + 7f;
 #     chunked, the final concatenation holds parts + result -> 4.
+#   cross-attention: the attention result (1) + h, still bound (1) + the queries (1) while the text's keys and
+#     values are projected.
 # Outside the block, the block's input (1) and the patchified tokens that ``forward`` keeps referenced while
 # the blocks run (1, the same tensor when there is a single block).
+# Weight copies: fp8 weights are cast to the compute dtype one layer at a time (see ``_cast_bytes``). And on CPUs
+# torch 2.13's 2-byte linear copies its weight first when the input is a view of a larger tensor (measured: the
+# text keys cut to the longest prompt, the feed-forward chunks); the plan counts that copy on every device, which
+# costs a GPU at most one layer (0.3 GB at the official width) of headroom, and only when it is the peak.
 ATTENTION_UNITS_HALF = 10.0
 ATTENTION_UNITS_FP32 = 9.0
 QKV_UNITS, QKV_WEIGHT = 4.0, 3  # while the fused qkv weight (3 D^2 elements) may be a cast copy
 FF_CAT_UNITS = 4.0
+CROSS_UNITS, KV_WEIGHT = 3.0, 2  # while the text's fused key/value weight (2 D^2 elements) is projected
 FF_WEIGHT = 4  # the feed-forward weights are 4 D^2 elements each
 MODULATION_WEIGHT = 6  # the timestep's modulation projection (D -> 6 D), the largest layer, runs before the blocks
 
@@ -65,18 +72,22 @@ def dit_activation_bytes(config: DiTConfig, batch: int, tokens: int, dtype: torc
     unit = batch * tokens * dim * es
     chunk = config.ff_chunk_size
     f = chunk / tokens if 0 < chunk < tokens else 1.0
+    keys = CLIP_TOKENS + LLM_TOKENS
+    view_copy = es < 4  # the CPU's 2-byte linear on a view copies the weight (see above)
     ff_weight = _cast_bytes(FF_WEIGHT * dim * dim, dtype, weight_dtype, streamed)
+    ff_up_weight = ff_weight + (FF_WEIGHT * dim * dim * es if view_copy and f < 1 else 0)
     qkv_weight = _cast_bytes(QKV_WEIGHT * dim * dim, dtype, weight_dtype, streamed)
+    kv_weight = _cast_bytes(KV_WEIGHT * dim * dim, dtype, weight_dtype, streamed) + KV_WEIGHT * dim * dim * es * view_copy
     block = max(
         (ATTENTION_UNITS_HALF if es < 4 else ATTENTION_UNITS_FP32) * unit,
         QKV_UNITS * unit + qkv_weight,
-        (3 + 3 * f) * unit + ff_weight,  # up-projection of the last chunk, its weight cast
+        CROSS_UNITS * unit + kv_weight + batch * keys * KV_WEIGHT * dim * es,
+        (3 + 3 * f) * unit + ff_up_weight,  # up-projection of the last chunk, its weight cast
         (3 + 7 * f) * unit,  # its GELU
         (3 + 4 * f) * unit + ff_weight,  # down-projection of the last chunk
         FF_CAT_UNITS * unit if f < 1 else 0,
     )
     outside = (2 if config.num_layers > 1 else 1) * unit
-    keys = CLIP_TOKENS + LLM_TOKENS
     text = batch * keys * dim * es  # projected text states, read by every block
     rope = 2 * tokens * config.attention_head_dim * es  # cos and signed sin tables
     # Before the blocks only the patchified tokens are alive, but the modulation weight may be a cast copy.

@@ -69,6 +69,7 @@ def test_dit_plan_reads_comfy_latent_shapes():
     assert 20e9 < 2 * one < 24e9  # 204 frames at 544x992, guided: ~22 GB of activations besides the weights
 
 
+@pytest.mark.slow
 def test_vae_tile_peak_matches_the_plan():
     config = VAEConfig(z_channels=16, encoder_channels=32, encoder_channel_mult=(1, 1, 2, 2), decoder_channels=32,
                        decoder_channel_mult=(1, 1, 2, 2))
