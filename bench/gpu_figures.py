@@ -38,7 +38,8 @@ from stepvideo_core.attention import get_attention, is_available  # noqa: E402
 from stepvideo_core.dit import DiTConfig, StepVideoDiT  # noqa: E402
 from stepvideo_core.ops import is_weight_layer  # noqa: E402
 from stepvideo_core.step_llm import StepLLM, StepLLMConfig  # noqa: E402
-from stepvideo_core.vae import VAEConfig, VideoVAE, latent_frames  # noqa: E402
+from stepvideo_core.vae import VAEConfig, VideoVAE  # noqa: E402
+from stepvideo_core.video_shape import latent_frames  # noqa: E402
 
 BACKENDS = ("sdpa", "sageattention", "flash-attn")
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from the vendors' data sheets, matched on the device name.

@@ -15,9 +15,11 @@ from __future__ import annotations
 import torch
 
 from .dit import DiTConfig
+from .step_llm import MAX_LENGTH as LLM_TOKENS
 from .step_llm import StepLLMConfig
-from .text_encoding import CLIP_TOKENS, LLM_TOKENS
-from .vae import FRAME_GROUP_ELEMENTS, LATENTS_PER_CHUNK, SPATIAL_FACTOR, VAEConfig, video_frames
+from .text_encoding import CLIP_TOKENS
+from .vae import FRAME_GROUP_ELEMENTS, VAEConfig
+from .video_shape import LATENTS_PER_CHUNK, SPATIAL_FACTOR, video_frames
 
 
 def element_size(dtype: torch.dtype) -> int:
@@ -48,9 +50,10 @@ def _cast_bytes(elements: int, dtype: torch.dtype, weight_dtype: torch.dtype | N
 # Outside the block, the block's input (1) and the patchified tokens that ``forward`` keeps referenced while
 # the blocks run (1, the same tensor when there is a single block).
 # Weight copies: fp8 weights are cast to the compute dtype one layer at a time (see ``_cast_bytes``). And on CPUs
-# torch 2.13's 2-byte linear copies its weight first when the input is a view of a larger tensor (measured: the
-# text keys cut to the longest prompt, the feed-forward chunks); the plan counts that copy on every device, which
-# costs a GPU at most one layer (0.3 GB at the official width) of headroom, and only when it is the peak.
+# torch 2.13's linear copies its weight first when the input is a view of a larger tensor (measured, 2-byte
+# dtypes: the text keys cut to the longest prompt, the feed-forward chunks), once per sample when the view cannot
+# be folded into one matrix (the text keys of a batch of 2: two copies, measured). The plan counts these copies on
+# every device, which costs a GPU at most 0.6 GB of headroom at the official width, and only when it is the peak.
 ATTENTION_UNITS_HALF = 10.0
 ATTENTION_UNITS_FP32 = 9.0
 QKV_UNITS, QKV_WEIGHT = 4.0, 3  # while the fused qkv weight (3 D^2 elements) may be a cast copy
@@ -77,7 +80,8 @@ def dit_activation_bytes(config: DiTConfig, batch: int, tokens: int, dtype: torc
     ff_weight = _cast_bytes(FF_WEIGHT * dim * dim, dtype, weight_dtype, streamed)
     ff_up_weight = ff_weight + (FF_WEIGHT * dim * dim * es if view_copy and f < 1 else 0)
     qkv_weight = _cast_bytes(QKV_WEIGHT * dim * dim, dtype, weight_dtype, streamed)
-    kv_weight = _cast_bytes(KV_WEIGHT * dim * dim, dtype, weight_dtype, streamed) + KV_WEIGHT * dim * dim * es * view_copy
+    kv_copies = batch if batch > 1 else int(view_copy)
+    kv_weight = _cast_bytes(KV_WEIGHT * dim * dim, dtype, weight_dtype, streamed) + KV_WEIGHT * dim * dim * es * kv_copies
     block = max(
         (ATTENTION_UNITS_HALF if es < 4 else ATTENTION_UNITS_FP32) * unit,
         QKV_UNITS * unit + qkv_weight,

@@ -27,7 +27,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .text_encoding import CLIP_TOKENS, LLM_TOKENS, PrepareHook, TextConditioning, TextEncoders, encode_prompts
+from .step_llm import MAX_LENGTH as LLM_TOKENS
+from .text_encoding import CLIP_TOKENS, PrepareHook, TextConditioning, TextEncoders, encode_prompts
 
 log = logging.getLogger("stepvideo")
 

@@ -56,7 +56,7 @@ def test_dit_peak_matches_the_plan(dtype, chunk):
 def test_dit_plan_counts_the_cast_copy_of_fp8_weights():
     peak, predicted = dit_peak(DiTConfig(num_layers=2, **WIDE), 1, (1, 8, 8), torch.bfloat16, torch.float8_e4m3fn)
     plain = memory.dit_activation_bytes(DiTConfig(num_layers=2, **WIDE), 1, 64, torch.bfloat16)
-    assert predicted > 2 * plain  # few tokens: the cast weight dominates
+    assert predicted >= plain + 2 * 512 * 512 * 2  # few tokens: the bf16 copy of an fp8 weight dominates
     assert 0.8 <= peak / predicted <= 1.2, (peak, predicted)
 
 
