@@ -7,7 +7,7 @@ The weights ship with the pack in the official download's layout (``transformer/
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +20,8 @@ from ..vae import VAEConfig, VideoVAE, load_vae
 
 TINY_DIR = Path(__file__).resolve().parents[2] / "models" / "step-video-tiny"
 NAME = "step-video-tiny"
+# Image to video: only the DiT differs (fine-tuned by ``tiny.ti2v``); it shares the VAE and encoders in TINY_DIR.
+TI2V_DIR = TINY_DIR.parent / "step-video-tiny-ti2v"
 
 VAE_CONFIG = VAEConfig(z_channels=16, encoder_channels=8, encoder_channel_mult=(1, 4, 8, 8), encoder_num_res_blocks=1,
                        decoder_channels=8, decoder_channel_mult=(1, 4, 8, 8), decoder_num_res_blocks=1, norm_groups=2)
@@ -28,6 +30,7 @@ CLIP_CONFIG = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, 
                    max_position_embeddings=80, type_vocab_size=2)
 DIT_CONFIG = DiTConfig(num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16, num_layers=4,
                        caption_channels=(128, 128))
+TI2V_DIT_CONFIG = replace(DIT_CONFIG, use_additional_conditions=True)
 # What the tiny model was trained for: 128x128, 17 frames, and the scheduler's "tiny" preset.
 SETTINGS = GenerationSettings.from_preset("tiny", num_frames=17, height=128, width=128)
 
@@ -58,3 +61,14 @@ def load_tiny(root: str | Path = TINY_DIR, device: torch.device | str = "cpu") -
     return TinyModel(load_dit(p["transformer"], weight_dtype=torch.float32, device=device),
                      load_vae(p["vae"], dtype=torch.float32, device=device),
                      load_text_encoders(p["step_llm"], p["hunyuan_clip"], weight_dtype=torch.float32, device=device))
+
+
+def load_tiny_ti2v(root: str | Path = TI2V_DIR, shared: str | Path = TINY_DIR,
+                   device: torch.device | str = "cpu") -> TinyModel:
+    """Step-Video-Tiny TI2V in fp32: its DiT from ``root``, the VAE and text encoders it shares from ``shared``."""
+    transformer = Path(root) / "transformer"
+    if not transformer.exists():
+        raise FileNotFoundError(f"Step-Video-Tiny TI2V weights not found in {root}; train them with "
+                                "`python -m stepvideo_core.tiny.ti2v` or restore models/step-video-tiny-ti2v from git.")
+    base = load_tiny(shared, device=device)
+    return TinyModel(load_dit(transformer, weight_dtype=torch.float32, device=device), base.vae, base.text)
