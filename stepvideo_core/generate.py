@@ -4,6 +4,8 @@
     python -m stepvideo_core.generate "红色的圆形向左移动" --seed 7 --out outputs
     python -m stepvideo_core.generate "一只熊猫在竹林里吃竹子" --model models/stepvideo/stepvideo-t2v \\
         --weight-dtype fp8 --frames 136 --tile-size 16                           # the 30B release on one GPU
+    python -m stepvideo_core.generate --image start.png "a red circle moves to the right"   # image to video:
+        # Step-Video-Tiny TI2V by default, the TI2V release with --model models/stepvideo/stepvideo-ti2v
     torchrun --standalone --nproc-per-node 4 -m stepvideo_core.generate "..." --model ... --shard-weights
 
 Under ``torchrun`` the same command splits one generation over the processes (see ``parallel.py``): guidance
@@ -30,13 +32,14 @@ import torch
 from . import parallel
 from .attention import BACKENDS, get_attention
 from .dit import load_dit, open_dit_checkpoint, resolve_compute_dtype
+from .image_condition import DEFAULT_MOTION_SCORE, image_condition
 from .pipeline import GenerationSettings, sample_latents
 from .scheduler import PRESETS, check_settings
 from .step_cache import StepCache, StepCacheSettings
-from .text_encoding import encode_prompts, load_text_encoders
+from .text_encoding import TI2V_NEGATIVE_MAGIC, TI2V_POSITIVE_MAGIC, encode_prompts, load_text_encoders
 from .tiny import model as tiny
 from .vae import load_vae
-from .video_io import contact_sheet, save_mp4, save_png, to_uint8
+from .video_io import contact_sheet, load_image, save_mp4, save_png, to_uint8
 from .video_shape import check_request
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
@@ -56,7 +59,10 @@ class ModelPaths:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ModelPaths:
         root = Path(args.model)
-        return cls(Path(args.dit or root / "transformer"), Path(args.step_llm or root / "step_llm"),
+        dit = args.dit or root / "transformer"
+        if args.image and args.dit is None and root.resolve() == tiny.TINY_DIR.resolve():
+            dit = tiny.TI2V_DIR / "transformer"  # the built-in model's image-to-video DiT, which shares the rest
+        return cls(Path(dit), Path(args.step_llm or root / "step_llm"),
                    Path(args.clip or root / "hunyuan_clip"), Path(args.vae or root / "vae" / "vae_v2.safetensors"))
 
     def missing(self) -> list[str]:
@@ -105,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cache", type=float, metavar="THRESHOLD",
                     help="step cache: skip the DiT's blocks on steps whose change it predicts to stay below THRESHOLD "
                          "(e.g. 0.3; more skips as it grows); prints how many DiT passes ran their blocks")
+
+    i = p.add_argument_group("image to video (Step-Video-TI2V)")
+    i.add_argument("--image", help="start image (PNG, JPEG, ...): scaled to cover the video size, centre-cropped, "
+                                   "and used as the first frame; needs a TI2V DiT (the built-in one by default)")
+    i.add_argument("--motion-score", type=float, default=DEFAULT_MOTION_SCORE,
+                   help="how much moves: 2 = stable, 5 = default, 10 = strong camera motion, 20 = intense")
 
     d = p.add_argument_group("decoding")
     d.add_argument("--tile-size", type=int, help="decode in spatial tiles of this many latents (16 = 256 px) to "
@@ -186,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
         raise FileNotFoundError(f"model part(s) not found: {', '.join(paths.missing())}. Point --model at a folder in the "
                                 "official layout (transformer/, step_llm/, hunyuan_clip/, vae/vae_v2.safetensors) or "
                                 "give each part with --dit/--step-llm/--clip/--vae.")
-    is_tiny = paths.dit.resolve() == (tiny.TINY_DIR / "transformer").resolve()
+    is_tiny = paths.dit.resolve() in ((tiny.TINY_DIR / "transformer").resolve(), (tiny.TI2V_DIR / "transformer").resolve())
     settings = resolve_settings(args, is_tiny)
     group = parallel.init_from_environment(device=args.device)
     device = pick_device(args, group)
@@ -213,8 +225,11 @@ def run(args: argparse.Namespace) -> dict:
     if rank == 0:
         encoders = load_text_encoders(paths.step_llm, paths.clip, weight_dtype=weight_dtype, device=device)
         with torch.no_grad():
+            # The release's TI2V run appends its own magic pair; Step-Video-Tiny TI2V keeps the T2V pair it learnt.
+            ti2v_magic = bool(args.image) and not is_tiny
             positive, negative = encode_prompts(encoders, args.prompt, args.negative, dtype=compute_dtype,
-                                                after="release")
+                                                after="release", positive_magic=TI2V_POSITIVE_MAGIC if ti2v_magic else True,
+                                                negative_magic=TI2V_NEGATIVE_MAGIC if ti2v_magic else True)
         del encoders
 
     if ctx is not None and ctx.plan.shard_weights:
@@ -232,12 +247,24 @@ def run(args: argparse.Namespace) -> dict:
     if ctx is not None:
         positive, negative = parallel.broadcast_conditioning(positive, negative, ctx)
 
+    vae = None
+    condition = None
+    if args.image:
+        if ctx is not None:
+            raise ValueError("--image runs in one process: the parallel sampler under torchrun takes no image "
+                             "condition yet")
+        vae = load_vae(paths.vae, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, device=device)
+        condition = image_condition(vae, load_image(args.image), settings.num_frames, settings.height, settings.width,
+                                    motion_score=args.motion_score,
+                                    generator=torch.Generator(device=device).manual_seed(args.seed))
+
     cache = StepCache(StepCacheSettings(threshold=args.cache)) if args.cache is not None else None
     options = cache.transformer_options(dit) if cache is not None else None
     bar, callback = step_progress(rank == 0, settings.steps, "sampling")
     with torch.no_grad(), bar:
         if ctx is None:
-            latents = sample_latents(dit, positive, negative, settings, callback=callback, transformer_options=options)
+            latents = sample_latents(dit, positive, negative, settings, callback=callback, transformer_options=options,
+                                     image=condition)
         else:
             latents = parallel.sample_latents(dit, ctx, positive, negative, settings, callback=callback,
                                               transformer_options=options)
@@ -253,7 +280,8 @@ def run(args: argparse.Namespace) -> dict:
         save_file({"latents": latents.float().cpu().contiguous()}, args.out_latents)
         written["out_latents"] = Path(args.out_latents)
 
-    vae = load_vae(paths.vae, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, device=device)
+    if vae is None:
+        vae = load_vae(paths.vae, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, device=device)
     decode_kwargs = {"tile_size": args.tile_size, "tile_overlap": args.tile_overlap}
     with torch.no_grad():
         z = latents.to(vae.compute_dtype)
@@ -261,7 +289,8 @@ def run(args: argparse.Namespace) -> dict:
     if rank == 0:
         frames = to_uint8(video[0].float())
         tag = "tiny" if is_tiny else "stepvideo"
-        stem = f"{tag}_" + hashlib.sha256(f"{args.prompt}|{args.seed}".encode()).hexdigest()[:8]
+        key = f"{args.prompt}|{args.seed}" + (f"|{args.image}|{args.motion_score}" if args.image else "")
+        stem = f"{tag}_" + hashlib.sha256(key.encode()).hexdigest()[:8]
         out = Path(args.out)
         written["mp4"] = save_mp4(frames, out / f"{stem}.mp4")
         written["png"] = save_png(contact_sheet(frames), out / f"{stem}.png")

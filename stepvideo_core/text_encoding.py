@@ -21,6 +21,10 @@ from .step_llm import StepLLM, StepLLMTokenizer, load_step_llm
 
 POSITIVE_MAGIC = "超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、自然、生动、超细节、清晰。"
 NEGATIVE_MAGIC = "画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、模糊。"
+# Step-Video-TI2V's run script appends its own pair (its config.py defaults); pass them as the magic strings.
+TI2V_POSITIVE_MAGIC = ("画面中的主体动作表现生动自然、画面流畅、生动细节、光线统一柔和、超真实动态捕捉、大师级运镜、整体不变形、"
+                       "超高清、画面稳定、逼真的细节、专业级构图、超细节、清晰。")
+TI2V_NEGATIVE_MAGIC = "动画、模糊、变形、毁容、低质量、拼贴、粒状、标志、抽象、插图、计算机生成、扭曲、动作不流畅、面部有褶皱、表情僵硬、畸形手指"
 CLIP_TOKENS = 77
 
 
@@ -96,12 +100,13 @@ def _free_accelerator_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def build_prompts(prompts: str | Sequence[str], negative_prompt: str | None = None, *, positive_magic: bool = True,
-                  negative_magic: bool = True) -> tuple[list[str], list[str]]:
+def build_prompts(prompts: str | Sequence[str], negative_prompt: str | None = None, *,
+                  positive_magic: bool | str = True, negative_magic: bool | str = True) -> tuple[list[str], list[str]]:
     """Return (positive texts, negative texts), one negative per prompt.
 
-    With the switches on this is what the official pipeline feeds its encoders; a negative prompt given by the
-    user is followed by the negative magic string (the reference has no user negative, only the magic string).
+    With the switches on this is what the official T2V pipeline feeds its encoders; a negative prompt given by the
+    user is followed by the negative magic string (the reference has no user negative, only the magic string). A
+    string instead of True is the suffix to use (``TI2V_POSITIVE_MAGIC`` / ``TI2V_NEGATIVE_MAGIC`` for TI2V).
     """
     if prompts is None:
         raise ValueError("the prompt is None: give the text of the video to generate.")
@@ -112,8 +117,10 @@ def build_prompts(prompts: str | Sequence[str], negative_prompt: str | None = No
         check_prompt(text, "the prompt" if len(prompts) == 1 else f"prompt {i + 1}")
     if negative_prompt is not None:
         check_prompt(negative_prompt, "the negative prompt", allow_empty=True)
-    positives = [p + POSITIVE_MAGIC if positive_magic else p for p in prompts]
-    negative = (negative_prompt or "") + (NEGATIVE_MAGIC if negative_magic else "")
+    positive_suffix = POSITIVE_MAGIC if positive_magic is True else (positive_magic or "")
+    negative_suffix = NEGATIVE_MAGIC if negative_magic is True else (negative_magic or "")
+    positives = [p + positive_suffix for p in prompts]
+    negative = (negative_prompt or "") + negative_suffix
     return positives, [negative] * len(prompts)
 
 
@@ -168,8 +175,8 @@ def encode_prompts(
     prompts: str | Sequence[str],
     negative_prompt: str | None = None,
     *,
-    positive_magic: bool = True,
-    negative_magic: bool = True,
+    positive_magic: bool | str = True,
+    negative_magic: bool | str = True,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     after: Literal["keep", "offload", "release"] = "offload",

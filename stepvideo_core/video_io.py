@@ -1,4 +1,5 @@
-"""Writing decoded videos: uint8 conversion as the reference does it, H.264 MP4 files and PNG contact sheets (PyAV)."""
+"""Writing decoded videos (uint8 conversion as the reference does it, H.264 MP4 files and PNG contact sheets) and
+reading start images, with PyAV."""
 
 from __future__ import annotations
 
@@ -57,3 +58,16 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     """``[H, W, 3]`` uint8 -> a PNG (lossless)."""
     return _encode(image[None], Path(path), "png", "rgb24", Fraction(1), fmt="image2",
                    container_options={"update": "1"})
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """An image file (PNG, JPEG, WebP, ...; a video's first frame too) as RGB ``[3, H, W]`` in [-1, 1] (alpha
+    dropped), the range the VAE takes."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            frame = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    except (OSError, av.error.FFmpegError, StopIteration) as e:
+        raise FileNotFoundError(f"could not read an image from {path} ({e})") from None
+    return torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).float() / 127.5 - 1.0

@@ -21,19 +21,18 @@ def test_full_official_ti2v_config_keys_and_shapes():
     with torch.device("meta"):
         model = StepVideoDiT(DiTConfig(use_additional_conditions=True))
     sd = model.state_dict()
-    with torch.device("meta"):
-        t2v = StepVideoDiT(DiTConfig()).state_dict()
     extra = {
         "adaln_single.emb.motion_score_embedder.linear_1.weight": (6144, 256),
         "adaln_single.emb.motion_score_embedder.linear_1.bias": (6144,),
         "adaln_single.emb.motion_score_embedder.linear_2.weight": (6144, 6144),
         "adaln_single.emb.motion_score_embedder.linear_2.bias": (6144,),
     }
-    assert set(sd) == set(t2v) | set(extra)
+    # the T2V model's 785 tensors and 29,342,478,400 weights, plus the motion MLP and 64 more input channels
+    assert len(sd) == 785 + len(extra)
+    assert sum(t.numel() for t in sd.values()) == 29_342_478_400 + 6144 * 64 + (256 + 1) * 6144 + (6144 + 1) * 6144
     for key, shape in extra.items():
         assert tuple(sd[key].shape) == shape, key
     assert tuple(sd["pos_embed.proj.weight"].shape) == (6144, 128, 1, 1)  # latents + condition, 64 each
-    assert all(sd[k].shape == t2v[k].shape for k in t2v if k != "pos_embed.proj.weight")
     config = DiTConfig.from_shapes({k: tuple(v.shape) for k, v in sd.items()})
     assert config == DiTConfig(use_additional_conditions=True) and config.in_channels == 64
 
@@ -146,3 +145,71 @@ def test_sampling_gives_both_guidance_branches_the_same_condition():
     for kwargs in seen:
         assert torch.equal(kwargs["condition_hidden_states"], torch.cat([latents, latents]))
         assert kwargs["motion_score"] == 3.0
+
+
+def test_cli_image_picks_the_builtin_ti2v_dit_and_the_ti2v_magic():
+    from stepvideo_core import generate
+    from stepvideo_core.text_encoding import TI2V_POSITIVE_MAGIC, build_prompts
+    from stepvideo_core.tiny import model as tiny
+
+    paths = generate.ModelPaths.from_args(generate.build_parser().parse_args(["x", "--image", "start.png"]))
+    assert paths.dit == tiny.TI2V_DIR / "transformer" and paths.vae == tiny.paths()["vae"]
+    paths = generate.ModelPaths.from_args(generate.build_parser().parse_args(["x"]))
+    assert paths.dit == tiny.TINY_DIR / "transformer"
+    (positive,), _ = build_prompts("a cat", positive_magic=TI2V_POSITIVE_MAGIC)
+    assert positive == "a cat" + TI2V_POSITIVE_MAGIC
+
+
+@pytest.mark.slow
+def test_cli_image_to_video_is_the_pipelines(tmp_path):
+    """``--image`` conditions on the start image exactly as the core function does (posterior seeded by --seed);
+    a T2V DiT given --image is a clear error."""
+    from dataclasses import replace
+
+    from stepvideo_core import generate
+    from stepvideo_core.text_encoding import encode_prompts
+    from stepvideo_core.tiny import model as tiny
+    from stepvideo_core.tiny import ti2v
+    from stepvideo_core.video_io import load_image, save_png
+    from tests.builders import randomize
+
+    start = save_png(ti2v.example_start_image(), tmp_path / "start.png")
+    dit = StepVideoDiT(tiny.TI2V_DIT_CONFIG).eval()
+    randomize(dit, seed=3, scale=0.1)
+    write_sharded(tmp_path / "transformer", dit.state_dict(), "diffusion_pytorch_model", shards=1)
+    latents_file = tmp_path / "latents.safetensors"
+    argv = ["a red circle moves to the right", "--image", str(start), "--dit", str(tmp_path / "transformer"),
+            "--steps", "2", "--seed", "5", "--motion-score", "2", "--out", str(tmp_path), "--out-latents",
+            str(latents_file)]
+    written = generate.run(generate.build_parser().parse_args(argv))
+    assert written["mp4"].is_file()
+    model = tiny.load_tiny()
+    with torch.no_grad():
+        pos, neg = encode_prompts(model.text, argv[0], after="release")  # the tiny model keeps the T2V magic
+        condition = image_condition(model.vae, load_image(start), 17, 128, 128, motion_score=2.0,
+                                    generator=torch.Generator().manual_seed(5))
+        want = sample_latents(dit, pos, neg, replace(tiny.SETTINGS, steps=2, seed=5), image=condition)
+    torch.testing.assert_close(written["latents"], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="Step-Video-T2V DiT"):
+        generate.run(generate.build_parser().parse_args([*argv[:3], "--dit", str(tiny.TINY_DIR / "transformer"),
+                                                         "--steps", "1", "--out", str(tmp_path)]))
+
+
+def test_widened_t2v_dit_starts_as_the_t2v_dit_and_can_learn_the_new_inputs():
+    from stepvideo_core.tiny import ti2v
+
+    t2v = small_dit()
+    widened = ti2v.widen_for_image(t2v)
+    assert widened.config.use_additional_conditions and widened.config.in_channels == t2v.config.in_channels
+    x = torch.randn(2, 3, 4, 2, 2)
+    args = (x, torch.tensor([0.2, 0.7]), *text_inputs(2, 6, (24, 12), (4, 6)))
+    condition = torch.randn_like(x)
+    with torch.no_grad():
+        torch.testing.assert_close(widened(*args, condition_hidden_states=condition,
+                                           motion_score=torch.tensor([2.0, 5.0])), t2v(*args), rtol=0, atol=1e-6)
+    # the new inputs get gradients (the motion MLP's input layer is not zero, so its output layer can move)
+    out = widened(*args, condition_hidden_states=condition, motion_score=torch.tensor([2.0, 5.0]))
+    out.square().mean().backward()
+    assert widened.pos_embed.proj.weight.grad[:, 4:].abs().sum() > 0
+    assert widened.adaln_single.emb.motion_score_embedder.linear_2.weight.grad.abs().sum() > 0
+    assert ti2v.motion_score_for(["still", "still"]) == 2.0 and ti2v.motion_score_for(["still", "left"]) == 5.0
