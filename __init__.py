@@ -12,6 +12,7 @@ def _node_list() -> list:
     from .nodes.cache_nodes import StepVideoStepCache
     from .nodes.compile_nodes import StepVideoCompileBlocks
     from .nodes.dit_nodes import StepVideoDiTLoader, StepVideoLoraLoader
+    from .nodes.i2v_nodes import StepVideoImageToVideo, provide_example_image
     from .nodes.latent_nodes import StepVideoEmptyLatent
     from .nodes.parallel_nodes import StepVideoParallelDiTLoader, StepVideoParallelLoraLoader, StepVideoParallelSampler
     from .nodes.registered_folders import register_folders
@@ -20,6 +21,7 @@ def _node_list() -> list:
     from .nodes.vae_nodes import StepVideoVAEDecode, StepVideoVAEEncode, StepVideoVAELoader
 
     register_folders()
+    provide_example_image()
     return [
         StepVideoDiTLoader,
         StepVideoLoraLoader,
@@ -29,6 +31,7 @@ def _node_list() -> list:
         StepVideoVAEDecode,
         StepVideoVAEEncode,
         StepVideoEmptyLatent,
+        StepVideoImageToVideo,
         StepVideoSampler,
         StepVideoSigmas,
         StepVideoNoise,

@@ -23,7 +23,7 @@ from ..stepvideo_core.dit import load_dit
 from ..stepvideo_core.loading import Checkpoint, scaled_fp8_dtype
 from ..stepvideo_core.memory import dit_activation_bytes, dit_tokens
 from ..stepvideo_core.ops import FP8_DTYPES
-from .conversions import CLIP_KEY, LATENT_CHANNELS, MASK_KEY
+from .conversions import CLIP_KEY, IMAGE_LATENTS_KEY, LATENT_CHANNELS, MASK_KEY, MOTION_SCORE_KEY
 from .previews import preview_rgb
 
 log = logging.getLogger("stepvideo")
@@ -65,7 +65,7 @@ class StepVideoModel(comfy.model_base.BaseModel):
         if cross is not None:
             # CONDRegular, not CONDCrossAttn: the states are fixed length (320) and must never be repeat-padded.
             out["c_crossattn"] = comfy.conds.CONDRegular(cross)
-        for key in (MASK_KEY, CLIP_KEY):
+        for key in (MASK_KEY, CLIP_KEY, IMAGE_LATENTS_KEY, MOTION_SCORE_KEY):
             if kwargs.get(key) is not None:
                 out[key] = comfy.conds.CONDRegular(kwargs[key])
         return out
@@ -86,6 +86,7 @@ class StepVideoModel(comfy.model_base.BaseModel):
         if c_crossattn is None or mask is None or clip is None:
             raise ValueError("The Step-Video model needs conditioning from StepVideoTextEncode (Step-LLM + CLIP states "
                              "and their mask); other text encoders' CONDITIONING does not fit it.")
+        image, score = kwargs.get(IMAGE_LATENTS_KEY), kwargs.get(MOTION_SCORE_KEY)  # TI2V (StepVideoImageToVideo)
         options = {} if transformer_options is None else transformer_options
         dtype = self.diffusion_model.compute_dtype
         xc = self.model_sampling.calculate_input(sigma, x)
@@ -101,14 +102,20 @@ class StepVideoModel(comfy.model_base.BaseModel):
             self.diffusion_model,
             comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, options),
         ).execute(xc.to(dtype), t_ref, c_crossattn.to(device=device, dtype=dtype), mask.to(device=device),
-                  clip.to(device=device, dtype=dtype), options)
+                  clip.to(device=device, dtype=dtype), options,
+                  condition=None if image is None else image.to(device=device, dtype=dtype),
+                  motion_score=None if score is None else score.to(device))
         return self.model_sampling.calculate_denoised(sigma, model_output.float(), x)
 
-    def _diffusion_forward(self, x, t_ref, llm_states, mask, clip_states, transformer_options):
+    def _diffusion_forward(self, x, t_ref, llm_states, mask, clip_states, transformer_options, condition=None,
+                           motion_score=None):
         """The DiT as ComfyUI's wrappers see a core video model: latents ``[B, C, T, H, W]`` in, flow output
-        (noise - x0, ComfyUI's sign) out in the same layout, ``transformer_options`` last."""
+        (noise - x0, ComfyUI's sign) out in the same layout, ``transformer_options`` last; TI2V's condition
+        latents (same layout) and motion score as keywords."""
         v = self.diffusion_model(x.movedim(1, 2), t_ref, llm_states, mask, clip_states,
-                                 transformer_options=transformer_options)
+                                 transformer_options=transformer_options,
+                                 condition_hidden_states=None if condition is None else condition.movedim(1, 2),
+                                 motion_score=motion_score)
         return -v.movedim(2, 1)  # the DiT gives x0 - noise
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..stepvideo_core.image_condition import ImageCondition
 from ..stepvideo_core.scheduler import denoise_sigmas, make_noise
 from ..stepvideo_core.text_encoding import TextConditioning
 from ..stepvideo_core.tiny import model as tiny
@@ -21,6 +22,8 @@ from ..stepvideo_core.tiny import model as tiny
 LATENT_CHANNELS = 64
 MASK_KEY = "stepvideo_mask"  # keys of our extra tensors in a CONDITIONING entry's dict
 CLIP_KEY = "stepvideo_clip"
+IMAGE_LATENTS_KEY = "stepvideo_image_latents"  # TI2V: the start image's condition latents [1, C, T, h, w]
+MOTION_SCORE_KEY = "stepvideo_motion_score"  # TI2V: the motion score as a tensor [1]
 
 
 def comfy_sigmas(steps: int, shift: float, denoise: float = 1.0) -> torch.Tensor:
@@ -91,6 +94,13 @@ def from_conditioning(cond: list) -> TextConditioning:
     if MASK_KEY not in extra or CLIP_KEY not in extra:
         raise ValueError("this CONDITIONING was not made by StepVideoTextEncode (no Step-Video mask / CLIP states)")
     return TextConditioning(states, extra[MASK_KEY], extra[CLIP_KEY])
+
+
+def image_condition_values(condition: ImageCondition) -> dict[str, torch.Tensor]:
+    """The TI2V condition as CONDITIONING values (ComfyUI layout, batch 1: the model repeats them to the batch, and
+    the positive and negative entries carry the same ones, as the reference gives both guidance branches)."""
+    return {IMAGE_LATENTS_KEY: to_comfy_latent(condition.latents[:1]).contiguous(),
+            MOTION_SCORE_KEY: torch.tensor([float(condition.motion_score)])}
 
 
 # ---- LoRA -------------------------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ class StepVideoDiTLoader(io.ComfyNode):
             node_id="StepVideoDiTLoader",
             display_name="Step-Video DiT Loader",
             category="StepVideo/loaders",
-            description="Loads the Step-Video-T2V diffusion transformer (one .safetensors file, or the official "
-                        "transformer/ folder) as a MODEL managed by ComfyUI's memory manager.",
+            description="Loads the Step-Video-T2V or -TI2V (image to video) diffusion transformer (one .safetensors "
+                        "file, or the official transformer/ folder) as a MODEL managed by ComfyUI's memory manager.",
             inputs=[
                 io.Combo.Input("model_name", options=registered_folders.dit_choices(),
                                tooltip=f"From {registered_folders.DIT_WHERE}."),

@@ -27,9 +27,10 @@ DTYPES_DIT_LOADER = [*DTYPES_DIT, "fp8_e4m3fn_fast"]
 DTYPES_LLM = ["bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]
 
 
-def combo(name, options=None):
-    """options None: the choices are files/folders on the user's disk (any non-empty string)."""
-    return {"name": name, "kind": "combo", "options": options}
+def combo(name, options=None, upload=False):
+    """options None: the choices are files/folders on the user's disk (any non-empty string). ``upload``: the
+    frontend adds an upload button after it whose value ("image") is saved in widgets_values but never sent."""
+    return {"name": name, "kind": "combo", "options": options, "upload": upload}
 
 
 def int_(name, lo, hi, step=None, control=False):
@@ -88,6 +89,13 @@ CONTRACT: dict[str, dict] = {
         "widgets": [int_("width", 16, 4096, 16), int_("height", 16, 4096, 16), int_("frames", 17, 1700, 17),
                     int_("batch_size", 1, 64)],
         "outputs": [("LATENT", "LATENT")],
+    },
+    "StepVideoImageToVideo": {
+        "sockets": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "STEPVIDEO_VAE"),
+                    ("start_image", "IMAGE")],
+        "widgets": [int_("width", 16, 4096, 16), int_("height", 16, 4096, 16), int_("frames", 17, 1700, 17),
+                    float_("motion_score", 0.0, 100.0), int_("batch_size", 1, 64)],
+        "outputs": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")],
     },
     "StepVideoSampler": {
         "sockets": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -170,6 +178,11 @@ CORE_CONTRACT: dict[str, dict] = {
                     int_("spacing_width", 0, 1024, 2), combo("spacing_color", ["white", "black", "red", "green", "blue"])],
         "outputs": [("IMAGE", "IMAGE")],
     },
+    "LoadImage": {
+        "sockets": [],
+        "widgets": [combo("image", upload=True)],
+        "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+    },
     "MarkdownNote": {"sockets": [], "widgets": [str_("text")], "outputs": []},
     "Note": {"sockets": [], "widgets": [str_("text")], "outputs": []},
 }
@@ -180,8 +193,10 @@ CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 OFFICIAL_PREFIX = "stepvideo/"  # combo values of the official layout: stepvideo/<download>/<part> (nodes/model_folders.py)
 EXPECTED_WORKFLOWS = {"stepvideo_t2v_standard", "stepvideo_t2v_turbo", "stepvideo_t2v_low_memory",
                       "stepvideo_t2v_lora_swap", "step_video_tiny_demo", "step_video_tiny_dpo_swap",
-                      "stepvideo_t2v_multi_gpu"}
+                      "stepvideo_t2v_multi_gpu", "step_video_tiny_ti2v"}
 BUILTIN_PREFIX = f"{OFFICIAL_PREFIX}{tiny.NAME}/"  # Step-Video-Tiny ships in the pack's models/: nothing to download
+BUILTIN_TI2V_PREFIX = f"{OFFICIAL_PREFIX}{tiny.NAME}-ti2v/"  # and its image-to-video DiT beside it
+TI2V_START_IMAGE = WORKFLOW_DIR / "inputs" / "step_video_tiny_ti2v_start.png"  # copied to input/ when the pack loads
 # The Video-DPO LoRA for Step-Video-Tiny ships at models/loras/ (where `python -m stepvideo_core.tiny.dpo` writes it);
 # nodes/registered_folders.py adds that folder to ComfyUI's "loras", so the LoRA loaders list it by its bare file name.
 DPO_LORA = tiny.TINY_DIR.parent / "loras" / "step-video-tiny-dpo.safetensors"
@@ -192,12 +207,15 @@ def spec(node_type: str) -> dict:
 
 
 def widget_names_with_control(node_type: str) -> list[str]:
-    """widgets_values layout: a seed-like INT with control_after_generate is followed by its control value."""
+    """widgets_values layout: a seed-like INT with control_after_generate is followed by its control value, an image
+    combo by its upload button's value."""
     names = []
     for w in spec(node_type)["widgets"]:
         names.append(w["name"])
         if w.get("control"):
             names.append(w["name"] + ".control_after_generate")
+        if w.get("upload"):
+            names.append(w["name"] + ".upload")
     return names
 
 
@@ -301,6 +319,8 @@ def test_workflow_nodes_match_contract(path: Path):
             check_value(w, named[w["name"]], f"{where}.{w['name']}")
             if w.get("control"):
                 assert named[w["name"] + ".control_after_generate"] in CONTROL_VALUES, where
+            if w.get("upload"):
+                assert named[w["name"] + ".upload"] == "image", where
         assert node.get("mode", 0) in (0, 2, 4), where
         if t not in VIRTUAL_NODES:
             props = node.get("properties", {})
@@ -308,14 +328,14 @@ def test_workflow_nodes_match_contract(path: Path):
             assert props.get("cnr_id") == ("comfyui-stepvideo" if t in CONTRACT else "comfy-core"), where
         for sock in node.get("inputs", []):
             if sock["name"] in {"model", "positive", "negative", "latent_image", "vae", "samples", "images", "video",
-                                "text_encoders"}:
+                                "text_encoders", "start_image"}:
                 assert sock.get("link") is not None, f"{where}: required input {sock['name']} is not connected"
 
 
 def _node_rules(node: dict, where: str) -> None:
     """Step-Video's own rules on the values (beyond the widget ranges)."""
     t, v = node["type"], named_widgets(node) if node["type"] in CONTRACT else {}
-    if t == "StepVideoEmptyLatent":
+    if t in ("StepVideoEmptyLatent", "StepVideoImageToVideo"):
         assert v["width"] % 16 == 0 and v["height"] % 16 == 0 and v["frames"] % 17 == 0, where
         assert v["frames"] <= 204, f"{where}: more than the 204 frames the model was trained for"
     if t == "StepVideoVAEDecode":
@@ -482,6 +502,46 @@ def test_dpo_swap_workflow_renders_base_and_lora_side_by_side():
     assert not re.search(r"</?[a-zA-Z]", note), "plain Markdown only, no HTML"
 
 
+def test_ti2v_workflow_animates_the_shipped_start_image():
+    """The built-in TI2V DiT with Step-Video-Tiny's encoders and VAE; the start image shipped with the pack goes
+    through Step-Video Image to Video, whose two conditionings and latent are what the sampler takes."""
+    wf = load(WORKFLOW_DIR / "step_video_tiny_ti2v.json")
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    links = {lk[0]: lk for lk in wf["links"]}
+
+    def of(t):
+        (n,) = [n for n in wf["nodes"] if n["type"] == t]
+        return n
+
+    def source(node, name):
+        (sock,) = [i for i in node["inputs"] if i["name"] == name]
+        lk = links[sock["link"]]
+        return by_id[lk[1]]["type"], lk[2]
+
+    d, te, v = (named_widgets(of(t)) for t in ("StepVideoDiTLoader", "StepVideoTextEncoderLoader", "StepVideoVAELoader"))
+    assert (d["model_name"], te["step_llm"], te["hunyuan_clip"], v["vae_name"]) == (
+        BUILTIN_TI2V_PREFIX + "transformer", *(BUILTIN_PREFIX + p for p in ("step_llm", "hunyuan_clip",
+                                                                          "vae/vae_v2.safetensors")))
+    image = of("LoadImage")
+    assert named_widgets(image)["image"] == TI2V_START_IMAGE.name
+    assert TI2V_START_IMAGE.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    i2v = of("StepVideoImageToVideo")
+    t = tiny.SETTINGS
+    w = named_widgets(i2v)
+    assert (w["width"], w["height"], w["frames"], w["motion_score"], w["batch_size"]) == (t.width, t.height,
+                                                                                          t.num_frames, 5.0, 1)
+    assert source(i2v, "start_image") == ("LoadImage", 0)
+    assert source(i2v, "positive") == ("StepVideoTextEncode", 0) and source(i2v, "negative") == ("StepVideoTextEncode", 1)
+    sampler = of("StepVideoSampler")
+    assert [source(sampler, n) for n in ("positive", "negative", "latent_image")] == [
+        ("StepVideoImageToVideo", 0), ("StepVideoImageToVideo", 1), ("StepVideoImageToVideo", 2)]
+    s = named_widgets(sampler)
+    assert s["preset"] == "tiny" and s["seed"] == 0 and s["seed.control_after_generate"] == "fixed"
+    note = named_widgets(of("MarkdownNote"))["text"]
+    assert "motion_score" in note and "Nothing is downloaded" in note and "102 frames" in note
+    assert not re.search(r"</?[a-zA-Z]", note), "plain Markdown only, no HTML"
+
+
 HF_URL = re.compile(r"^https://huggingface\.co/stepfun-ai/stepvideo-t2v(-turbo)?/resolve/main/[\w./-]+$")
 
 
@@ -491,7 +551,8 @@ def test_workflow_models_metadata(path: Path):
     for node in wf["nodes"]:
         models = node.get("properties", {}).get("models")
         where = f"{path.name} node {node['id']} ({node['type']})"
-        builtin = [v for v in node.get("widgets_values", []) if isinstance(v, str) and v.startswith(BUILTIN_PREFIX)]
+        builtin = [v for v in node.get("widgets_values", [])
+                   if isinstance(v, str) and v.startswith((BUILTIN_PREFIX, BUILTIN_TI2V_PREFIX))]
         if builtin:
             assert not models, f"{where}: the built-in {builtin} must not offer a download"
         elif node["type"] in LOADERS_WITH_MODELS:

@@ -91,11 +91,12 @@ def _write_workflow_models(models: Path) -> None:
 
     from stepvideo_core.lora import new_trainable_lora, save_lora
 
-    from .tiny_models import dpo_lora, tiny_demo, write_all, write_dit
+    from .tiny_models import dpo_lora, tiny_demo, tiny_ti2v, write_all, write_dit
 
     root = write_all(models)  # models/stepvideo/tiny/... + test LoRAs
     demo = tiny_demo(models)  # the demo workflow's built-in model (a stand-in until the pack ships its weights)
     dpo_lora(models, demo.root)  # the DPO swap workflow's LoRA for it (likewise)
+    tiny_ti2v(models, demo.root)  # the TI2V workflow's built-in DiT (likewise)
     official = models / "stepvideo" / "stepvideo-t2v"
     shutil.copytree(root, official)
     dit = write_dit(models / "stepvideo" / "stepvideo-t2v-turbo" / "transformer", seed=1)
@@ -442,6 +443,7 @@ def test_invalid_values_in_a_saved_workflow_snap_on_load(browser):
 TINY_SIZES = {  # only size inputs change; everything else stays as the frontend converted it
     # 32x16 px = 2x1 latents: the tiny VAE is 151M parameters and bf16 (as converted) convolutions are slow on CPU
     "StepVideoEmptyLatent": {"width": 32, "height": 16, "frames": 17},
+    "StepVideoImageToVideo": {"width": 32, "height": 16, "frames": 17},
     "StepVideoSampler": {"steps": 2},  # used by preset 'custom'; named presets keep their own step counts
     "StepVideoVAEDecode": {"tile_size": 1, "tile_overlap": 0},  # smaller than the latent: still decoded in tiles
     "StepVideoParallelSampler": {"steps": 2},

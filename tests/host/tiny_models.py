@@ -176,3 +176,34 @@ def dpo_lora(models: Path, dit_root: Path) -> DpoLora:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_lora(lora, path, metadata={"base_model": tiny.NAME, "stand_in": "random up factors (tests only)"})
     return DpoLora(path, shipped=False)
+
+
+@dataclass
+class TinyTI2V:
+    root: Path  # the step-video-tiny-ti2v folder stepvideo/step-video-tiny-ti2v/transformer resolves to
+    trained: bool  # the shipped, fine-tuned TI2V DiT (not the random stand-in)
+
+
+def tiny_ti2v(models: Path, dit_root: Path) -> TinyTI2V:
+    """The built-in Step-Video-Tiny TI2V DiT if the pack ships it, else a stand-in under ``<models>/stepvideo``: the
+    DiT in ``dit_root`` widened as training widens it, with random condition channels and motion embedding (a
+    freshly widened DiT ignores both, which would hide a condition that never arrives)."""
+    from stepvideo_core.dit import load_dit
+    from stepvideo_core.tiny import model as tiny
+    from stepvideo_core.tiny import ti2v
+
+    if (tiny.TI2V_DIR / "transformer").is_dir():
+        info = tiny.TI2V_DIR / "training.json"
+        trained = info.is_file() and any(k.startswith("ti2v_dit_phase") for k in json.loads(info.read_text()))
+        return TinyTI2V(tiny.TI2V_DIR, trained=trained)
+    root = models / "stepvideo" / tiny.TI2V_DIR.name
+    if not (root / "transformer").is_dir():
+        dit = ti2v.widen_for_image(load_dit(dit_root / "transformer", weight_dtype=torch.float32))
+        g = torch.Generator().manual_seed(21)
+        with torch.no_grad():
+            weight = dit.pos_embed.proj.weight
+            weight[:, dit.config.in_channels:] = torch.randn(weight[:, dit.config.in_channels:].shape, generator=g) * 0.2
+            for p in dit.adaln_single.emb.motion_score_embedder.linear_2.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        write_sharded(root / "transformer", dit.state_dict(), "diffusion_pytorch_model", shards=1)
+    return TinyTI2V(root, trained=False)
