@@ -213,3 +213,25 @@ def test_widened_t2v_dit_starts_as_the_t2v_dit_and_can_learn_the_new_inputs():
     assert widened.pos_embed.proj.weight.grad[:, 4:].abs().sum() > 0
     assert widened.adaln_single.emb.motion_score_embedder.linear_2.weight.grad.abs().sum() > 0
     assert ti2v.motion_score_for(["still", "still"]) == 2.0 and ti2v.motion_score_for(["still", "left"]) == 5.0
+
+
+def test_shipped_tiny_ti2v_loads_as_ti2v_within_the_size_budget():
+    from stepvideo_core.tiny import model as tiny
+
+    files = [p for root in (tiny.TINY_DIR, tiny.TI2V_DIR, tiny.TINY_DIR.parent / "loras") for p in root.rglob("*")
+             if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 40 * 2**20, "all tiny weights stay within 40 MB"
+    dit = load_dit(tiny.TI2V_DIR / "transformer", weight_dtype=torch.float32)
+    assert dit.config == tiny.TI2V_DIT_CONFIG
+
+
+@pytest.mark.slow
+def test_shipped_tiny_ti2v_keeps_the_start_images_object():
+    """The oracle finds the start image's colour and shape in the clip (motion: see the model card)."""
+    from stepvideo_core.tiny import model as tiny
+    from stepvideo_core.tiny import oracle, ti2v
+
+    frames = ti2v.generate_from_image(tiny.load_tiny_ti2v(), ti2v.EXAMPLE_PROMPT, ti2v.example_start_image(), seed=0)
+    assert frames.shape == (17, 128, 128, 3)
+    result = oracle.score(frames, ti2v.EXAMPLE.combo)
+    assert result.colour and result.shape, result.detection

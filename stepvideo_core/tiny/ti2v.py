@@ -140,6 +140,7 @@ def train_phase(work: Path, phase: int, steps: int, lr: float, batch: int = 12, 
     opt = torch.optim.AdamW(dit.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema = EMA([dit], decay=0.995)
     rng, gen, first_step = random.Random(SEED + 43 + phase), torch.Generator().manual_seed(SEED + 44 + phase), 0
+    earlier_seconds = 0.0  # spent by the runs this one resumes
     ckpt = _checkpoint(work, phase)
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
@@ -149,7 +150,7 @@ def train_phase(work: Path, phase: int, steps: int, lr: float, batch: int = 12, 
             s.copy_(v)
         rng.setstate(state["rng"])
         gen.set_state(state["gen"])
-        first_step = state["step"]
+        first_step, earlier_seconds = state["step"], float(state["seconds"])
         log(f"ti2v phase {phase}: resumed at step {first_step}")
     start, running = time.time(), None
     for step in range(first_step, steps):
@@ -180,13 +181,15 @@ def train_phase(work: Path, phase: int, steps: int, lr: float, batch: int = 12, 
         out_of_time = seconds is not None and time.time() - start > seconds
         if (step + 1) % save_every == 0 or out_of_time:
             torch.save({"dit": dit.state_dict(), "opt": opt.state_dict(), "ema": ema.shadow, "rng": rng.getstate(),
-                        "gen": gen.get_state(), "step": step + 1}, ckpt)
+                        "gen": gen.get_state(), "step": step + 1, "seconds": earlier_seconds + time.time() - start},
+                       ckpt)
         if out_of_time:
             log(f"ti2v phase {phase}: time budget reached at step {step + 1}; run again to resume")
             return
     ema.copy_to()
     save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(work / f"ti2v_dit_phase{phase}.safetensors"))
-    (work / f"ti2v_dit_phase{phase}.json").write_text(json.dumps({"steps": steps, "batch": batch, "lr": lr}))
+    (work / f"ti2v_dit_phase{phase}.json").write_text(json.dumps({"steps": steps, "batch": batch, "lr": lr,
+                                                                  "seconds": round(earlier_seconds + time.time() - start)}))
     ckpt.unlink(missing_ok=True)
 
 
