@@ -240,8 +240,11 @@ def test_shipped_tiny_model_is_listed():
     import os
 
     roots = [model_folders.BUILTIN_MODELS_DIR]
-    for part in ("transformer", "step_llm", "hunyuan_clip"):
+    for part in ("step_llm", "hunyuan_clip"):
         assert model_folders.list_official(roots, part) == [f"stepvideo/{tiny.NAME}/{part}"]
+    # the image-to-video DiT ships beside it, sharing the rest
+    assert model_folders.list_official(roots, "transformer") == [f"stepvideo/{tiny.TI2V_DIR.name}/transformer",
+                                                                 f"stepvideo/{tiny.NAME}/transformer"]
     assert model_folders.list_official(roots, "vae/vae_v2.safetensors", check=os.path.isfile) == [
         f"stepvideo/{tiny.NAME}/vae/vae_v2.safetensors"]
 
