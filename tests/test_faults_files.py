@@ -126,7 +126,8 @@ def test_damaged_header_offsets(tiny, tmp_path, dit_state):
 def test_missing_tensor(tiny, tmp_path, dit_state):
     del dit_state["transformer_blocks.2.attn2.wo.weight"]
     with pytest.raises(CheckpointError, match=r"does not match the Step-Video DiT architecture. Missing 1 key\(s\): "
-                                              r"transformer_blocks.2.attn2.wo.weight. Check that this is the right file"):
+                                              r"transformer_blocks.2.attn2.wo.weight. Check that this is the right "
+                                              r"file"):
         load_dit(save(tmp_path, dit_state))
 
 
@@ -142,7 +143,8 @@ def test_one_extra_tensor_is_reported_as_one_extra(tiny, tmp_path, dit_state, ex
 def test_reshaped_tensor(tiny, tmp_path, dit_state):
     dit_state["transformer_blocks.0.attn1.wo.weight"] = dit_state["transformer_blocks.0.attn1.wo.weight"][:, :64]
     with pytest.raises(CheckpointError, match=r"1 tensor shape\(s\) differ from the Step-Video DiT model: "
-                                              r"transformer_blocks.0.attn1.wo.weight: file \(128, 64\) vs model \(128, 128\)"):
+                                              r"transformer_blocks.0.attn1.wo.weight: file \(128, 64\) vs model "
+                                              r"\(128, 128\)"):
         load_dit(save(tmp_path, dit_state))
 
 
@@ -217,7 +219,8 @@ def test_folder_without_weights(tiny, tmp_path):
 
 
 def test_path_that_does_not_exist(tiny, tmp_path):
-    with pytest.raises(CheckpointError, match=r"Checkpoint not found: .*nowhere.safetensors \(no such file or folder\)"):
+    with pytest.raises(CheckpointError, match=r"Checkpoint not found: .*nowhere.safetensors \(no such file or "
+                                              r"folder\)"):
         load_dit(tmp_path / "nowhere.safetensors")
 
 
@@ -247,7 +250,8 @@ def test_step_llm_given_to_the_dit_loader(tiny):
 
 
 def test_wan_dit_message_reads_as_a_sentence(tiny, tmp_path):
-    wan = save(tmp_path, {"patch_embedding.weight": torch.zeros(2, 2), "blocks.0.self_attn.q.weight": torch.zeros(2, 2)})
+    wan = save(tmp_path, {"patch_embedding.weight": torch.zeros(2, 2),
+                          "blocks.0.self_attn.q.weight": torch.zeros(2, 2)})
     with pytest.raises(CheckpointError) as e:
         load_dit(wan)
     assert str(e.value) == f"{wan} looks like a Wan 2.x DiT, not a Step-Video DiT checkpoint."
@@ -350,8 +354,8 @@ def test_lora_for_another_model(tiny, tmp_path):
     up, down = lora_pair(64, 64, 4)
     path = save(tmp_path, {"lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up,
                            "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": down}, "flux_lora.safetensors")
-    with pytest.raises(LoraError, match="flux_lora.safetensors: This LoRA matches no Step-Video DiT layer .*trained for "
-                                        "another model"):
+    with pytest.raises(LoraError, match="flux_lora.safetensors: This LoRA matches no Step-Video DiT layer .*"
+                                        "trained for another model"):
         load_lora(path, tiny.dit)
 
 
@@ -359,8 +363,9 @@ def test_lora_partial_match_is_warned_with_counts(tiny, tmp_path):
     path = lora_file(tmp_path, {"transformer_blocks.0.attn1.wo": lora_pair(128, 128, 4),
                                 "transformer_blocks.0.attn1.gate": lora_pair(128, 128, 4),
                                 "transformer_blocks.7.attn1.wo": lora_pair(128, 128, 4)})
-    with pytest.warns(LoraPartialMatchWarning, match=r"matches this DiT only in part \(Step-Video LoRA: 1 DiT layer\(s\) "
-                                                     r"patched from 6 tensor\(s\); 2 tensor\(s\) matched no layer"):
+    with pytest.warns(LoraPartialMatchWarning, match=r"matches this DiT only in part \(Step-Video LoRA: 1 DiT "
+                                                     r"layer\(s\) patched from 6 tensor\(s\); 2 tensor\(s\) "
+                                                     r"matched no layer"):
         lora = load_lora(path, tiny.dit)
     assert list(lora.pairs) == ["transformer_blocks.0.attn1.wo"]
 
@@ -377,8 +382,8 @@ def test_lora_ranks_that_do_not_fit_are_refused_at_load(tiny, tmp_path):
 
 def test_lora_for_a_wider_model_names_the_layer(tiny, tmp_path):
     path = lora_file(tmp_path, {"transformer_blocks.1.attn2.wq": lora_pair(6144, 6144, 2)})
-    with pytest.raises(LoraError, match="layer transformer_blocks.1.attn2.wq: the LoRA's input size 6144 does not match "
-                                        "the layer's 128; the LoRA was trained for another model"):
+    with pytest.raises(LoraError, match="layer transformer_blocks.1.attn2.wq: the LoRA's input size 6144 does not "
+                                        "match the layer's 128; the LoRA was trained for another model"):
         load_lora(path, tiny.dit)
 
 

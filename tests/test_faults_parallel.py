@@ -110,13 +110,14 @@ def test_pool_interrupted_then_a_worker_killed_mid_run(tiny, job):
     try:
         seen = []
         with pytest.raises(wp.SamplingCancelled):
-            pool.sample(job, on_progress=lambda step, total: seen.append(step), should_cancel=lambda: len(seen) >= 2)
+            pool.sample(job, on_progress=lambda step, total, *preview: seen.append(step),
+                        should_cancel=lambda: len(seen) >= 2)
         assert seen == [1, 2] and pool.running
         assert (pool.sample(job) - want).abs().max() <= 1e-5 * want.abs().max()
 
         victim = pool._workers[1].process
 
-        def kill_rank_1(step, total):
+        def kill_rank_1(step, total, *preview):
             if step == 1:
                 os.kill(victim.pid, signal.SIGKILL)
 

@@ -55,7 +55,8 @@ def test_prompt_empty(tiny, prompt):
 @pytest.mark.parametrize("prompt, code, position", [("a red\x00 circle", "U+0000", 5), ("\x1b[31mred", "U+001B", 0),
                                                     ("a cat\x7f", "U+007F", 5)])
 def test_prompt_control_characters(tiny, prompt, code, position):
-    with pytest.raises(ValueError, match=rf"control character.*first {re.escape(code)} at position {position}.*remove them"):
+    with pytest.raises(ValueError,
+                       match=rf"control character.*first {re.escape(code)} at position {position}.*remove them"):
         encode_prompts(tiny.text, prompt, after="keep")
 
 
