@@ -73,6 +73,7 @@ def test_cancel_mid_sampling_with_a_lora_attached_then_detached(tiny, text):
         attached.detach()
 
 
+@pytest.mark.slow  # ~13 s on 2 cores
 def test_cancel_mid_tile_stops_at_that_tile(tiny):
     latents = torch.randn(1, 3, 16, 4, 4, generator=torch.Generator().manual_seed(3))
     want = tiny.vae.decode(latents, tile_size=2, tile_overlap=1)
