@@ -25,6 +25,10 @@ from stepvideo_core.tiny import model as tiny_model
 from stepvideo_core.vae import load_vae
 from tests.fault_fixtures import copy_part, tiny_fixture
 
+# The catalogue reloads or probes the tiny model around every fault: a few minutes in all, so it runs with the
+# slow set (scripts/run_tests.sh --all, as CI does).
+pytestmark = pytest.mark.slow
+
 tiny = tiny_fixture()
 SHARD = "diffusion_pytorch_model-00001-of-00001.safetensors"
 INDEX = "diffusion_pytorch_model.safetensors.index.json"

@@ -22,6 +22,10 @@ from stepvideo_core.text_encoding import TextConditioning, encode_prompts
 from stepvideo_core.tiny import model as tiny_model
 from tests.fault_fixtures import tiny_fixture
 
+# The catalogue reloads or probes the tiny model around every fault: a few minutes in all, so it runs with the
+# slow set (scripts/run_tests.sh --all, as CI does).
+pytestmark = pytest.mark.slow
+
 tiny = tiny_fixture()
 # Small and quick: 32x32, 17 frames (3 latent frames of 2x2), 2 steps.
 SETTINGS = replace(tiny_model.SETTINGS, height=32, width=32, steps=2)

@@ -20,6 +20,7 @@ def rows(data, section):
     return [r for r in data["sections"] if r["section"] == section]
 
 
+@pytest.mark.slow
 def test_dry_run_measures_every_section(dry_run):
     assert dry_run["dry_run"] and not [r for r in dry_run["sections"] if "error" in r]
     steps = [r for r in rows(dry_run, "dit_step") if r.get("attention") == "sdpa"]

@@ -29,6 +29,7 @@ def test_guided_velocity_is_uncond_plus_scale_times_difference():
     torch.testing.assert_close(both[1], alone_neg[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_prompt_dependent():
     dit = small_dit(channels=4, caption=CAPTION, layers=1)
     settings = GenerationSettings(num_frames=17, height=32, width=48, steps=3, cfg=5.0, shift=17.0, seed=11)
@@ -44,6 +45,7 @@ def test_sampling_is_seeded_and_prompt_dependent():
     assert not torch.allclose(a, other_prompt) and not torch.allclose(a, other_seed)
 
 
+@pytest.mark.slow
 def test_generate_decodes_whole_chunks_of_17_frames():
     vae = small_vae()
     dit = small_dit(channels=vae.config.z_channels, caption=CAPTION, layers=1)

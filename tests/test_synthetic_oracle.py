@@ -45,6 +45,7 @@ def test_oracle_reads_every_ground_truth_combination():
                                   for m in synthetic.MOTIONS))
 
 
+@pytest.mark.slow
 def test_oracle_rejects_wrong_targets(diagonal):
     opposite = {"left": "right", "right": "left", "up": "down", "down": "up", "grow": "shrink", "shrink": "grow",
                 "still": "left"}

@@ -67,6 +67,7 @@ def test_hit_returns_the_stored_states_without_asking_for_the_encoders(tmp_path,
     assert_same(neg2, neg)
 
 
+@pytest.mark.slow
 def test_every_input_of_the_states_is_in_the_key(tmp_path, folders, encoders):
     cache, loader = TextEmbeddingCache(tmp_path / "cache"), Loader(encoders)
     encode(cache, folders, loader)

@@ -37,6 +37,7 @@ def test_full_official_ti2v_config_keys_and_shapes():
     assert config == DiTConfig(use_additional_conditions=True) and config.in_channels == 64
 
 
+@pytest.mark.slow
 def test_forward_matches_independent_naive_implementation():
     model = small_ti2v()
     b, frames, h, w = 2, 3, 2, 3
@@ -116,6 +117,7 @@ def tiny_vae():
     return VideoVAE(cfg).eval()
 
 
+@pytest.mark.slow
 def test_image_condition_is_the_image_latent_then_zeros():
     vae = tiny_vae()
     image = torch.rand(3, 48, 40) * 2 - 1

@@ -92,6 +92,7 @@ def test_generations_follow_held_out_prompts_in_both_languages(model):
         assert report[lang]["colour"] >= FLOORS["colour"], report
 
 
+@pytest.mark.slow
 def test_the_dit_reads_colour_words_and_the_probe_sees_an_unchanged_caption_as_ignored(model):
     # The probe behind the model card's "what limits it": swapping a colour word must raise the DiT's error on
     # the clean latents (measured 1.22 at t = 0.2 on 21 clips). With every swap made a no-op, the two captions
@@ -103,6 +104,7 @@ def test_the_dit_reads_colour_words_and_the_probe_sees_an_unchanged_caption_as_i
     assert all(ratios[0.2] == 1.0 for ratios in unchanged.values()), unchanged
 
 
+@pytest.mark.slow
 def test_generate_command_writes_a_video_and_a_contact_sheet(tmp_path, capsys):
     generate.main(["红色的正方形向左移动", "--out", str(tmp_path), "--steps", "8"])
     mp4, png = sorted(tmp_path.glob("*.mp4")), sorted(tmp_path.glob("*.png"))

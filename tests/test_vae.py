@@ -86,6 +86,7 @@ def test_blend_matches_hand_computation():
 # ---- decoding behaviour ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_decode_is_chunked_and_blended(vae):
     z = latents(n=4, h=1, w=2)  # chunks of 3 and 1 latents -> 17 + 1 frames
     video = vae.decode(z)
@@ -134,6 +135,7 @@ def test_tile_starts_cover_with_overlap():
         assert all(b - a <= tile - ov for a, b in zip(s, s[1:]))
 
 
+@pytest.mark.slow
 def test_tiled_decode_agrees_with_untiled(vae):
     z = latents(n=3, h=4, w=6, seed=3)
     full = vae.decode(z)
@@ -149,6 +151,7 @@ def test_tiled_decode_agrees_with_untiled(vae):
     assert (tiled - full).abs().max() < 0.25 * (full.max() - full.min())
 
 
+@pytest.mark.slow
 def test_callback_progress_and_cancel_leave_model_usable(vae):
     z = latents(n=4, h=1, w=3, seed=4)  # chunks of 3 latents and 1: two chunks, the second one cheap
     tiles = dict(tile_size=2, tile_overlap=1)
