@@ -104,6 +104,6 @@ class StepVideoLoraLoader(io.ComfyNode):
                    for key, (up, down) in conversions.lora_patch_keys(lora.pairs).items()}
         patched = model.clone()
         accepted = patched.add_patches(patches, float(strength))
-        report = validation.lora_report(lora.matched_modules, len(accepted), lora.source_keys, lora.unmatched)
+        report = lora.summary(len(accepted))
         log.info("%s (%s, strength %s)", report, lora_name, strength)
         return io.NodeOutput(patched, ui=ui.PreviewText(report))

@@ -6,7 +6,6 @@ import torch
 
 from ..stepvideo_core import video_shape
 from ..stepvideo_core.scheduler import PRESETS, SamplerPreset
-from ..stepvideo_core.tiny import model as tiny
 from .conversions import LATENT_CHANNELS
 
 WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
@@ -16,9 +15,8 @@ DIT_WEIGHT_DTYPES = (*WEIGHT_DTYPES, FAST_FP8)
 LLM_DTYPES = ("bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
 VAE_DTYPES = ("bf16", "fp16", "fp32")
 ATTENTION_CHOICES = ("comfy", "sdpa", "sageattention", "flash-attn")
-# The official presets, plus what Step-Video-Tiny was trained for (tiny.SETTINGS); "custom" uses the widgets.
-NAMED_PRESETS = {**PRESETS, "tiny": SamplerPreset(tiny.SETTINGS.steps, tiny.SETTINGS.cfg, tiny.SETTINGS.shift)}
-SAMPLER_PRESETS = (*NAMED_PRESETS, "custom")
+# The presets of scheduler.PRESETS (the official ones and Step-Video-Tiny's); "custom" uses the widgets.
+SAMPLER_PRESETS = (*PRESETS, "custom")
 
 _DTYPES = {
     "bf16": torch.bfloat16,
@@ -54,14 +52,14 @@ def resolve_preset(preset: str, steps: int, cfg: float, shift: float) -> Sampler
     """A named preset overrides steps/cfg/shift; 'custom' keeps the widget values."""
     if preset == "custom":
         return SamplerPreset(int(steps), float(cfg), float(shift))
-    if preset not in NAMED_PRESETS:
+    if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(SAMPLER_PRESETS)}")
-    return NAMED_PRESETS[preset]
+    return PRESETS[preset]
 
 
 def preset_summary() -> str:
     """'standard (50 steps, cfg 9, shift 13), ...' for node descriptions, from the presets themselves."""
-    return ", ".join(f"{name} ({p.steps} steps, cfg {p.cfg:g}, shift {p.shift:g})" for name, p in NAMED_PRESETS.items())
+    return ", ".join(f"{name} ({p.steps} steps, cfg {p.cfg:g}, shift {p.shift:g})" for name, p in PRESETS.items())
 
 
 # ---- empty latent validation -------------------------------------------------------------------------------
@@ -102,10 +100,3 @@ def validate_tiling(tile_size, tile_overlap) -> bool | str:
 
 def not_found(what: str, value: str, where: str) -> str:
     return f"{what} {value!r} not found in {where}. Put the file there (or refresh the browser) and pick it again."
-
-
-def lora_report(matched: int, accepted: int, source_keys: int, unmatched: list[str]) -> str:
-    msg = f"Step-Video LoRA: {accepted} of {matched} DiT layer(s) patched from {source_keys} tensor(s)"
-    if unmatched:
-        msg += f"; {len(unmatched)} tensor(s) matched no layer (e.g. {', '.join(unmatched[:3])})"
-    return msg

@@ -306,11 +306,9 @@ def test_tiny_preview_table_fits_the_shipped_vae():
     assert shipped < best * 1.25 + 0.01, f"the table no longer fits the VAE ({shipped:.3f} vs {best:.3f}):\n{table}"
 
 
-def test_lora_patch_keys_and_report():
+def test_lora_patch_keys():
     from stepvideo_core.lora import LoraPair
 
     pairs = {"transformer_blocks.0.attn1.wqkv": LoraPair(torch.zeros(6, 2), torch.zeros(2, 4))}
     keys = conversions.lora_patch_keys(pairs)
     assert list(keys) == ["diffusion_model.transformer_blocks.0.attn1.wqkv.weight"]
-    msg = validation.lora_report(3, 3, 12, ["a", "b", "c", "d"])
-    assert "3 of 3 DiT layer(s)" in msg and "4 tensor(s) matched no layer" in msg and "d" not in msg.split("e.g.")[1]
