@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from stepvideo_core.hunyuan_clip import load_hunyuan_clip
-from stepvideo_core.step_llm import StepLLMTokenizer, load_step_llm
+from stepvideo_core.step_llm import load_step_llm
 from stepvideo_core.text_encoding import (
     NEGATIVE_MAGIC,
     POSITIVE_MAGIC,
@@ -15,22 +15,13 @@ from stepvideo_core.text_encoding import (
 )
 from tests.builders import small_dit
 from tests.text_fixtures import (
-    random_step_llm,
-    small_llm_config,
-    write_hunyuan_clip,
-    write_sentencepiece,
-    write_step_llm_folder,
+    write_text_encoder_folders,
 )
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    write_sentencepiece(root / "step_llm")
-    n_vocab = StepLLMTokenizer(root / "step_llm").sp.get_piece_size()
-    write_step_llm_folder(root / "step_llm", random_step_llm(small_llm_config(n_vocab, num_layers=1)))
-    write_hunyuan_clip(root / "hunyuan_clip")
-    return root
+    return write_text_encoder_folders(tmp_path_factory.mktemp("ckpt"))
 
 
 def fresh(folders) -> TextEncoders:

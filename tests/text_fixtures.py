@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from stepvideo_core.step_llm import CONTROL_TOKENS, MASK_TOKENS, TOKENIZER_FILE, StepLLM, StepLLMConfig
+from stepvideo_core.step_llm import (
+    CONTROL_TOKENS,
+    MASK_TOKENS,
+    TOKENIZER_FILE,
+    StepLLM,
+    StepLLMConfig,
+    StepLLMTokenizer,
+)
 from tests.builders import write_sharded
 
 CORPUS = [
@@ -120,3 +127,13 @@ def write_hunyuan_clip(root: Path, fmt: str = "safetensors", prefix: str = "bert
     else:
         torch.save(state, enc / "pytorch_model.bin")
     return model
+
+
+def write_text_encoder_folders(root: Path) -> Path:
+    """A one-layer Step-LLM (with its SentencePiece tokenizer) and a small Hunyuan-CLIP under ``root/step_llm`` and
+    ``root/hunyuan_clip``, as the release lays them out."""
+    write_sentencepiece(root / "step_llm")
+    n_vocab = StepLLMTokenizer(root / "step_llm").sp.get_piece_size()
+    write_step_llm_folder(root / "step_llm", random_step_llm(small_llm_config(n_vocab, num_layers=1)))
+    write_hunyuan_clip(root / "hunyuan_clip")
+    return root
