@@ -74,24 +74,19 @@ class StepVideoLoraLoader(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input("lora_name", options=registered_folders.lora_choices(), tooltip=f"From {registered_folders.LORA_WHERE}."),
-                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.01),
+                io.Float.Input("strength", default=1.0, min=validation.LORA_STRENGTH_RANGE[0],
+                               max=validation.LORA_STRENGTH_RANGE[1], step=0.01),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def validate_inputs(cls, lora_name, strength):
-        if lora_name is not None and registered_folders.lora_path(lora_name) is None:
-            return validation.not_found("LoRA", lora_name, registered_folders.LORA_WHERE)
-        if strength is not None and not -4.0 <= strength <= 4.0:
-            return f"strength {strength} must be between -4 and 4"
-        return True
+        return registered_folders.lora_input_error(lora_name, strength)
 
     @classmethod
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
-        path = registered_folders.lora_path(lora_name)
-        if path is None:
-            raise FileNotFoundError(validation.not_found("LoRA", lora_name, registered_folders.LORA_WHERE))
+        path = registered_folders.lora_file(lora_name)
         dit = getattr(model.model, "diffusion_model", None)
         if not hasattr(dit, "transformer_blocks") or not hasattr(dit, "config"):
             raise ValueError("StepVideoLoraLoader needs a MODEL from StepVideoDiTLoader.")

@@ -7,7 +7,7 @@ import os
 
 import folder_paths
 
-from . import model_folders
+from . import model_folders, validation
 
 SAFETENSORS = {".safetensors", ".sft"}
 
@@ -108,3 +108,21 @@ def lora_choices() -> list[str]:
 
 def lora_path(name: str) -> str | None:
     return folder_paths.get_full_path("loras", name)
+
+
+def lora_input_error(lora_name: str | None, strength: float | None) -> bool | str:
+    """``validate_inputs`` of every LoRA loader: True, or what is wrong with the file choice or the strength."""
+    if lora_name is not None and lora_path(lora_name) is None:
+        return validation.not_found("LoRA", lora_name, LORA_WHERE)
+    low, high = validation.LORA_STRENGTH_RANGE
+    if strength is not None and not low <= strength <= high:
+        return f"strength {strength} must be between {low:g} and {high:g}"
+    return True
+
+
+def lora_file(lora_name: str) -> str:
+    """The LoRA file behind a combo value; a clear error when it has gone since the graph was queued."""
+    path = lora_path(lora_name)
+    if path is None:
+        raise FileNotFoundError(validation.not_found("LoRA", lora_name, LORA_WHERE))
+    return path

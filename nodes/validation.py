@@ -15,6 +15,7 @@ DIT_WEIGHT_DTYPES = (*WEIGHT_DTYPES, FAST_FP8)
 LLM_DTYPES = ("bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
 VAE_DTYPES = ("bf16", "fp16", "fp32")
 ATTENTION_CHOICES = ("comfy", "sdpa", "sageattention", "flash-attn")
+LORA_STRENGTH_RANGE = (-4.0, 4.0)  # of every LoRA loader's strength widget
 # The presets of scheduler.PRESETS (the official ones and Step-Video-Tiny's); "custom" uses the widgets.
 SAMPLER_PRESETS = (*PRESETS, "custom")
 
