@@ -105,9 +105,10 @@ class TinyDemo:
 
 
 def is_trained(root: Path) -> bool:
-    """The training code records its stages in training.json; a stand-in exported without training records none."""
+    """The training code records its stages in training.json (``dit_phase1``, ...); a stand-in exported without
+    training records none."""
     info = root / "training.json"
-    return info.is_file() and "dit" in json.loads(info.read_text())
+    return info.is_file() and any(stage.startswith("dit") for stage in json.loads(info.read_text()))
 
 
 def write_tiny_standin(out: Path) -> Path:
