@@ -185,7 +185,7 @@ def dit_step(model: StepVideoDiT, device, frames: int, lh: int, lw: int, backend
         clock.measure(lambda: model(x[:, :1, :, :8, :8], t, llm, mask, clip))
         seconds, peak = clock.measure(lambda: model(x, t, llm, mask, clip))
     predicted = memory.dit_activation_bytes(config, 2, tokens, torch.bfloat16, weight_dtype=weight_dtype)
-    out = {"seconds": round(seconds, 3), "peak_bytes": peak, "predicted_bytes": predicted,
+    out = {"seconds": float(f"{seconds:.4g}"), "peak_bytes": peak, "predicted_bytes": predicted,
            "peak_over_predicted": round(peak / predicted, 3), "flops": flops, "flops_per_s": flops / seconds,
            f"steps{STEPS}_s": round(STEPS * seconds, 1)}
     if peak_flops:
@@ -239,7 +239,7 @@ def vae_section(run: Run, device, size: dict):
         with torch.no_grad():
             seconds, peak = Clock(device).measure(lambda: vae.decode(z, tile_size=tile, tile_overlap=overlap))
         predicted = memory.vae_decode_bytes(config, 1, latent_frames(frames), lh, lw, dtype, tile)
-        return {"seconds": round(seconds, 3), "peak_bytes": peak, "predicted_bytes": predicted,
+        return {"seconds": float(f"{seconds:.4g}"), "peak_bytes": peak, "predicted_bytes": predicted,
                 "peak_over_predicted": round(peak / predicted, 3), "dtype": str(dtype)}
 
     run.record("vae_decode", {"frames": frames, "height": size["height"], "width": size["width"], "tile": tile,
@@ -259,7 +259,7 @@ def llm_section(run: Run, device, size: dict):
             llm(ids[:, :8])
             seconds, peak = Clock(device).measure(lambda: llm(ids))
         predicted = memory.step_llm_activation_bytes(config, 2, 320, torch.bfloat16, weight_dtype=torch.float8_e4m3fn)
-        return {"seconds": round(seconds, 3), "peak_bytes": peak, "predicted_bytes": predicted,
+        return {"seconds": float(f"{seconds:.4g}"), "peak_bytes": peak, "predicted_bytes": predicted,
                 "peak_over_predicted": round(peak / predicted, 3),
                 "weight_bytes": sum(p.numel() * p.element_size() for p in llm.parameters())}
 
