@@ -34,7 +34,16 @@ from ..vae import load_vae
 from ..video_io import save_png, to_uint8
 from . import evaluate, oracle, synthetic
 from . import model as tiny
-from .train import EMA, SEED, _write_single_shard, cosine_lr, flow_matching_loss, log, sample_training_times
+from .train import (
+    EMA,
+    SEED,
+    _write_single_shard,
+    cosine_lr,
+    flow_matching_loss,
+    log,
+    sample_training_times,
+    scene_batches,
+)
 
 STILL_SCORE, MOVING_SCORE = 2.0, 5.0
 # The shipped workflow's example: its start image (workflows/inputs/) is this scene's first frame.
@@ -85,9 +94,7 @@ def encode_dataset(work: Path, count: int = 240, batch: int = 4) -> Path:
     combos = synthetic.training_combos()
     clips, firsts, records = [], [], []
     start = time.time()
-    for i in range(0, count, batch):
-        scenes = [synthetic.make_scene(rng, combos) for _ in range(min(batch, count - i))]
-        x = torch.stack([torch.from_numpy(synthetic.to_model_range(synthetic.render(s))) for s in scenes])
+    for i, scenes, x in scene_batches(rng, combos, count, batch):
         clips.append(vae.encoder(x).permute(0, 2, 1, 3, 4).contiguous())
         firsts.append(vae.encoder(x[:, :, :1]).permute(0, 2, 1, 3, 4).contiguous())
         records += [{"en": list(s.captions["en"]), "zh": list(s.captions["zh"]),

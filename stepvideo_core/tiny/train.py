@@ -266,6 +266,14 @@ def calibrate_decoder_output(work: Path, init: Path, clips: int = 24, object_wei
 
 
 @torch.no_grad()
+def scene_batches(rng: random.Random, combos, count: int, batch: int):
+    """``count`` random world scenes in batches: (clips done before, scenes, clips [b, 3, T, H, W] in the VAE's
+    range)."""
+    for i in range(0, count, batch):
+        scenes = [synthetic.make_scene(rng, combos) for _ in range(min(batch, count - i))]
+        yield i, scenes, torch.stack([torch.from_numpy(synthetic.to_model_range(synthetic.render(s))) for s in scenes])
+
+
 def encode_latents(work: Path, count: int = 900, batch: int = 4) -> Path:
     """Encode ``count`` training clips once: posterior mean and log-variance [n, 3, z, 8, 8] (the DiT's layout)
     plus the captions of each clip; the DiT stage draws a fresh posterior sample from them every time."""
@@ -274,9 +282,7 @@ def encode_latents(work: Path, count: int = 900, batch: int = 4) -> Path:
     combos = synthetic.training_combos()
     means, logvars, captions = [], [], []
     start = time.time()
-    for i in range(0, count, batch):
-        scenes = [synthetic.make_scene(rng, combos) for _ in range(min(batch, count - i))]
-        x = torch.stack([torch.from_numpy(synthetic.to_model_range(synthetic.render(s))) for s in scenes])
+    for i, scenes, x in scene_batches(rng, combos, count, batch):
         mean, logvar = vae.encoder(x).permute(0, 2, 1, 3, 4).chunk(2, dim=2)
         means.append(mean.contiguous())
         logvars.append(logvar.clamp(-30, 20).contiguous())
