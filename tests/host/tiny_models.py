@@ -125,12 +125,12 @@ def write_tiny_standin(out: Path) -> Path:
         vae = VideoVAE(tiny.VAE_CONFIG)
         save_file({k: v.contiguous() for k, v in train_tiny.vae_official_state(vae).items()}, str(work / "vae.safetensors"))
         save_file({k: v.contiguous() for k, v in StepVideoDiT(tiny.DIT_CONFIG).state_dict().items()},
-                  str(work / "dit.safetensors"))
+                  str(work / "dit_phase1.safetensors"))
         _, llm, _, bert = train_tiny.new_text_encoders(work)
-        save_file({k: v.contiguous() for k, v in llm.state_dict().items()}, str(work / "llm.safetensors"))
-        save_file({k: v.contiguous() for k, v in bert.state_dict().items()}, str(work / "bert.safetensors"))
+        save_file({k: v.contiguous() for k, v in llm.state_dict().items()}, str(work / "llm_phase1.safetensors"))
+        save_file({k: v.contiguous() for k, v in bert.state_dict().items()}, str(work / "bert_phase1.safetensors"))
         bert.config.to_json_file(str(work / "bert_config.json"))
-        train_tiny.export(work, out=out)
+        train_tiny.export(work, out=out, phase=1)
     return out
 
 

@@ -1,0 +1,121 @@
+"""The Step-Video-Tiny recipe's phases resume where they stopped: an interrupted phase, run again, ends with the
+weights an unbroken run ends with."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from stepvideo_core.tiny import synthetic
+from stepvideo_core.tiny import train as train_tiny
+from stepvideo_core.vae import VAEConfig
+
+# The smallest VAE of the v2 structure (top width x 8 = 32 x z): seconds per step on a 32-pixel crop.
+MINI_VAE = VAEConfig(z_channels=4, encoder_channels=8, encoder_channel_mult=(1, 1, 1, 2), encoder_num_res_blocks=1,
+                     decoder_channels=8, decoder_channel_mult=(1, 1, 1, 2), decoder_num_res_blocks=1, norm_groups=2)
+
+
+def interrupt_at(monkeypatch, name: str, call: int) -> None:
+    """Make ``train_tiny.<name>`` raise KeyboardInterrupt on its ``call``-th call (1-based), once."""
+    original, calls = getattr(train_tiny, name), []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_tiny, name, wrapped)
+
+
+def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_interrupted_vae_phase_resumes_to_the_unbroken_result(tmp_path, monkeypatch):
+    phase = train_tiny.VAEPhase("vae_mini", steps=3, lr=1e-3, batch=1, frames=9, crop=32, edge_weight=0.5,
+                                recolour=0.5, warmup=1)
+    unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
+    unbroken.mkdir()
+    resumed.mkdir()
+    train_tiny.train_vae(unbroken, phase, MINI_VAE, save_every=0)
+
+    with monkeypatch.context() as m:
+        interrupt_at(m, "clip_batch", call=3)  # during the third step, after two were checkpointed
+        with pytest.raises(KeyboardInterrupt):
+            train_tiny.train_vae(resumed, phase, MINI_VAE, save_every=0)
+    assert torch.load(resumed / "vae_mini.ckpt.pt", weights_only=True)["step"] == 2
+    assert (resumed / "vae_mini.latest.safetensors").exists()  # scoreable while the phase is unfinished
+    train_tiny.train_vae(resumed, phase, MINI_VAE, save_every=0)
+
+    a, b = (load_file(str(d / "vae_mini.safetensors")) for d in (unbroken, resumed))
+    assert same_tensors(a, b)
+    assert not same_tensors(a, train_tiny.VideoVAE(MINI_VAE).state_dict())  # it trained
+    assert not (resumed / "vae_mini.ckpt.pt").exists() and not (resumed / "vae_mini.latest.safetensors").exists()
+    assert json.loads((resumed / "vae_mini.json").read_text())["steps"] == 3
+
+
+def test_the_clips_of_a_shorter_phase_are_the_first_frames_of_the_whole_clip():
+    import random
+
+    short, _ = train_tiny.clip_batch(random.Random(3), 2, frames=9)
+    whole, _ = train_tiny.clip_batch(random.Random(3), 2)
+    assert short.shape[2] == 9 and torch.equal(short, whole[:, :, :9])
+
+
+@pytest.fixture(scope="module")
+def dit_work(tmp_path_factory):
+    """Tokenizers and a few random 'latents' with world captions: what the DiT stage reads."""
+    import random
+
+    work = tmp_path_factory.mktemp("dit_work")
+    train_tiny.train_tokenizers(work)
+    torch.manual_seed(0)
+    count = 4
+    save_file({"mean": torch.randn(count, 3, 16, 8, 8), "logvar": torch.full((count, 3, 16, 8, 8), -4.0)},
+              str(work / "latents.safetensors"))
+    rng = random.Random(0)
+    scenes = [synthetic.make_scene(rng, synthetic.training_combos()) for _ in range(count)]
+    (work / "captions.json").write_text(json.dumps([{k: list(v) for k, v in s.captions.items()} for s in scenes]))
+    return work
+
+
+@pytest.mark.slow  # ~10 s: two short DiT runs with the shipped model's sizes
+def test_an_interrupted_dit_phase_resumes_to_the_unbroken_result(dit_work, tmp_path, monkeypatch):
+    import shutil
+
+    runs = {}
+    for name in ("unbroken", "resumed"):
+        runs[name] = tmp_path / name
+        shutil.copytree(dit_work, runs[name])
+    kwargs = dict(steps=3, batch=2, warmup=1, save_every=0)
+    train_tiny.train_dit(runs["unbroken"], **kwargs)
+    with monkeypatch.context() as m:
+        interrupt_at(m, "flow_matching_loss", call=3)
+        with pytest.raises(KeyboardInterrupt):
+            train_tiny.train_dit(runs["resumed"], **kwargs)
+    assert torch.load(runs["resumed"] / "dit_phase1.ckpt.pt", weights_only=True)["step"] == 2
+    train_tiny.train_dit(runs["resumed"], **kwargs)
+    for part in ("dit", "llm", "bert"):
+        a, b = (load_file(str(runs[n] / f"{part}_phase1.safetensors")) for n in ("unbroken", "resumed"))
+        assert same_tensors(a, b), part
+    assert json.loads((runs["resumed"] / "dit_phase1.json").read_text())["steps"] == 3
+
+
+@pytest.mark.slow  # ~60 s: the text pretraining stage, short
+def test_text_pretraining_separates_the_words_of_held_out_captions(dit_work, tmp_path):
+    """Linear probes on the pooled states of both encoders read colour, shape and motion of captions of the
+    held-out combinations, which pretraining never saw, far above chance (1/6, 1/3, 1/7); and the DiT stage
+    starts from the pretrained encoders."""
+    import shutil
+
+    work = shutil.copytree(dit_work, tmp_path / "work")
+    report = train_tiny.pretrain_text(work, steps=120)
+    for encoder in ("llm", "bert"):
+        for attribute in train_tiny.CAPTION_ATTRIBUTES:
+            assert report["accuracy"][f"held_out {encoder}_{attribute}"] >= 0.9, report
+    train_tiny.train_dit(work, steps=0)  # no step: the phase's weights are its starting point
+    for part in ("llm", "bert"):
+        assert same_tensors(load_file(str(work / f"{part}_text.safetensors")),
+                            load_file(str(work / f"{part}_phase1.safetensors"))), part
