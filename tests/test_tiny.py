@@ -1,8 +1,10 @@
 """The shipped Step-Video-Tiny: its files, its tokenizers, and what it generates, checked by the oracle."""
 
 import json
+import random
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from stepvideo_core.step_llm import StepLLMTokenizer
 from stepvideo_core.tiny import evaluate, synthetic
 from stepvideo_core.tiny import model as tiny
 from stepvideo_core.tiny import train as train_tiny
+from stepvideo_core.video_io import load_image
 
 BUDGET_BYTES = 30 * 2**20
 FLOORS = {"vae_colour": 0.5, "colour": 0.6}  # measured: 0.79 of 14 clips; 0.83 (English) and 1.0 (Chinese)
@@ -68,12 +71,19 @@ def test_the_wordpiece_vocabulary_builder_rebuilds_the_shipped_one(tmp_path):
 
 
 @pytest.mark.slow  # ~27 s on one core: the VAE round trip of 14 clips, read by the oracle
-def test_the_vae_round_trip_keeps_the_colour_of_objects(model):
+def test_the_vae_round_trip_keeps_the_colour_of_objects(model, tmp_path):
     # A regression floor under the shipped VAE's level on a third of the card's clips; a broken decode, a
     # layout mix-up or a wrong GroupNorm count reads almost none.
     combos = evaluate.round_trip_combos()[::3]
-    report = evaluate.vae_round_trip(model.vae, combos=combos)
+    report = evaluate.vae_round_trip(model.vae, combos=combos, sheet=tmp_path / "sheet.png")
     assert report["colour"] >= FLOORS["vae_colour"], report
+    # The contact sheet: clips 0, 6 and 12, ground truth above reconstruction, frames 0, 4, 8, 12, 16 in a row.
+    sheet = ((load_image(tmp_path / "sheet.png") + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.uint8)
+    tile = 128 + 2
+    assert sheet.shape == (6 * tile, 5 * tile, 3)
+    first = synthetic.scene_for(*combos[0], random.Random(11))
+    assert np.array_equal(sheet[:128, :128], synthetic.render(first)[0])  # PNG is lossless
+    assert (sheet[128:tile] == 255).all()
     # The read-as tables hold every clip once under what it asked for, and their diagonals are the accuracies.
     for attribute, position in (("shape", 1), ("motion", 2)):
         table = report["read_as"][attribute]

@@ -27,7 +27,7 @@ from ..pipeline import GenerationSettings, latent_shape, sample_latents
 from ..scheduler import make_noise
 from ..text_encoding import encode_prompts
 from ..vae import load_vae
-from ..video_io import to_uint8
+from ..video_io import save_png, to_uint8
 from . import model as tiny
 from . import oracle, synthetic
 
@@ -85,14 +85,18 @@ def generate_frames(model: tiny.TinyModel, prompts: list[str], seed: int,
     return sample_clips(model, prompts, seed, settings)[1]
 
 
-def evaluate(model: tiny.TinyModel, prompts: list[Prompt], seeds=(0, 1), settings: GenerationSettings = tiny.SETTINGS) -> dict:
-    """Accuracy of colour, shape and motion per language, plus the mean continuous score."""
+def evaluate(model: tiny.TinyModel, prompts: list[Prompt], seeds=(0, 1), settings: GenerationSettings = tiny.SETTINGS,
+             sheet: Path | None = None) -> dict:
+    """Accuracy of colour, shape and motion per language, plus the mean continuous score. ``sheet``: a PNG of
+    the first seed's clips for every third prompt."""
     rows = []
     for seed in seeds:
         clips = generate_frames(model, [p.text for p in prompts], seed, settings)
         for prompt, frames in zip(prompts, clips):
             s = oracle.score(frames, prompt.target)
             rows.append((prompt, s))
+        if sheet and seed == seeds[0]:
+            save_png(clip_rows(clips[::3]), sheet)
     return {lang: summarise([(p.target, s) for p, s in rows if p.language == lang])
             for lang in sorted({p.language for p, _ in rows})}
 
@@ -147,16 +151,33 @@ def scene_video(scene: synthetic.Scene) -> torch.Tensor:
 
 
 @torch.no_grad()
-def vae_round_trip(vae, combos=None, seed: int = 11) -> dict:
+def vae_round_trip(vae, combos=None, seed: int = 11, sheet: Path | None = None) -> dict:
     """The oracle on the VAE's reconstructions (posterior means) of ground-truth clips: the most that any DiT
-    can reach through this VAE."""
+    can reach through this VAE. ``sheet``: a PNG of every sixth clip, ground truth above reconstruction."""
     rng = random.Random(seed)
-    rows = []
-    for combo in combos or round_trip_combos():
+    rows, strips = [], []
+    for i, combo in enumerate(combos or round_trip_combos()):
         scene = synthetic.scene_for(*combo, rng)
         x = scene_video(scene)[None]
-        rows.append((combo, oracle.score(to_uint8(vae.decode(vae.encode(x, sample=False))[0]), scene.objects[0])))
+        frames = to_uint8(vae.decode(vae.encode(x, sample=False))[0])
+        rows.append((combo, oracle.score(frames, scene.objects[0])))
+        if i % 6 == 0:
+            strips += [synthetic.render(scene), frames]
+    if sheet:
+        save_png(clip_rows(strips), sheet)
     return summarise(rows)
+
+
+SHEET_FRAMES = (0, 4, 8, 12, 16)
+
+
+def clip_rows(clips: list[np.ndarray], frames=SHEET_FRAMES, gap: int = 2) -> np.ndarray:
+    """One row per clip of the given frames, with white gaps between frames and rows (uint8 [H, W, 3])."""
+    rows = []
+    for clip in clips:
+        tiles = [np.pad(clip[f], ((0, gap), (0, gap), (0, 0)), constant_values=255) for f in frames if f < len(clip)]
+        rows.append(np.concatenate(tiles, axis=1))
+    return np.concatenate(rows, axis=0)
 
 
 # The swapped-in value for each caption attribute (a different one, never the same).
@@ -209,6 +230,7 @@ def main(argv=None) -> None:
     p.add_argument("--vae", action="store_true", help="score the VAE's reconstructions of ground-truth clips instead")
     p.add_argument("--vae-file", default=None,
                    help="with --vae: score this VAE file (e.g. a training phase's) instead of the model's")
+    p.add_argument("--sheet", default=None, help="write a PNG contact sheet of some of the clips scored here")
     p.add_argument("--reliance", action="store_true", help="measure how much the DiT reads colour, shape and motion words")
     p.add_argument("--paraphrases", action="store_true",
                    help="ask for the held-out combinations in phrasings never trained on (synthetic.PARAPHRASE_FRAMES)")
@@ -216,11 +238,11 @@ def main(argv=None) -> None:
                    help=f"score the README's prompt {DEMO_PROMPT.text!r} for seeds 0 .. --seeds - 1 (default 0-3)")
     args = p.parse_args(argv)
     if args.vae and args.vae_file:
-        print(json.dumps(vae_round_trip(load_vae(args.vae_file, dtype=torch.float32)), indent=1))
+        print(json.dumps(vae_round_trip(load_vae(args.vae_file, dtype=torch.float32), sheet=args.sheet), indent=1))
         return
     model = tiny.load_tiny(args.model)
     if args.vae:
-        print(json.dumps(vae_round_trip(model.vae), indent=1))
+        print(json.dumps(vae_round_trip(model.vae, sheet=args.sheet), indent=1))
         return
     if args.reliance:
         print(json.dumps(caption_reliance(model), indent=1))
@@ -233,7 +255,7 @@ def main(argv=None) -> None:
         report = demo_check(model, seeds=tuple(range(args.seeds or 4)))
     else:
         prompts = paraphrase_prompts() if args.paraphrases else held_out_prompts()
-        report = evaluate(model, prompts, seeds=tuple(range(args.seeds or 2)))
+        report = evaluate(model, prompts, seeds=tuple(range(args.seeds or 2)), sheet=args.sheet)
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
