@@ -162,6 +162,45 @@ def test_cli_image_picks_the_builtin_ti2v_dit_and_the_ti2v_magic():
     assert positive == "a cat" + TI2V_POSITIVE_MAGIC
 
 
+@pytest.mark.slow
+def test_cli_image_to_video_is_the_pipelines(tmp_path):
+    """``--image`` conditions on the start image exactly as the core function does (posterior seeded by --seed);
+    a T2V DiT given --image is a clear error."""
+    from dataclasses import replace
+
+    from stepvideo_core import generate
+    from stepvideo_core.text_encoding import TI2V_NEGATIVE_MAGIC, TI2V_POSITIVE_MAGIC, encode_prompts
+    from stepvideo_core.tiny import model as tiny
+    from stepvideo_core.tiny import ti2v
+    from stepvideo_core.video_io import load_image, save_png
+    from tests.builders import randomize
+
+    start = save_png(ti2v.example_start_image(), tmp_path / "start.png")
+    dit = StepVideoDiT(tiny.TI2V_DIT_CONFIG).eval()
+    randomize(dit, seed=3, scale=0.1)
+    write_sharded(tmp_path / "transformer", dit.state_dict(), "diffusion_pytorch_model", shards=1)
+    latents_file = tmp_path / "latents.safetensors"
+    # A DiT from a folder of its own is taken for a release DiT: the standard preset at the release's size
+    # (992x544, 204 frames) and the TI2V prompt magic, unless told otherwise. Ask for the tiny model's size and
+    # preset; the magic stays the release's TI2V pair.
+    argv = ["a red circle moves to the right", "--image", str(start), "--dit", str(tmp_path / "transformer"),
+            "--width", "128", "--height", "128", "--frames", "17", "--preset", "tiny", "--steps", "2", "--seed", "5", "--motion-score", "2", "--out", str(tmp_path), "--out-latents",
+            str(latents_file)]
+    written = generate.run(generate.build_parser().parse_args(argv))
+    assert written["mp4"].is_file()
+    model = tiny.load_tiny()
+    with torch.no_grad():
+        pos, neg = encode_prompts(model.text, argv[0], after="release", positive_magic=TI2V_POSITIVE_MAGIC,
+                                  negative_magic=TI2V_NEGATIVE_MAGIC)
+        condition = image_condition(model.vae, load_image(start), 17, 128, 128, motion_score=2.0,
+                                    generator=torch.Generator().manual_seed(5))
+        want = sample_latents(dit, pos, neg, replace(tiny.SETTINGS, steps=2, seed=5), image=condition)
+    torch.testing.assert_close(written["latents"], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="Step-Video-T2V DiT"):
+        generate.run(generate.build_parser().parse_args([*argv[:3], "--dit", str(tiny.TINY_DIR / "transformer"),
+                                                         *argv[5:13], "--steps", "1", "--out", str(tmp_path)]))
+
+
 def test_widened_t2v_dit_starts_as_the_t2v_dit_and_can_learn_the_new_inputs():
     from stepvideo_core.tiny import ti2v
 
@@ -190,3 +229,15 @@ def test_shipped_tiny_ti2v_loads_as_ti2v_within_the_size_budget():
     assert sum(p.stat().st_size for p in files) <= 40 * 2**20, "all tiny weights stay within 40 MB"
     dit = load_dit(tiny.TI2V_DIR / "transformer", weight_dtype=torch.float32)
     assert dit.config == tiny.TI2V_DIT_CONFIG
+
+
+@pytest.mark.slow
+def test_shipped_tiny_ti2v_keeps_the_start_images_object():
+    """The oracle finds the start image's colour and shape in the clip (motion: see the model card)."""
+    from stepvideo_core.tiny import model as tiny
+    from stepvideo_core.tiny import oracle, ti2v
+
+    frames = ti2v.generate_from_image(tiny.load_tiny_ti2v(), ti2v.EXAMPLE_PROMPT, ti2v.example_start_image(), seed=0)
+    assert frames.shape == (17, 128, 128, 3)
+    result = oracle.score(frames, ti2v.EXAMPLE.combo)
+    assert result.colour and result.shape, result.detection
