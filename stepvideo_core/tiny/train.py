@@ -260,7 +260,7 @@ def train_vae(work: Path, phase: VAEPhase, config=None, save_every: float = 240.
 # clips, whose per-frame norm statistics are the ones inference sees; ``calibrate_decoder_output`` follows.
 VAE_PHASES = (
     VAEPhase("vae_phase1", steps=2000, lr=1e-3, batch=4, crop=64, edge_weight=0.5, recolour=0.3, kl_weight=0.02),
-    VAEPhase("vae_phase2", steps=1000, lr=5e-4, batch=2, edge_weight=0.5, kl_weight=0.02, warmup=10, init="vae_phase1"),
+    VAEPhase("vae_phase2", steps=2400, lr=5e-4, batch=2, edge_weight=0.5, kl_weight=0.02, warmup=10, init="vae_phase1"),
 )
 
 
@@ -325,7 +325,7 @@ def scene_batches(rng: random.Random, combos, count: int, batch: int):
         yield i, scenes, torch.stack([torch.from_numpy(synthetic.to_model_range(synthetic.render(s))) for s in scenes])
 
 
-def encode_latents(work: Path, count: int = 900, batch: int = 4) -> Path:
+def encode_latents(work: Path, count: int = 1200, batch: int = 4) -> Path:
     """Encode ``count`` training clips once: posterior mean and log-variance [n, 3, z, 8, 8] (the DiT's layout)
     plus the captions of each clip; the DiT stage draws a fresh posterior sample from them every time."""
     vae = load_vae(work / "vae.safetensors", dtype=torch.float32)
@@ -653,7 +653,7 @@ def main(argv=None) -> None:
                 train_vae(work, phase)
         if not (work / "vae.safetensors").exists():
             calibrate_decoder_output(work, work / f"{VAE_PHASES[-1].name}.safetensors")
-    if args.stage in ("all", "latents"):
+    if args.stage in ("all", "latents") and not (work / "latents.json").exists():
         encode_latents(work)
     if args.stage in ("all", "dit"):
         # Phases, each resumable: from scratch, then on from the last phase's EMA weights with a fresh
