@@ -260,7 +260,7 @@ def train_vae(work: Path, phase: VAEPhase, config=None, save_every: float = 240.
 # clips, whose per-frame norm statistics are the ones inference sees; ``calibrate_decoder_output`` follows.
 VAE_PHASES = (
     VAEPhase("vae_phase1", steps=2000, lr=1e-3, batch=4, crop=64, edge_weight=0.5, recolour=0.3, kl_weight=0.02),
-    VAEPhase("vae_phase2", steps=2400, lr=5e-4, batch=2, edge_weight=0.5, kl_weight=0.02, warmup=10, init="vae_phase1"),
+    VAEPhase("vae_phase2", steps=1600, lr=5e-4, batch=2, edge_weight=0.5, kl_weight=0.02, warmup=10, init="vae_phase1"),
 )
 
 
