@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from .hunyuan_clip import HunyuanClip, load_hunyuan_clip
+from .ops import FP8_DTYPES
 from .scheduler import check_finite
 from .step_llm import StepLLM, StepLLMTokenizer, load_step_llm
 
@@ -162,12 +163,34 @@ def encode_texts(encoders: TextEncoders, texts: Sequence[str], device: torch.dev
     ids, llm_mask = encoders.tokenizer(list(texts))
     if prepare is not None:
         prepare("step_llm")
-    # Weights may stay on the CPU while ids go to ``device``: the default operations stream each layer over.
-    llm_states = llm(ids.to(device), llm_mask.to(device))
+    try:
+        # Weights may stay on the CPU while ids go to ``device``: the default operations stream each layer over.
+        llm_states = llm(ids.to(device), llm_mask.to(device))
+    except torch.OutOfMemoryError as e:
+        raise torch.OutOfMemoryError(text_oom_message("Step-LLM", llm, len(texts), int(llm_mask.sum(1).max()), e)) from e
     if prepare is not None:
         prepare("clip")
-    clip_states = encoders.clip(list(texts))
+    try:
+        clip_states = encoders.clip(list(texts))
+    except torch.OutOfMemoryError as e:
+        raise torch.OutOfMemoryError(text_oom_message("Hunyuan-CLIP", None, len(texts), None, e)) from e
     return TextConditioning(llm_states, combined_mask(llm_mask).to(device), clip_states.to(device))
+
+
+def text_oom_message(encoder: str, llm: StepLLM | None, prompts: int, tokens: int | None, error: Exception) -> str:
+    """What to change when a text encoder runs out of memory; ``llm`` is Step-LLM when it was the one running."""
+    tips = []
+    if llm is not None:
+        if llm.tok_embeddings.word_embeddings.weight.dtype not in FP8_DTYPES:
+            tips.append("load Step-LLM with weight dtype fp8_e4m3fn (about 20 GB instead of 39)")
+        tips.append("keep its weights on the CPU and let each layer go to the GPU as it runs (ComfyUI --lowvram, "
+                    "or load it with device cpu)")
+    else:  # the BERT is small: the memory went to what else is loaded
+        tips.append("free the GPU for it: let ComfyUI offload the DiT and Step-LLM (--lowvram)")
+    if prompts > 2:
+        tips.append(f"encode fewer prompts at once ({prompts} now, the negative included)")
+    size = f"{prompts} prompts" + (f" of up to {tokens} tokens" if tokens is not None else "")
+    return f"Out of memory in the {encoder} text encoder ({size}). To fit: " + "; ".join(tips) + f". ({error})"
 
 
 def encode_prompts(

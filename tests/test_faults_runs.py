@@ -175,3 +175,21 @@ def test_oom_at_encode_says_what_to_shrink(tiny):
             tiny.vae.encode(torch.zeros(1, 17, 3, 32, 32))
     finally:
         handle.remove()
+
+
+def test_oom_in_a_text_encoder_names_it_with_advice_and_leaves_it_usable(tiny):
+    want, _ = encode_prompts(tiny.text, ["a red square moves left", "a blue circle grows"], after="keep")
+    for module, encoder, tip in ((tiny.text.step_llm.transformer.layers[1], "Step-LLM", "weight dtype fp8_e4m3fn"),
+                                 (tiny.text.clip.model, "Hunyuan-CLIP", "offload the DiT and Step-LLM")):
+        handle = simulated_oom(module)
+        try:
+            with torch.no_grad(), pytest.raises(torch.OutOfMemoryError) as e:
+                encode_prompts(tiny.text, ["a red square moves left", "a blue circle grows"], after="keep")
+        finally:
+            handle.remove()
+        message = str(e.value)
+        assert message.startswith(f"Out of memory in the {encoder} text encoder (3 prompts"), message
+        assert tip in message and "fewer prompts at once (3 now, the negative included)" in message
+        assert "(simulated)" in message, "the original error is kept"
+    again, _ = encode_prompts(tiny.text, ["a red square moves left", "a blue circle grows"], after="keep")
+    assert torch.equal(again.llm_states, want.llm_states) and torch.equal(again.clip_states, want.clip_states)
