@@ -77,7 +77,7 @@ def test_the_vae_round_trip_keeps_the_colour_of_objects(model, tmp_path):
     combos = evaluate.round_trip_combos()[::3]
     report = evaluate.vae_round_trip(model.vae, combos=combos, sheet=tmp_path / "sheet.png")
     assert report["colour"] >= FLOORS["vae_colour"], report
-    # The contact sheet: clips 0, 6 and 12, ground truth above reconstruction, frames 0, 4, 8, 12, 16 in a row.
+    # The contact sheet: clips 0, 5 and 10, ground truth above reconstruction, frames 0, 4, 8, 12, 16 in a row.
     sheet = ((load_image(tmp_path / "sheet.png") + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.uint8)
     tile = 128 + 2
     assert sheet.shape == (6 * tile, 5 * tile, 3)
