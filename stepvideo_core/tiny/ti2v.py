@@ -37,12 +37,12 @@ from . import model as tiny
 from .train import (
     EMA,
     SEED,
-    _write_single_shard,
     cosine_lr,
     flow_matching_loss,
     log,
     sample_training_times,
     scene_batches,
+    write_transformer,
 )
 
 STILL_SCORE, MOVING_SCORE = 2.0, 5.0
@@ -203,14 +203,7 @@ def train_phase(work: Path, phase: int, steps: int, lr: float, batch: int = 12, 
 def export(work: Path, out: Path = tiny.TI2V_DIR, dtype: torch.dtype = torch.float16) -> None:
     """The last phase's DiT in the official layout (fp16, one shard + index + config.json)."""
     state = load_file(str(work / f"ti2v_dit_phase{len(PHASES)}.safetensors"))
-    _write_single_shard(out / "transformer", "diffusion_pytorch_model", {k: v.to(dtype) for k, v in state.items()})
-    cfg = tiny.TI2V_DIT_CONFIG
-    (out / "transformer" / "config.json").write_text(json.dumps({
-        "_class_name": "StepVideoModel", "num_attention_heads": cfg.num_attention_heads,
-        "attention_head_dim": cfg.attention_head_dim, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
-        "num_layers": cfg.num_layers, "dropout": 0.0, "patch_size": cfg.patch_size, "norm_type": "ada_norm_single",
-        "norm_elementwise_affine": False, "norm_eps": cfg.norm_eps, "use_additional_conditions": True,
-        "caption_channels": list(cfg.caption_channels), "attention_type": "torch"}, indent=1))
+    write_transformer(out / "transformer", {k: v.to(dtype) for k, v in state.items()}, tiny.TI2V_DIT_CONFIG)
     stats = {name: json.loads((work / f"{name}.json").read_text())
              for name in ("ti2v_latents", *(f"ti2v_dit_phase{i + 1}" for i in range(len(PHASES))))
              if (work / f"{name}.json").exists()}

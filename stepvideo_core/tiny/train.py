@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..dit import StepVideoDiT
+from ..dit import DiTConfig, StepVideoDiT
 from ..scheduler import flow_matching_loss, sample_training_times
 from ..step_llm import CONTROL_TOKENS, MASK_TOKENS, TOKENIZER_FILE, StepLLM, StepLLMTokenizer
 from ..text_encoding import NEGATIVE_MAGIC, POSITIVE_MAGIC, combined_mask
@@ -588,6 +588,18 @@ def _write_single_shard(folder: Path, stem: str, state: dict[str, torch.Tensor])
     (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
+def write_transformer(folder: Path, state: dict[str, torch.Tensor], cfg: DiTConfig) -> None:
+    """A DiT in the release's ``transformer/`` layout: one shard, its index and the diffusers-style config.json."""
+    _write_single_shard(folder, "diffusion_pytorch_model", state)
+    (folder / "config.json").write_text(json.dumps({
+        "_class_name": "StepVideoModel", "num_attention_heads": cfg.num_attention_heads,
+        "attention_head_dim": cfg.attention_head_dim, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+        "num_layers": cfg.num_layers, "dropout": 0.0, "patch_size": cfg.patch_size, "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": False, "norm_eps": cfg.norm_eps,
+        "use_additional_conditions": cfg.use_additional_conditions, "caption_channels": list(cfg.caption_channels),
+        "attention_type": "torch"}, indent=1))
+
+
 def last_dit_phase(work: Path) -> int:
     """The newest finished DiT phase in ``work`` (0 when none has finished)."""
     done = [int(p.stem.removeprefix("dit_phase")) for p in work.glob("dit_phase*.json")]
@@ -603,16 +615,9 @@ def export(work: Path, out: Path = tiny.TINY_DIR, dtype: torch.dtype = torch.flo
     def cast(file: Path) -> dict[str, torch.Tensor]:
         return {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(file)).items()}
 
-    cfg = tiny.DIT_CONFIG
     phase = phase or last_dit_phase(work)
     last = f"_phase{phase}"
-    _write_single_shard(out / "transformer", "diffusion_pytorch_model", cast(work / f"dit{last}.safetensors"))
-    (out / "transformer" / "config.json").write_text(json.dumps({
-        "_class_name": "StepVideoModel", "num_attention_heads": cfg.num_attention_heads,
-        "attention_head_dim": cfg.attention_head_dim, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
-        "num_layers": cfg.num_layers, "dropout": 0.0, "patch_size": cfg.patch_size, "norm_type": "ada_norm_single",
-        "norm_elementwise_affine": False, "norm_eps": cfg.norm_eps, "use_additional_conditions": False,
-        "caption_channels": list(cfg.caption_channels), "attention_type": "torch"}, indent=1))
+    write_transformer(out / "transformer", cast(work / f"dit{last}.safetensors"), tiny.DIT_CONFIG)
     (out / "vae").mkdir(parents=True, exist_ok=True)
     save_file(cast(work / "vae.safetensors"), str(out / "vae" / "vae_v2.safetensors"),
               metadata={NORM_GROUPS_KEY: str(tiny.VAE_CONFIG.norm_groups)})
