@@ -163,7 +163,9 @@ def train_phase(work: Path, phase: int, steps: int, lr: float, batch: int = 12, 
     for step in range(first_step, steps):
         opt.param_groups[0]["lr"] = cosine_lr(step, steps, lr, warmup=warmup)
         idx = torch.randint(0, len(records), (batch,), generator=gen)
-        latents = posterior_sample(store["clip"][idx], gen)
+        # The clip's posterior means, as the T2V DiT learns them (see ``train.encode_latents``); the start frame's
+        # condition is a posterior sample, as the pipeline encodes a start image.
+        latents = store["clip"][idx].chunk(2, dim=2)[0]
         condition = torch.zeros_like(latents)
         condition[:, :1] = posterior_sample(store["first"][idx], gen)
         texts = []
