@@ -575,9 +575,9 @@ def train_dit(work: Path, steps: int = 650, batch: int = 12, lr: float = 1e-3, t
 
 # (steps, DiT learning rate; the text encoders learn at half of it) per phase. The shipped weights' run stopped
 # phase 2 at step 1458 of 1600 (``--dit-seconds 1000``) and had three phases; training.json records it. On the
-# next VAE, motion climbed at every phase (held-out English 19% after phase 2, 31% after 3, 47% after 4), so
+# next VAE, motion climbed at every phase (held-out English 19% after phase 2, then 31, 47, 81 and 94%), so
 # each further phase of 3,500 steps (about 20 minutes) stays while it still helps.
-DIT_PHASES = ((650, 1e-3), (1600, 5e-4), (1600, 2.5e-4), (3500, 2.5e-4), (3500, 2.5e-4))
+DIT_PHASES = ((650, 1e-3), (1600, 5e-4), (1600, 2.5e-4), (3500, 2.5e-4), (3500, 2.5e-4), (3500, 2.5e-4))
 
 # ---- export ---------------------------------------------------------------------------------------------------
 
