@@ -73,8 +73,7 @@ def dit_work(tmp_path_factory):
     train_tiny.train_tokenizers(work)
     torch.manual_seed(0)
     count = 4
-    save_file({"mean": torch.randn(count, 3, 16, 8, 8)},
-              str(work / "latents.safetensors"))
+    save_file({"mean": torch.randn(count, 3, 16, 8, 8)}, str(work / "latents.safetensors"))
     rng = random.Random(0)
     scenes = [synthetic.make_scene(rng, synthetic.training_combos()) for _ in range(count)]
     (work / "captions.json").write_text(json.dumps([{k: list(v) for k, v in s.captions.items()} for s in scenes]))

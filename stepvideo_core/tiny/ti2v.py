@@ -87,15 +87,16 @@ def widen_for_image(t2v: StepVideoDiT, seed: int = SEED) -> StepVideoDiT:
 
 @torch.no_grad()
 def encode_dataset(work: Path, count: int = 240, batch: int = 4) -> Path:
-    """``count`` training clips: posterior moments of the whole clip and of its first frame encoded alone (what
-    inference conditions on), captions, and each clip's motion score."""
+    """``count`` training clips: posterior means of the whole clip (what the DiT learns, as in
+    ``train.encode_latents``), posterior moments of its first frame encoded alone (the condition is drawn from
+    them, as the pipeline encodes a start image), captions, and each clip's motion score."""
     vae = load_vae(tiny.paths()["vae"], dtype=torch.float32)
     rng = random.Random(SEED + 41)
     combos = synthetic.training_combos()
     clips, firsts, records = [], [], []
     start = time.time()
     for i, scenes, x in scene_batches(rng, combos, count, batch):
-        clips.append(vae.encoder(x).permute(0, 2, 1, 3, 4).contiguous())
+        clips.append(vae.encoder(x).permute(0, 2, 1, 3, 4).chunk(2, dim=2)[0].contiguous())
         firsts.append(vae.encoder(x[:, :, :1]).permute(0, 2, 1, 3, 4).contiguous())
         records += [{"en": list(s.captions["en"]), "zh": list(s.captions["zh"]),
                      "motion_score": motion_score_for(o.motion for o in s.objects)} for s in scenes]
@@ -163,9 +164,7 @@ def train_phase(work: Path, phase: int, steps: int, lr: float, batch: int = 12, 
     for step in range(first_step, steps):
         opt.param_groups[0]["lr"] = cosine_lr(step, steps, lr, warmup=warmup)
         idx = torch.randint(0, len(records), (batch,), generator=gen)
-        # The clip's posterior means, as the T2V DiT learns them (see ``train.encode_latents``); the start frame's
-        # condition is a posterior sample, as the pipeline encodes a start image.
-        latents = store["clip"][idx].chunk(2, dim=2)[0]
+        latents = store["clip"][idx]
         condition = torch.zeros_like(latents)
         condition[:, :1] = posterior_sample(store["first"][idx], gen)
         texts = []

@@ -333,9 +333,9 @@ def scene_batches(rng: random.Random, combos, count: int, batch: int):
 
 def encode_latents(work: Path, count: int = 1200, batch: int = 4) -> Path:
     """Encode ``count`` training clips once: posterior means [n, 3, z, 8, 8] (the DiT's layout) plus the
-    captions of each clip. The DiT learns the means, not posterior samples: the decoder's last phase
-    (``vae_decoder``) learnt to render means, and a sample's noise (sigma ~0.5 against a spread of ~0.65) would
-    be most of what the DiT had to learn."""
+    captions of each clip. The DiT learns the means, not posterior samples: after the VAE's second phase a
+    sample's noise (sigma ~0.5 against a spread of ~0.65 in the means) was most of what the DiT had to learn,
+    and the pipeline decodes whatever the DiT makes without adding any."""
     vae = load_vae(work / "vae.safetensors", dtype=torch.float32)
     rng = random.Random(SEED + 1)
     combos = synthetic.training_combos()
