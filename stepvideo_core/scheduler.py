@@ -192,10 +192,12 @@ def sample_training_times(batch: int, generator: torch.Generator, shift: float) 
 
 
 def flow_matching_loss(model, latents: torch.Tensor, text: dict, t: torch.Tensor, noise: torch.Tensor,
-                       reduce: bool = True) -> torch.Tensor:
+                       reduce: bool = True, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error of ``model(x_t, t, **text)`` against the velocity ``data - noise``, at
-    ``x_t = t * data + (1 - t) * noise`` (t = 0 is noise). With ``reduce=False``, one error per sample."""
+    ``x_t = t * data + (1 - t) * noise`` (t = 0 is noise). With ``reduce=False``, one error per sample;
+    ``weight`` (broadcast against the latents) weights the squared error element by element."""
     tt = t.view(-1, *([1] * (latents.ndim - 1)))
     x = tt * latents + (1 - tt) * noise
-    error = (model(x, t, **text) - (latents - noise)).pow(2).flatten(1).mean(1)
+    squared = (model(x, t, **text) - (latents - noise)).pow(2)
+    error = (squared if weight is None else squared * weight).flatten(1).mean(1)
     return error.mean() if reduce else error

@@ -141,3 +141,7 @@ def test_flow_matching_loss_is_the_velocity_error_at_the_interpolated_point():
     torch.testing.assert_close(flow_matching_loss(model, data, {"scale": 0.5}, t, noise), want.mean())
     exact = flow_matching_loss(lambda x, tt: data - noise, data, {}, t, noise, reduce=False)
     assert torch.equal(exact, torch.zeros(3))
+    weight = torch.rand(3, 2, 1, 2, 2, generator=g)
+    weighted = flow_matching_loss(model, data, {"scale": 0.5}, t, noise, reduce=False, weight=weight)
+    want = torch.stack([((0.5 - (data[i] - noise[i])) ** 2 * weight[i]).mean() for i in range(3)])
+    torch.testing.assert_close(weighted, want)

@@ -16,7 +16,11 @@ from stepvideo_core.tiny import train as train_tiny
 from stepvideo_core.video_io import load_image
 
 BUDGET_BYTES = 30 * 2**20
-FLOORS = {"vae_colour": 0.5, "colour": 0.6}  # measured: 0.79 of 14 clips; 0.83 (English) and 1.0 (Chinese)
+# Regression floors under the shipped weights, not the targets. Measured on these subsets: the VAE reads colour,
+# shape and motion 1.0 of 14 clips; generations colour 1.0 / 1.0 and motion 1.0 / 1.0 (English / Chinese);
+# reliance at t = 0.2: colour 1.91, shape 1.12, motion 1.96.
+FLOORS = {"vae_colour": 0.85, "vae_motion": 0.85, "colour": 0.8, "motion": 0.8,
+          "reliance_colour": 1.5, "reliance_shape": 1.05, "reliance_motion": 1.5}
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +78,12 @@ def test_the_wordpiece_vocabulary_builder_rebuilds_the_shipped_one(tmp_path):
 
 
 @pytest.mark.slow  # ~27 s on one core: the VAE round trip of 14 clips, read by the oracle
-def test_the_vae_round_trip_keeps_the_colour_of_objects(model, tmp_path):
+def test_the_vae_round_trip_keeps_the_colour_and_motion_of_objects(model, tmp_path):
     # A regression floor under the shipped VAE's level on a third of the card's clips; a broken decode, a
     # layout mix-up or a wrong GroupNorm count reads almost none.
     combos = evaluate.round_trip_combos()[::3]
     report = evaluate.vae_round_trip(model.vae, combos=combos, sheet=tmp_path / "sheet.png")
-    assert report["colour"] >= FLOORS["vae_colour"], report
+    assert report["colour"] >= FLOORS["vae_colour"] and report["motion"] >= FLOORS["vae_motion"], report
     # The contact sheet: clips 0, 5 and 10, ground truth above reconstruction, frames 0, 4, 8, 12, 16 in a row.
     sheet = ((load_image(tmp_path / "sheet.png") + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.uint8)
     tile = 128 + 2
@@ -97,21 +101,21 @@ def test_the_vae_round_trip_keeps_the_colour_of_objects(model, tmp_path):
 
 
 @pytest.mark.slow  # ~24 s on one core: 20-step generations of 6 held-out combinations in two languages
-def test_generations_follow_held_out_prompts_in_both_languages(model):
+def test_generations_follow_the_colour_and_motion_of_held_out_prompts_in_both_languages(model):
     # Floors under what the shipped weights reach on these prompts (one seed), not the targets (see the model card).
     prompts = evaluate.held_out_prompts(combos=sorted(synthetic.HELD_OUT)[::3])
     report = evaluate.evaluate(model, prompts, seeds=(0,))
     for lang in ("en", "zh"):
-        assert report[lang]["colour"] >= FLOORS["colour"], report
+        assert report[lang]["colour"] >= FLOORS["colour"] and report[lang]["motion"] >= FLOORS["motion"], report
 
 
 @pytest.mark.slow
-def test_the_dit_reads_colour_words_and_the_probe_sees_an_unchanged_caption_as_ignored(model):
-    # The probe behind the model card's "what limits it": swapping a colour word must raise the DiT's error on
-    # the clean latents (measured 1.22 at t = 0.2 on 21 clips). With every swap made a no-op, the two captions
-    # are the same text and every ratio must be exactly 1.
+def test_the_dit_reads_caption_words_and_the_probe_sees_an_unchanged_caption_as_ignored(model):
+    # The probe behind the model card's "what limits it": swapping a word must raise the DiT's error on the clean
+    # latents. With every swap made a no-op, the two captions are the same text and every ratio must be exactly 1.
     report = evaluate.caption_reliance(model, times=(0.2,), clips=8)
-    assert report["colour"][0.2] > 1.1, report
+    for attribute in ("colour", "shape", "motion"):
+        assert report[attribute][0.2] > FLOORS[f"reliance_{attribute}"], report
     identity = {attribute: {v: v for v in swap} for attribute, swap in evaluate.ATTRIBUTE_SWAPS.items()}
     unchanged = evaluate.caption_reliance(model, times=(0.2,), clips=4, swaps=identity)
     assert all(ratios[0.2] == 1.0 for ratios in unchanged.values()), unchanged

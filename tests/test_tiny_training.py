@@ -102,6 +102,24 @@ def test_an_interrupted_dit_phase_resumes_to_the_unbroken_result(dit_work, tmp_p
     assert json.loads((runs["resumed"] / "dit_phase1.json").read_text())["steps"] == 3
 
 
+def test_object_cell_weights_boost_exactly_the_cells_an_object_covers():
+    g = torch.Generator().manual_seed(0)
+    background = torch.randn(2, 3, 4, 1, 1, generator=g)  # one latent per clip and frame, channel by channel
+    latents = background.expand(2, 3, 4, 8, 8).clone() + 0.01 * torch.randn(2, 3, 4, 8, 8, generator=g)
+    covered = torch.zeros(2, 3, 1, 8, 8, dtype=torch.bool)
+    covered[0, :, :, 2:4, 3:6] = True  # clip 0: a 2 x 3 object in every frame
+    covered[1, :, :, 5:8, 0:2] = True  # clip 1: a 3 x 2 object
+    latents = latents + 2.0 * covered
+    weights = train_tiny.object_cell_weights(latents, boost=4.0)
+    for clip in range(2):
+        w, c = weights[clip], covered[clip]
+        assert torch.allclose(w.mean(), torch.tensor(1.0))
+        rest = w[~c][0]
+        torch.testing.assert_close(w[~c], torch.full_like(w[~c], rest.item()))
+        torch.testing.assert_close(w[c], torch.full_like(w[c], 5.0 * rest.item()))
+    assert torch.equal(train_tiny.object_cell_weights(latents, boost=0.0), torch.ones_like(weights))
+
+
 @pytest.mark.slow  # ~60 s: the text pretraining stage, short
 def test_text_pretraining_separates_the_words_of_held_out_captions(dit_work, tmp_path):
     """Linear probes on the pooled states of both encoders read colour, shape and motion of captions of the

@@ -23,8 +23,8 @@ NAME = "step-video-tiny"
 # Image to video: only the DiT differs (fine-tuned by ``tiny.ti2v``); it shares the VAE and encoders in TINY_DIR.
 TI2V_DIR = TINY_DIR.parent / "step-video-tiny-ti2v"
 
-VAE_CONFIG = VAEConfig(z_channels=16, encoder_channels=8, encoder_channel_mult=(1, 4, 8, 8), encoder_num_res_blocks=1,
-                       decoder_channels=8, decoder_channel_mult=(1, 4, 8, 8), decoder_num_res_blocks=1, norm_groups=2)
+VAE_CONFIG = VAEConfig(z_channels=16, encoder_channels=8, encoder_channel_mult=(1, 2, 4, 8), encoder_num_res_blocks=1,
+                       decoder_channels=8, decoder_channel_mult=(1, 2, 4, 8), decoder_num_res_blocks=1, norm_groups=2)
 LLM_CONFIG = dict(hidden_size=128, num_layers=2, num_attention_heads=4, num_attention_groups=2, ffn_hidden_size=256)
 CLIP_CONFIG = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
                    max_position_embeddings=80, type_vocab_size=2)

@@ -7,7 +7,7 @@ Stages: ``tokenizers`` (SentencePiece for Step-LLM, a WordPiece vocabulary for t
 encoders pretrained to tell apart the colour, shape and motion a caption names), ``vae`` (the Video-VAE on
 reconstruction in the phases of ``VAE_PHASES``, then its output convolution solved by least squares),
 ``latents`` (the training clips encoded once), ``dit`` (the DiT with flow matching, the two text encoders
-trained with it end to end, in phases of falling learning rate), ``export`` (fp16 safetensors in the official
+trained with it end to end, in the phases of ``DIT_PHASES``), ``export`` (fp16 safetensors in the official
 layout). Every phase writes its own file, and a stage skips the phases already done. The long phases write a
 checkpoint every few minutes and a rerun resumes from it, so a run that is stopped loses at most those minutes.
 """
@@ -19,7 +19,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -168,12 +168,6 @@ def save_vae(vae: VideoVAE, path: Path) -> None:
               metadata={NORM_GROUPS_KEY: str(vae.config.norm_groups)})
 
 
-# The VAE this recipe trains: the shipped structure with the widths at the three highest resolutions halved, so a
-# whole clip trains 2.6x faster (0.97 s against 2.49 s a clip, forward and backward, on the 2 cores). Until the
-# recipe's next export, tiny.VAE_CONFIG describes the shipped weights, which an earlier recipe trained.
-VAE_CONFIG = replace(tiny.VAE_CONFIG, encoder_channel_mult=(1, 2, 4, 8), decoder_channel_mult=(1, 2, 4, 8))
-
-
 @dataclass(frozen=True)
 class VAEPhase:
     """One VAE training phase: reconstruction (L1 + MSE, object pixels weighted up) plus a light KL term."""
@@ -200,7 +194,7 @@ def train_vae(work: Path, phase: VAEPhase, config=None, save_every: float = 240.
     """Train one VAE phase; resumable: a checkpoint (weights, optimiser, step) is written every ``save_every``
     seconds and a rerun goes on from it, so an interrupted phase loses at most that much. Each step's clips and
     noise come from generators seeded by the step number, so a resumed phase sees what an unbroken one would."""
-    config = config or VAE_CONFIG
+    config = config or tiny.VAE_CONFIG
     final, checkpoint = work / f"{phase.name}.safetensors", work / f"{phase.name}.ckpt.pt"
     if phase.init is None:
         torch.manual_seed(SEED)
@@ -484,12 +478,24 @@ class EMA:
             p.copy_(s)
 
 
+def object_cell_weights(latents: torch.Tensor, boost: float) -> torch.Tensor:
+    """Loss weights [B, T, 1, H, W] for latents [B, T, C, H, W]: ``1 + boost`` on the cells an object covers, 1
+    elsewhere, scaled to mean 1 per clip. A cell is an object's when its distance to the frame's background latent
+    (the median over cells, channel by channel) is over half the frame's largest distance. An object covers 4-9
+    of a frame's 64 cells, so with equal weights the loss is mostly background, while shape lives in those cells."""
+    background = latents.flatten(3).median(-1).values[..., None, None]
+    distance = (latents - background).norm(dim=2, keepdim=True)
+    weight = 1 + boost * (distance > 0.5 * distance.amax(dim=(3, 4), keepdim=True)).float()
+    return weight / weight.mean(dim=(1, 2, 3, 4), keepdim=True)
+
+
 def train_dit(work: Path, steps: int = 650, batch: int = 12, lr: float = 1e-3, text_lr: float = 5e-4,
               uncond: float = 0.1, chinese: float = 0.5, seconds: float | None = None, warmup: int = 100,
-              phase: int = 1, save_every: float = 240.0) -> None:
-    """Flow matching on the encoded clips; the text encoders learn with the DiT. A caption is replaced by the
-    negative prompt the pipeline uses (NEGATIVE_MAGIC) ``uncond`` of the time, which trains the guidance's
-    unconditional branch; every other caption carries POSITIVE_MAGIC, as at inference.
+              phase: int = 1, save_every: float = 240.0, object_boost: float = 0.0) -> None:
+    """Flow matching on the encoded clips; the text encoders learn with the DiT (``text_lr`` 0 keeps them as
+    they are). A caption is replaced by the negative prompt the pipeline uses (NEGATIVE_MAGIC) ``uncond`` of the
+    time, which trains the guidance's unconditional branch; every other caption carries POSITIVE_MAGIC, as at
+    inference. ``object_boost`` weights the error on the cells objects cover up (``object_cell_weights``).
 
     Resumable like ``train_vae``: a checkpoint every ``save_every`` seconds, each step's draws seeded by its
     number. ``seconds`` caps the phase's total time, resumed runs included."""
@@ -548,7 +554,8 @@ def train_dit(work: Path, steps: int = 650, batch: int = 12, lr: float = 1e-3, t
                 texts.append(rng.choice(captions[i][lang]) + POSITIVE_MAGIC)
         text = encode_for_training(texts, tokenizer, llm, bert_tokenizer, bert)
         t = sample_training_times(batch, gen, tiny.SETTINGS.shift)
-        loss = flow_matching_loss(dit, latents, text, t, torch.randn(latents.shape, generator=gen))
+        weight = object_cell_weights(latents, object_boost) if object_boost else None
+        loss = flow_matching_loss(dit, latents, text, t, torch.randn(latents.shape, generator=gen), weight=weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -569,15 +576,27 @@ def train_dit(work: Path, steps: int = 650, batch: int = 12, lr: float = 1e-3, t
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(work / f"{part}_phase{phase}.safetensors"))
     bert.config.to_json_file(str(work / "bert_config.json"))
     (work / f"dit_phase{phase}.json").write_text(json.dumps({"steps": step, "batch": batch, "lr": lr,
+                                                             "object_boost": object_boost,
                                                              "seconds": round(time.time() - start)}))
     checkpoint.unlink(missing_ok=True)
 
 
-# (steps, DiT learning rate; the text encoders learn at half of it) per phase. The shipped weights' run stopped
-# phase 2 at step 1458 of 1600 (``--dit-seconds 1000``) and had three phases; training.json records it. On the
-# next VAE, motion climbed at every phase (held-out English 19% after phase 2, then 31, 47, 81 and 94%), so
-# each further phase of 3,500 steps (about 20 minutes) stays while it still helps.
-DIT_PHASES = ((650, 1e-3), (1600, 5e-4), (1600, 2.5e-4), (3500, 2.5e-4), (3500, 2.5e-4), (3500, 2.5e-4))
+@dataclass(frozen=True)
+class DiTPhase:
+    """One DiT phase: a fresh optimiser and cosine schedule, on from the previous phase's EMA weights."""
+
+    steps: int
+    lr: float  # the DiT's; the text encoders learn at half of it
+    object_boost: float = 0.0  # extra loss weight on the latent cells objects cover (object_cell_weights)
+
+
+# The shipped weights' phases (training.json records them). Motion climbed at every phase (held-out English 19%
+# after phase 2, then 31, 47, 81 and 94%), so each further phase of 3,500 steps (about 20 minutes) stayed while it
+# helped. From phase 7 on, object cells weigh x5: shape lives in the 4-9 cells of a frame that an object covers,
+# and the DiT's reading of shape words doubled in phase 7 (see the model card).
+DIT_PHASES = (DiTPhase(650, 1e-3), DiTPhase(1600, 5e-4), DiTPhase(1600, 2.5e-4),
+              *(DiTPhase(3500, 2.5e-4) for _ in range(3)), *(DiTPhase(3500, 2.5e-4, object_boost=4.0) for _ in range(3)))
+
 
 # ---- export ---------------------------------------------------------------------------------------------------
 
@@ -670,12 +689,11 @@ def main(argv=None) -> None:
     if args.stage in ("all", "latents") and not (work / "latents.json").exists():
         encode_latents(work)
     if args.stage in ("all", "dit"):
-        # Phases, each resumable: from scratch, then on from the last phase's EMA weights with a fresh
-        # optimiser and a lower learning rate.
-        for phase, (steps, lr) in enumerate(DIT_PHASES, start=1):
+        # DIT_PHASES, each resumable: from scratch, then each on from the last one's EMA weights.
+        for phase, spec in enumerate(DIT_PHASES, start=1):
             if not (work / f"dit_phase{phase}.json").exists():
-                train_dit(work, steps=steps, lr=lr, text_lr=lr / 2, seconds=args.dit_seconds, phase=phase,
-                          warmup=100 if phase == 1 else 50)
+                train_dit(work, steps=spec.steps, lr=spec.lr, text_lr=spec.lr / 2, seconds=args.dit_seconds,
+                          phase=phase, warmup=100 if phase == 1 else 50, object_boost=spec.object_boost)
     if args.stage in ("all", "export"):
         export(work)
 

@@ -201,3 +201,4 @@ def test_demo_workflow_runs_end_to_end_on_cpu(server, tiny_demo):
     result = oracle.score(frames, ("blue", "square", "right"))
     print("oracle:", result)
     assert result.colour, f"the demo video does not show a blue object: {result.detection}"
+    assert result.motion, f"the demo video's object does not move right: {result.detection}"
