@@ -232,12 +232,12 @@ def test_shipped_tiny_ti2v_loads_as_ti2v_within_the_size_budget():
 
 
 @pytest.mark.slow
-def test_shipped_tiny_ti2v_keeps_the_start_images_object():
-    """The oracle finds the start image's colour and shape in the clip (motion: see the model card)."""
+def test_shipped_tiny_ti2v_keeps_the_start_images_object_and_moves_it():
+    """The oracle finds the start image's colour and shape in the clip, moving as the prompt says."""
     from stepvideo_core.tiny import model as tiny
     from stepvideo_core.tiny import oracle, ti2v
 
     frames = ti2v.generate_from_image(tiny.load_tiny_ti2v(), ti2v.EXAMPLE_PROMPT, ti2v.example_start_image(), seed=0)
     assert frames.shape == (17, 128, 128, 3)
     result = oracle.score(frames, ti2v.EXAMPLE.combo)
-    assert result.colour and result.shape, result.detection
+    assert result.colour and result.shape and result.motion, result.detection

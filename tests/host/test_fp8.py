@@ -16,9 +16,11 @@ from .test_comfy_hooks import demo, sample  # noqa: F401  (the shared fixture)
 from .test_tiny_demo import builtin, run
 
 STEPS = 4
-# Measured on the CPU (4 steps): fp8_e4m3fn (fast or not) 0.046 and scaled fp8 0.048 mean relative error against
-# bf16 weights; e4m3's 3 mantissa bits round each weight by up to 6%. A scale ignored would be off by ~100x.
-FP8_TOLERANCE = 0.08
+# Measured on the CPU (4 steps, the second-recipe weights): fp8_e4m3fn (fast or not) 0.120 and scaled fp8 0.127
+# mean relative error against bf16 weights (the first recipe's: 0.046 and 0.048); e4m3's 3 mantissa bits round
+# each weight by up to 6%, and a DiT that has learnt motion carries that further through the steps. A scale
+# ignored would be off by ~100x.
+FP8_TOLERANCE = 0.2
 
 
 def loaded(host, weight_dtype):
