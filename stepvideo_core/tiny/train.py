@@ -492,10 +492,10 @@ def object_cell_weights(latents: torch.Tensor, boost: float) -> torch.Tensor:
 def train_dit(work: Path, steps: int = 650, batch: int = 12, lr: float = 1e-3, text_lr: float = 5e-4,
               uncond: float = 0.1, chinese: float = 0.5, seconds: float | None = None, warmup: int = 100,
               phase: int = 1, save_every: float = 240.0, object_boost: float = 0.0) -> None:
-    """Flow matching on the encoded clips; the text encoders learn with the DiT (``text_lr`` 0 keeps them as
-    they are). A caption is replaced by the negative prompt the pipeline uses (NEGATIVE_MAGIC) ``uncond`` of the
-    time, which trains the guidance's unconditional branch; every other caption carries POSITIVE_MAGIC, as at
-    inference. ``object_boost`` weights the error on the cells objects cover up (``object_cell_weights``).
+    """Flow matching on the encoded clips; the text encoders learn with the DiT. A caption is replaced by the
+    negative prompt the pipeline uses (NEGATIVE_MAGIC) ``uncond`` of the time, which trains the guidance's
+    unconditional branch; every other caption carries POSITIVE_MAGIC, as at inference. ``object_boost`` weights
+    the error on the cells objects cover up (``object_cell_weights``).
 
     Resumable like ``train_vae``: a checkpoint every ``save_every`` seconds, each step's draws seeded by its
     number. ``seconds`` caps the phase's total time, resumed runs included."""
