@@ -17,9 +17,10 @@ from stepvideo_core.video_io import load_image
 
 BUDGET_BYTES = 30 * 2**20
 # Regression floors under the shipped weights, not the targets. Measured on these subsets: the VAE reads colour,
-# shape and motion 1.0 of 14 clips; generations colour 1.0 / 1.0 and motion 1.0 / 1.0 (English / Chinese);
-# reliance at t = 0.2: colour 1.91, shape 1.12, motion 1.96.
-FLOORS = {"vae_colour": 0.85, "vae_motion": 0.85, "colour": 0.8, "motion": 0.8,
+# shape and motion 1.0 of 14 clips; generations colour 1.0 / 1.0, shape 0.83 / 1.0 and motion 1.0 / 1.0 (English /
+# Chinese; on all 18 held-out combinations shape is 0.44 / 0.42, these 6 happen to be easier); reliance at t = 0.2:
+# colour 1.95, shape 1.12, motion 2.05.
+FLOORS = {"vae_colour": 0.85, "vae_motion": 0.85, "colour": 0.8, "shape": 0.5, "motion": 0.8,
           "reliance_colour": 1.5, "reliance_shape": 1.05, "reliance_motion": 1.5}
 
 
@@ -101,12 +102,13 @@ def test_the_vae_round_trip_keeps_the_colour_and_motion_of_objects(model, tmp_pa
 
 
 @pytest.mark.slow  # ~24 s on one core: 20-step generations of 6 held-out combinations in two languages
-def test_generations_follow_the_colour_and_motion_of_held_out_prompts_in_both_languages(model):
+def test_generations_follow_the_colour_shape_and_motion_of_held_out_prompts_in_both_languages(model):
     # Floors under what the shipped weights reach on these prompts (one seed), not the targets (see the model card).
     prompts = evaluate.held_out_prompts(combos=sorted(synthetic.HELD_OUT)[::3])
     report = evaluate.evaluate(model, prompts, seeds=(0,))
     for lang in ("en", "zh"):
-        assert report[lang]["colour"] >= FLOORS["colour"] and report[lang]["motion"] >= FLOORS["motion"], report
+        for check in ("colour", "shape", "motion"):
+            assert report[lang][check] >= FLOORS[check], (check, report)
 
 
 @pytest.mark.slow

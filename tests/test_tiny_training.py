@@ -102,6 +102,35 @@ def test_an_interrupted_dit_phase_resumes_to_the_unbroken_result(dit_work, tmp_p
     assert json.loads((runs["resumed"] / "dit_phase1.json").read_text())["steps"] == 3
 
 
+def test_a_deepened_dit_computes_what_the_shallow_one_did_and_its_new_blocks_learn():
+    from dataclasses import replace
+
+    from stepvideo_core.scheduler import flow_matching_loss
+    from stepvideo_core.tiny import model as tiny
+
+    torch.manual_seed(1)
+    shallow = train_tiny.StepVideoDiT(replace(tiny.DIT_CONFIG, num_layers=2))
+    with torch.no_grad():  # a trained model's output layers are not zero; random ones make the check meaningful
+        shallow.proj_out.weight.normal_(0, 0.1)
+        shallow.adaln_single.linear.weight.normal_(0, 0.1)
+    deep = train_tiny.deepen_dit(shallow.state_dict(), 4)
+    assert len(deep.transformer_blocks) == 4
+    g = torch.Generator().manual_seed(2)
+    latents, noise = torch.randn(2, 3, 16, 8, 8, generator=g), torch.randn(2, 3, 16, 8, 8, generator=g)
+    text = dict(encoder_hidden_states=torch.randn(2, 5, 128, generator=g),
+                encoder_attention_mask=train_tiny.combined_mask(torch.ones(2, 5, dtype=torch.long)),
+                encoder_hidden_states_2=torch.randn(2, 77, 128, generator=g))
+    t = torch.tensor([0.3, 0.8])
+    shallow_loss = flow_matching_loss(shallow.eval(), latents, text, t, noise)
+    deep_loss = flow_matching_loss(deep.eval(), latents, text, t, noise)
+    torch.testing.assert_close(deep_loss, shallow_loss, rtol=1e-6, atol=0)
+    deep_loss.backward()
+    for block in deep.transformer_blocks[2:]:  # the zeroed projections get gradients, so the new blocks train
+        assert all(m.weight.grad.abs().sum() > 0 for m in (block.attn1.wo, block.attn2.wo, block.ff.net[2]))
+    with pytest.raises(ValueError, match="cannot deepen"):
+        train_tiny.deepen_dit({**shallow.state_dict(), "stray.weight": torch.zeros(1)}, 4)
+
+
 def test_object_cell_weights_boost_exactly_the_cells_an_object_covers():
     g = torch.Generator().manual_seed(0)
     background = torch.randn(2, 3, 4, 1, 1, generator=g)  # one latent per clip and frame, channel by channel
@@ -118,6 +147,23 @@ def test_object_cell_weights_boost_exactly_the_cells_an_object_covers():
         torch.testing.assert_close(w[~c], torch.full_like(w[~c], rest.item()))
         torch.testing.assert_close(w[c], torch.full_like(w[c], 5.0 * rest.item()))
     assert torch.equal(train_tiny.object_cell_weights(latents, boost=0.0), torch.ones_like(weights))
+
+
+@pytest.mark.slow  # ~10 s: a short phase, then a deeper one with the text encoders frozen
+def test_a_deeper_phase_with_frozen_text_keeps_the_text_encoders(dit_work, tmp_path):
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(dit_work, work)
+    train_tiny.train_dit(work, steps=2, batch=2, warmup=1, save_every=0, layers=2)
+    train_tiny.train_dit(work, steps=2, batch=2, warmup=1, save_every=0, phase=2, layers=3, text_frozen=True)
+    for part in ("llm", "bert"):
+        before, after = (load_file(str(work / f"{part}_phase{i}.safetensors")) for i in (1, 2))
+        assert same_tensors(before, after), part
+    dit = load_file(str(work / "dit_phase2.safetensors"))
+    assert "transformer_blocks.2.attn2.wo.weight" in dit and dit["transformer_blocks.2.attn2.wo.weight"].abs().sum() > 0
+    record = json.loads((work / "dit_phase2.json").read_text())
+    assert record["layers"] == 3 and record["text_frozen"] is True
 
 
 @pytest.mark.slow  # ~60 s: the text pretraining stage, short

@@ -28,7 +28,7 @@ VAE_CONFIG = VAEConfig(z_channels=16, encoder_channels=8, encoder_channel_mult=(
 LLM_CONFIG = dict(hidden_size=128, num_layers=2, num_attention_heads=4, num_attention_groups=2, ffn_hidden_size=256)
 CLIP_CONFIG = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
                    max_position_embeddings=80, type_vocab_size=2)
-DIT_CONFIG = DiTConfig(num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16, num_layers=4,
+DIT_CONFIG = DiTConfig(num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16, num_layers=6,
                        caption_channels=(128, 128))
 TI2V_DIT_CONFIG = replace(DIT_CONFIG, use_additional_conditions=True)
 # What the tiny model was trained for: 128x128, 17 frames, and the scheduler's "tiny" preset.

@@ -19,7 +19,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -478,6 +478,23 @@ class EMA:
             p.copy_(s)
 
 
+def deepen_dit(state: dict[str, torch.Tensor], layers: int, seed: int = SEED) -> StepVideoDiT:
+    """A DiT of ``layers`` blocks that computes exactly what the smaller one in ``state`` computes: its blocks are
+    kept and new ones appended whose output projections (self-attention, cross-attention, feed-forward) start at
+    zero, so each new block passes its input through unchanged until training moves those projections."""
+    torch.manual_seed(seed)
+    dit = StepVideoDiT(replace(tiny.DIT_CONFIG, num_layers=layers))
+    missing, unexpected = dit.load_state_dict(state, strict=False)
+    old = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks."))
+    if unexpected or any(not k.startswith("transformer_blocks.") or int(k.split(".")[1]) < old for k in missing):
+        raise ValueError(f"cannot deepen this DiT: unexpected {unexpected[:3]}, missing {missing[:3]}")
+    with torch.no_grad():
+        for block in dit.transformer_blocks[old:]:
+            for projection in (block.attn1.wo, block.attn2.wo, block.ff.net[2]):
+                projection.weight.zero_()
+    return dit
+
+
 def object_cell_weights(latents: torch.Tensor, boost: float) -> torch.Tensor:
     """Loss weights [B, T, 1, H, W] for latents [B, T, C, H, W]: ``1 + boost`` on the cells an object covers, 1
     elsewhere, scaled to mean 1 per clip. A cell is an object's when its distance to the frame's background latent
@@ -491,11 +508,13 @@ def object_cell_weights(latents: torch.Tensor, boost: float) -> torch.Tensor:
 
 def train_dit(work: Path, steps: int = 650, batch: int = 12, lr: float = 1e-3, text_lr: float = 5e-4,
               uncond: float = 0.1, chinese: float = 0.5, seconds: float | None = None, warmup: int = 100,
-              phase: int = 1, save_every: float = 240.0, object_boost: float = 0.0) -> None:
+              phase: int = 1, save_every: float = 240.0, object_boost: float = 0.0, layers: int = 4,
+              text_frozen: bool = False) -> None:
     """Flow matching on the encoded clips; the text encoders learn with the DiT. A caption is replaced by the
     negative prompt the pipeline uses (NEGATIVE_MAGIC) ``uncond`` of the time, which trains the guidance's
     unconditional branch; every other caption carries POSITIVE_MAGIC, as at inference. ``object_boost`` weights
-    the error on the cells objects cover up (``object_cell_weights``).
+    the error on the cells objects cover up (``object_cell_weights``). A phase with more ``layers`` than the last
+    one deepens its DiT (``deepen_dit``); ``text_frozen`` keeps the text encoders as the last phase left them.
 
     Resumable like ``train_vae``: a checkpoint every ``save_every`` seconds, each step's draws seeded by its
     number. ``seconds`` caps the phase's total time, resumed runs included."""
@@ -504,20 +523,23 @@ def train_dit(work: Path, steps: int = 650, batch: int = 12, lr: float = 1e-3, t
     means = store["mean"]
     captions = json.loads((work / "captions.json").read_text())
     tokenizer, llm, bert_tokenizer, bert = new_text_encoders(work)
-    dit = StepVideoDiT(tiny.DIT_CONFIG)
     if phase == 1:
+        dit = StepVideoDiT(replace(tiny.DIT_CONFIG, num_layers=layers))
         init_dit_for_training(dit)
         for module, part in ((llm, "llm"), (bert, "bert")):  # the pretrained text encoders, when that stage ran
             if (work / f"{part}_text.safetensors").exists():
                 module.load_state_dict(load_file(str(work / f"{part}_text.safetensors")))
     else:  # go on from the previous phase's (EMA) weights with a fresh optimiser
-        for module, part in ((dit, "dit"), (llm, "llm"), (bert, "bert")):
+        dit = deepen_dit(load_file(str(work / f"dit_phase{phase - 1}.safetensors")), layers)
+        for module, part in ((llm, "llm"), (bert, "bert")):
             module.load_state_dict(load_file(str(work / f"{part}_phase{phase - 1}.safetensors")))
-    for m in (dit, llm, bert):
-        m.train()
-    opt = torch.optim.AdamW([{"params": dit.parameters(), "lr": lr, "weight_decay": 0.01},
-                             {"params": list(llm.parameters()) + list(bert.parameters()), "lr": text_lr,
-                              "weight_decay": 0.01}], betas=(0.9, 0.99))
+    dit.train()
+    groups = [{"params": dit.parameters(), "lr": lr, "weight_decay": 0.01}]
+    for m in (llm, bert):
+        m.train(not text_frozen).requires_grad_(not text_frozen)
+    if not text_frozen:
+        groups.append({"params": list(llm.parameters()) + list(bert.parameters()), "lr": text_lr, "weight_decay": 0.01})
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.99))
     peaks = [g["lr"] for g in opt.param_groups]
     ema = EMA([dit, llm, bert], decay=0.998)
     modules = {"dit": dit, "llm": llm, "bert": bert}
@@ -552,7 +574,8 @@ def train_dit(work: Path, steps: int = 650, batch: int = 12, lr: float = 1e-3, t
             else:
                 lang = "zh" if rng.random() < chinese else "en"
                 texts.append(rng.choice(captions[i][lang]) + POSITIVE_MAGIC)
-        text = encode_for_training(texts, tokenizer, llm, bert_tokenizer, bert)
+        with torch.set_grad_enabled(not text_frozen):
+            text = encode_for_training(texts, tokenizer, llm, bert_tokenizer, bert)
         t = sample_training_times(batch, gen, tiny.SETTINGS.shift)
         weight = object_cell_weights(latents, object_boost) if object_boost else None
         loss = flow_matching_loss(dit, latents, text, t, torch.randn(latents.shape, generator=gen), weight=weight)
@@ -576,7 +599,8 @@ def train_dit(work: Path, steps: int = 650, batch: int = 12, lr: float = 1e-3, t
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(work / f"{part}_phase{phase}.safetensors"))
     bert.config.to_json_file(str(work / "bert_config.json"))
     (work / f"dit_phase{phase}.json").write_text(json.dumps({"steps": step, "batch": batch, "lr": lr,
-                                                             "object_boost": object_boost,
+                                                             "object_boost": object_boost, "layers": layers,
+                                                             "text_frozen": text_frozen,
                                                              "seconds": round(time.time() - start)}))
     checkpoint.unlink(missing_ok=True)
 
@@ -588,6 +612,8 @@ class DiTPhase:
     steps: int
     lr: float  # the DiT's; the text encoders learn at half of it
     object_boost: float = 0.0  # extra loss weight on the latent cells objects cover (object_cell_weights)
+    layers: int = 4  # the DiT's depth; more than the last phase's deepens it (deepen_dit)
+    text_frozen: bool = False
 
 
 # The shipped weights' phases (training.json records them). Motion climbed at every phase (held-out English 19%
@@ -595,7 +621,8 @@ class DiTPhase:
 # helped. From phase 7 on, object cells weigh x5: shape lives in the 4-9 cells of a frame that an object covers,
 # and the DiT's reading of shape words doubled in phase 7 (see the model card).
 DIT_PHASES = (DiTPhase(650, 1e-3), DiTPhase(1600, 5e-4), DiTPhase(1600, 2.5e-4),
-              *(DiTPhase(3500, 2.5e-4) for _ in range(3)), *(DiTPhase(3500, 2.5e-4, object_boost=4.0) for _ in range(3)))
+              *(DiTPhase(3500, 2.5e-4) for _ in range(3)), *(DiTPhase(3500, 2.5e-4, object_boost=4.0) for _ in range(3)),
+              DiTPhase(3500, 2.5e-4, object_boost=4.0, layers=tiny.DIT_CONFIG.num_layers, text_frozen=True))
 
 
 # ---- export ---------------------------------------------------------------------------------------------------
@@ -640,7 +667,8 @@ def export(work: Path, out: Path = tiny.TINY_DIR, dtype: torch.dtype = torch.flo
 
     phase = phase or last_dit_phase(work)
     last = f"_phase{phase}"
-    write_transformer(out / "transformer", cast(work / f"dit{last}.safetensors"), tiny.DIT_CONFIG)
+    dit = cast(work / f"dit{last}.safetensors")
+    write_transformer(out / "transformer", dit, DiTConfig.from_shapes({k: tuple(v.shape) for k, v in dit.items()}))
     (out / "vae").mkdir(parents=True, exist_ok=True)
     save_file(cast(work / "vae.safetensors"), str(out / "vae" / "vae_v2.safetensors"),
               metadata={NORM_GROUPS_KEY: str(tiny.VAE_CONFIG.norm_groups)})
@@ -693,7 +721,8 @@ def main(argv=None) -> None:
         for phase, spec in enumerate(DIT_PHASES, start=1):
             if not (work / f"dit_phase{phase}.json").exists():
                 train_dit(work, steps=spec.steps, lr=spec.lr, text_lr=spec.lr / 2, seconds=args.dit_seconds,
-                          phase=phase, warmup=100 if phase == 1 else 50, object_boost=spec.object_boost)
+                          phase=phase, warmup=100 if phase == 1 else 50, object_boost=spec.object_boost,
+                          layers=spec.layers, text_frozen=spec.text_frozen)
     if args.stage in ("all", "export"):
         export(work)
 
