@@ -19,7 +19,7 @@ Only the first ``start`` and after the ``end`` fraction of the steps always comp
 It plugs into the DiT through the per-block replacement hook (``StepVideoDiT.run_blocks``), so one mechanism
 serves ComfyUI (``nodes/cache_nodes.py``) and the core pipeline::
 
-    cache = StepCache(StepCacheSettings(threshold=0.3))
+    cache = StepCache(StepCacheSettings(threshold=0.2))
     latents = sample_latents(dit, pos, neg, settings, transformer_options=cache.transformer_options(dit))
     print(cache.stats.summary())
 
@@ -54,7 +54,10 @@ def _mean_abs(t: torch.Tensor, options: dict) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class StepCacheSettings:
-    threshold: float = 0.3  # skip while the predicted relative change of the blocks' residual stays below this
+    # Skip while the predicted relative change of the blocks' residual stays below this. 0.2, not the 0.3 first
+    # chosen: on the tiny model once it had learnt motion, 0.3 kept 23 dB of the uncached video and lost half its
+    # motion, where 0.2 keeps 38 dB and every oracle check (README, "Faster sampling on one GPU").
+    threshold: float = 0.2
     start: float = 0.1  # fraction of the steps that always compute first
     end: float = 1.0  # fraction of the steps after which every step computes
 

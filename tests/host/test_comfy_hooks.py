@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 
+from stepvideo_core.step_cache import StepCacheSettings
 from stepvideo_core.tiny import model as tiny
 
 from .test_tiny_demo import builtin, run
@@ -126,7 +127,7 @@ def test_core_torch_compile_model_runs(host, demo):
 # ---- the pack's step cache node -------------------------------------------------------------------------------------
 
 
-def step_cached(host, model, threshold=0.3):
+def step_cached(host, model, threshold=StepCacheSettings.threshold):
     return run(host.classes["StepVideoStepCache"], model=model, threshold=threshold, start_percent=0.1,
                end_percent=1.0)[0]
 
