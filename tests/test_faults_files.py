@@ -153,13 +153,16 @@ def test_reshaped_tensor(tiny, tmp_path, dit_state):
 
 
 def test_missing_last_block_is_caught_by_config_json(tiny, transformer, dit_state):
-    kept = {k: v for k, v in dit_state.items() if not k.startswith("transformer_blocks.3.")}
+    layers = tiny_model.DIT_CONFIG.num_layers
+    last = layers - 1
+    kept = {k: v for k, v in dit_state.items() if not k.startswith(f"transformer_blocks.{last}.")}
     save_file(kept, str(transformer / SHARD))
     index = json.loads((transformer / INDEX).read_text())
     index["weight_map"] = {k: SHARD for k in kept}
     (transformer / INDEX).write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match="config.json and the weights disagree: num_layers 4 in config.json but 3 "
-                                              "in the tensors. Blocks transformer_blocks.3 to 3 are missing"):
+    with pytest.raises(CheckpointError, match=f"config.json and the weights disagree: num_layers {layers} in config.json "
+                                              f"but {last} in the tensors. Blocks transformer_blocks.{last} to {last} "
+                                              "are missing"):
         load_dit(transformer)
 
 
