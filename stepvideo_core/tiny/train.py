@@ -619,7 +619,9 @@ class DiTPhase:
 # The shipped weights' phases (training.json records them). Motion climbed at every phase (held-out English 19%
 # after phase 2, then 31, 47, 81 and 94%), so each further phase of 3,500 steps (about 20 minutes) stayed while it
 # helped. From phase 7 on, object cells weigh x5: shape lives in the 4-9 cells of a frame that an object covers,
-# and the DiT's reading of shape words doubled in phase 7 (see the model card).
+# and the DiT's reading of shape words doubled in phase 7 (see the model card). Phase 10 appends two blocks: the
+# latents carry shape that the 4-block DiT did not make, and a heavier object weight on it gained nothing. Its text
+# encoders stay frozen, so the TI2V DiT and the LoRA see the same text states as the T2V DiT.
 DIT_PHASES = (DiTPhase(650, 1e-3), DiTPhase(1600, 5e-4), DiTPhase(1600, 2.5e-4),
               *(DiTPhase(3500, 2.5e-4) for _ in range(3)), *(DiTPhase(3500, 2.5e-4, object_boost=4.0) for _ in range(3)),
               DiTPhase(3500, 2.5e-4, object_boost=4.0, layers=tiny.DIT_CONFIG.num_layers, text_frozen=True))
