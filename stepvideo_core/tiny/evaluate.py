@@ -65,16 +65,17 @@ def paraphrase_prompts(languages=LANGUAGES, offset: int = 0, combos=None) -> lis
 
 @torch.no_grad()
 def sample_clips(model: tiny.TinyModel, prompts: list[str], seed: int, settings: GenerationSettings = tiny.SETTINGS,
-                 batch: int = 8) -> tuple[torch.Tensor, list[np.ndarray]]:
+                 batch: int = 8, transformer_options: dict | None = None) -> tuple[torch.Tensor, list[np.ndarray]]:
     """Latents [n, F, C, h, w] and uint8 clips [T, H, W, 3], one per prompt; prompt ``i`` gets the noise of seed
-    ``seed + i`` whatever the batching, so a clip can be reproduced on its own."""
+    ``seed + i`` whatever the batching, so a clip can be reproduced on its own. ``transformer_options`` go to every
+    DiT call (a step cache's, for instance)."""
     shape = latent_shape(settings, model.dit.config.in_channels, 1)
     latents, clips = [], []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
         pos, neg = encode_prompts(model.text, chunk, after="keep")
         noise = torch.cat([make_noise(shape, seed + start + i) for i in range(len(chunk))])
-        lat = sample_latents(model.dit, pos, neg, settings, noise=noise)
+        lat = sample_latents(model.dit, pos, neg, settings, noise=noise, transformer_options=transformer_options)
         latents.append(lat)
         clips += [to_uint8(v) for v in model.vae.decode(lat)]
     return torch.cat(latents), clips
