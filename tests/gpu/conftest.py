@@ -64,6 +64,17 @@ def pytest_runtest_makereport(item, call):
         write_report(item.config)  # after every test, so a run killed by its time limit keeps what it had
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A module that fails to import (a package missing on the GPU machine) is a failed check too."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        entry = _entry(collector.config, report.nodeid)
+        entry.update(outcome="error", message="collection failed: " + _message(report))
+        write_report(collector.config)
+
+
 def _message(report) -> str:
     if report.passed:
         return ""

@@ -5,7 +5,7 @@ in ``gguf_quant.SUPPORTED_TYPES``.
 The bytes are random with bit 6 of every byte cleared: that keeps every float field finite whatever the type's
 layout (the top exponent bit of fp16/bf16/fp32 and e4m3 fields, and e8m0 exponents below 192), while scales,
 quant indices and signs still take most values. Dequantization multiplies a scale by small integers; the GPU may
-fuse a multiply-add where the CPU rounds twice, so values may differ by a few ulp: 1e-6 of the block's magnitude.
+fuse a multiply-add where the CPU rounds twice, so values may differ by a few ulp: 1e-6 of the row's magnitude.
 """
 
 from __future__ import annotations
@@ -55,10 +55,17 @@ def test_dequantize_on_cuda_equals_the_cpu(qtype, dtype, figures):
     reference = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, qtype))).float()
     assert cuda.device.type == "cuda" and cuda.dtype == dtype and tuple(cuda.shape) == SHAPE
     got, want = cuda.float().cpu(), cpu.float()
-    scale = float(reference.abs().max())
     figures.update(max_abs_diff_vs_cpu=float((got - want).abs().max()), bit_exact=torch.equal(got, want),
-                   max_abs=scale, finite=bool(torch.isfinite(got).all()))
+                   max_abs=float(reference.abs().max()), finite=bool(torch.isfinite(got).all()))
     assert torch.isfinite(reference).all()
-    tolerance = dict(rtol=1e-6, atol=1e-6 * scale) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2 * scale)
-    torch.testing.assert_close(got, want, **tolerance)
-    torch.testing.assert_close(got, reference.to(dtype).float(), **tolerance)
+    assert_near(got, want, dtype)
+    assert_near(got, reference.to(dtype).float(), dtype)
+
+
+def assert_near(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """Equal within ``rel`` of each value plus ``rel`` of its row's largest (a fused multiply-add errs relative to
+    the terms, not to a result that cancelled); rel is 1e-6 in fp32 and one bf16 rounding (2^-8) in bf16."""
+    rel = 1e-6 if dtype == torch.float32 else 2.0**-8
+    bound = rel * want.abs() + rel * want.abs().amax(dim=-1, keepdim=True)
+    worst = ((got - want).abs() - bound).max()
+    assert worst <= 0, f"off by up to {float((got - want).abs().max()):.3g} (bound {rel:g} relative)"
