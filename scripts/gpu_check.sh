@@ -88,16 +88,16 @@ run() {
   local figures_args=(--out "$out/gpu_figures.json")
   [ $dry_run = 1 ] && figures_args+=(--dry-run)
   limit=$(($(left) - 20))
-  echo "== figures (bench/gpu_figures.py, ${limit} s left)"
   t0=$(date +%s) rc=0
   if [ $checks_only = 1 ]; then
-    echo "--checks-only: no figures"
+    echo "== figures: not run (--checks-only)"
   elif [ "$limit" -ge 30 ]; then
+    echo "== figures (bench/gpu_figures.py, ${limit} s left)"
     # The script stops starting measurements when its budget is spent; the hard limit catches one that hangs.
     timeout -k 10 "$limit" "$py" bench/gpu_figures.py "${figures_args[@]}" --budget $((limit - 15))
     rc=$?
   else
-    echo "no time left for the figures"
+    echo "== figures: no time left (${limit} s)"
     rc=124
   fi
   local report_args=(--tests "$out/gpu_tests.json" --log "$out/gpu_check.log" --out "$out/gpu_check.json")
