@@ -81,7 +81,9 @@ def build(tests: dict | None, tests_error: str | None, figures: dict | None, fig
 
 def summary(report: dict) -> str:
     """A table of every check for the log (the device tool returns the log's tail)."""
-    lines = [f"card: {report['card']}  torch {report['torch']}  CUDA {report['cuda']}  "
+    driver = report["environment"].get("driver")
+    lines = [f"card: {report['card']}{f' (driver {driver})' if driver else ''}  torch {report['torch']}  "
+             f"CUDA {report['cuda']}  "
              f"({'dry run' if report['dry_run'] else 'measured'}, {report['seconds']} s)",
              f"checks: {report['counts']}"]
     skipped: dict[str, int] = {}

@@ -28,7 +28,8 @@ def run_report(tmp_path: Path, tests: dict | None, figures: dict | None, *parts:
     return done, json.loads((tmp_path / "gpu_check.json").read_text())
 
 
-ENV = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "cuda": "13.0", "packages": {"gguf": "0.19.0"}}
+ENV = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "cuda": "13.0", "driver": "580.159.04",
+       "packages": {"gguf": "0.19.0"}}
 
 
 def test_report_merges_the_checks_and_the_figures_and_names_every_problem(tmp_path):
@@ -54,6 +55,7 @@ def test_report_merges_the_checks_and_the_figures_and_names_every_problem(tmp_pa
     assert report["problems"] == ["check failed: tests/gpu/test_vae_cuda.py::test_tiled",
                                   "figure section dit_step failed: OutOfMemoryError: x"]
     # The printed summary (what the device tool returns as the log's tail) shows each check's key figure.
+    assert done.stdout.startswith("card: NVIDIA H100 80GB HBM3 (driver 580.159.04)  torch 2.11.0+cu130  CUDA 13.0")
     assert "passed  test_fp8_weight_storage_against_bf16  [rel_l2 0.061]" in done.stdout
     assert "failed  test_tiled  [psnr_db 30.1]  -- E   assert 30.1 >= 32.0" in done.stdout
     assert "skipped 1 x: flash-attn is not installed" in done.stdout

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -98,10 +99,19 @@ def environment() -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(device=props.name, capability=f"{props.major}.{props.minor}", gpu_memory_bytes=props.total_memory,
-                   multiprocessors=props.multi_processor_count)
+                   multiprocessors=props.multi_processor_count, driver=_driver_version())
     else:
         env["device"] = platform.processor() or platform.machine() or "cpu"
     return env
+
+
+def _driver_version() -> str | None:
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
 
 
 def plain(value):
