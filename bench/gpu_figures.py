@@ -276,7 +276,8 @@ def main(argv=None) -> dict:
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     peak = args.peak_tflops * 1e12 if args.peak_tflops else chip_peak(name) if device.type == "cuda" else None
-    info = {"device": name, "torch": torch.__version__, "dry_run": args.dry_run, "bf16_peak_flops": peak,
+    info = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "dry_run": args.dry_run,
+            "bf16_peak_flops": peak,
             "backends_installed": [b for b in BACKENDS if is_available(b)]}
     if device.type == "cuda":
         info["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory

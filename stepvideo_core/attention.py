@@ -3,8 +3,9 @@
 Every model calls ``fn(q, k, v, mask, transformer_options)`` with ``q, k, v`` shaped ``[batch, heads, tokens,
 head_dim]``, an optional boolean ``mask`` broadcastable to ``[batch, heads, q_tokens, k_tokens]`` (True = attend)
 and the host's per-call options dict (ComfyUI's ``transformer_options``; the back-ends here ignore it, a host's
-function may read it). The scale is always ``1/sqrt(head_dim)``. Back-ends that cannot take a mask (SageAttention, flash-attn) fall back to
-SDPA for masked calls; in the DiT only cross-attention is masked, and it is short (at most 397 keys).
+function may read it). The scale is always ``1/sqrt(head_dim)``. Back-ends that cannot take a mask (SageAttention,
+flash-attn) fall back to SDPA for masked calls, and SageAttention also for head sizes its kernels lack; in the DiT
+only cross-attention is masked, and it is short (at most 397 keys).
 """
 
 from __future__ import annotations
@@ -41,12 +42,17 @@ def math_attention(q, k, v, mask=None, transformer_options=None):
     return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
 
 
+# Head sizes SageAttention's kernels take (sageattention 1.0.6 asserts on others; Step-Video-Tiny's heads are 32).
+SAGE_HEAD_DIMS = (64, 96, 128)
+
+
 def _sage_attention() -> AttentionFn:
     from sageattention import sageattn
 
     def sage(q, k, v, mask=None, transformer_options=None):
-        if mask is not None or q.device.type != "cuda":
+        if mask is not None or q.device.type != "cuda" or q.shape[-1] not in SAGE_HEAD_DIMS:
             return sdpa_attention(q, k, v, mask)
+        # sageattn subtracts the keys' mean from ``k`` in place (its smooth_k); the DiT's keys are temporaries.
         return sageattn(q, k, v, tensor_layout="HND", is_causal=False)
 
     return sage
