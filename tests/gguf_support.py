@@ -14,5 +14,5 @@ def require_gguf():
     except ImportError:
         if os.environ.get("CI", "").lower() == "true":
             raise
-        pytest.skip("gguf is not installed (pip install 'gguf>=0.10')", allow_module_level=True)
+        pytest.skip("gguf is not installed (pip install 'gguf>=0.19')", allow_module_level=True)
     return gguf

@@ -238,3 +238,32 @@ def test_converter_refuses_what_it_cannot_write(tmp_path):
     with pytest.raises(CheckpointError, match="neither a Step-Video DiT nor a Step-LLM"):
         convert(tiny.TINY_DIR / "vae" / "vae_v2.safetensors", "Q8_0", tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob("*.part"))
+
+
+def test_node_lists_offer_gguf_files(tmp_path):
+    """The loaders' lists (pure functions of the nodes, no ComfyUI needed): a .gguf in an official part folder, in
+    diffusion_models (any depth), and in a text_encoders folder only where the Step-LLM tokenizer is beside it."""
+    from tests.test_nodes_no_comfy import model_folders
+
+    root = tmp_path / "stepvideo"
+    (root / "t2v" / "transformer").mkdir(parents=True)
+    (root / "t2v" / "transformer" / "t2v-Q8_0.gguf").write_bytes(b"x")
+    (root / "t2v" / "transformer" / "config.json").write_text("{}")
+    assert model_folders.list_official_files([str(root)], "transformer") == ["stepvideo/t2v/transformer/t2v-Q8_0.gguf"]
+    assert model_folders.resolve_official([str(root)], "stepvideo/t2v/transformer/t2v-Q8_0.gguf") == str(
+        root / "t2v" / "transformer" / "t2v-Q8_0.gguf")
+    dm = tmp_path / "diffusion_models"
+    (dm / "video").mkdir(parents=True)
+    (dm / "a.gguf").write_bytes(b"x")
+    (dm / "video" / "b.gguf").write_bytes(b"x")
+    (dm / "c.safetensors").write_bytes(b"x")
+    assert model_folders.list_files([str(dm)]) == ["a.gguf", "video/b.gguf"]
+    assert model_folders.resolve_file([str(dm)], "video/b.gguf") == str(dm / "video" / "b.gguf")
+    assert model_folders.resolve_file([str(dm)], "../diffusion_models/a.gguf") is None
+    enc = tmp_path / "text_encoders"
+    (enc / "step_llm").mkdir(parents=True)
+    (enc / "step_llm" / "llm-Q4_0.gguf").write_bytes(b"x")
+    (enc / "stray.gguf").write_bytes(b"x")
+    assert model_folders.list_files([str(enc)], marker=model_folders.STEP_LLM_MARKER) == []
+    (enc / "step_llm" / model_folders.STEP_LLM_MARKER).write_bytes(b"x")
+    assert model_folders.list_files([str(enc)], marker=model_folders.STEP_LLM_MARKER) == ["step_llm/llm-Q4_0.gguf"]
