@@ -321,3 +321,21 @@ def test_text_cache_keys_on_the_gguf_file(tiny_files, tmp_path):
     convert(TINY_LLM, "Q4_0", llm)  # the same name, other weights
     other, _, hit = encode()
     assert not hit and len(loads) == 2 and not torch.equal(other.llm_states, first.llm_states)
+
+
+def test_quantized_embedding_dequantizes_only_the_rows_it_reads():
+    """A token table quantized by another tool (the converter keeps it BF16): a lookup equals the lookup in the
+    dequantized table, and a patch on the table still applies."""
+    from torch import nn
+
+    from stepvideo_core.gguf_ops import set_quantized_weight
+
+    table = torch.randn(40, 64, generator=torch.Generator().manual_seed(2))
+    layer = nn.Embedding(40, 64)
+    raw = torch.from_numpy(gguf_quant.quantize(table, Q.Q8_0))
+    set_quantized_weight(layer, raw, Q.Q8_0, (40, 64))
+    ids = torch.tensor([[3, 39, 0], [7, 7, 12]])
+    dense = gguf_quant.dequantize(raw, Q.Q8_0, (40, 64))
+    assert torch.equal(layer(ids), torch.nn.functional.embedding(ids, dense))
+    layer.weight_patches = (lambda w: w * 2,)
+    assert torch.equal(layer(ids), torch.nn.functional.embedding(ids, dense * 2))
