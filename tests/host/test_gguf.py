@@ -97,3 +97,32 @@ def test_partial_loading_of_gguf_with_lora_gives_the_same_output(host, parts, gg
     # some quantized layers stayed on the offload device, and both LoRA layers carry their patch
     assert seen["lowvram"] and seen["streamed"] > 0 and seen["patched"] == 2, seen
     torch.testing.assert_close(partial, full, rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_step_llm_in_its_folder_encodes_like_the_safetensors(host, base_dir):
+    """A Step-LLM .gguf beside its tokenizer in models/text_encoders/<folder>: the loader lists it, and the states
+    it encodes equal the safetensors folder's within the quantization error; its identity for the text cache is
+    not the safetensors folder's."""
+    import shutil
+
+    from .test_memory_plan import CLIP, encode, loader, states
+
+    source = host.tiny / "step_llm"
+    folder = base_dir / "models" / "text_encoders" / "step_llm_gguf"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "step1_chat_tokenizer.model"):
+        shutil.copy(source / name, folder)
+    convert(source, "Q8_0", folder / "step_llm-Q8_0.gguf")
+    name = "step_llm_gguf/step_llm-Q8_0.gguf"
+    assert name in host.registered_folders.step_llm_choices()
+    (enc,) = run(host.classes["StepVideoTextEncoderLoader"], step_llm=name, hunyuan_clip=CLIP, llm_dtype="fp32",
+                 device="default")
+    reference = loader(host)
+    assert enc.identity() != reference.identity()
+    pos, _ = encode(host, enc)
+    ref_pos, _ = encode(host, reference)
+    llm_states, mask, clip = states(pos)
+    ref_states, ref_mask, ref_clip = states(ref_pos)
+    assert torch.equal(mask, ref_mask) and torch.equal(clip, ref_clip)
+    assert 0 < relative_error(llm_states, ref_states) < 0.02
+    assert getattr(enc.encoders.step_llm.transformer.layers[0].attention.wqkv, "weight_qtype", None) is not None
