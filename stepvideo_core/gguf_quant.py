@@ -4,7 +4,8 @@ with the ``gguf`` package's reference quantizers for the converter.
 A GGUF tensor of a block type is a row-major run of blocks; each block holds ``block_size`` weights in
 ``type_size`` bytes (``gguf.GGML_QUANT_SIZES``): a float16 scale (and for the ``_1`` and K types a minimum) then
 packed integers. :func:`dequantize` unpacks them with torch integer ops and computes the weights in float32 with
-the same operation order as ``gguf.quants.dequantize`` (numpy), so the two agree bit for bit; the result is then
+the same operation order as ``gguf.quants.dequantize`` (numpy), so the two agree bit for bit (integers meet the
+float32 scales directly: type promotion converts them exactly inside the multiply, one pass less); the result is then
 rounded once to the requested dtype. A weight is dequantized in slices of at most ``CHUNK_ELEMENTS`` when the
 output is not float32, so the float32 intermediate stays small next to the layer (64 MiB, not 2x the layer).
 """
@@ -75,26 +76,26 @@ def _high_bits(qh: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b, 0)
+    return b[:, 2:].contiguous().view(torch.int8) * _f16(b, 0)
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
     q = _nibbles(b[:, 2:]).to(torch.int8) - 8
-    return _f16(b, 0) * q.float()
+    return _f16(b, 0) * q
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b, 0) * _nibbles(b[:, 4:]).float() + _f16(b, 2)
+    return _f16(b, 0) * _nibbles(b[:, 4:]) + _f16(b, 2)
 
 
 def _q5_0(b: torch.Tensor) -> torch.Tensor:
     q = (_nibbles(b[:, 6:]) | (_high_bits(b[:, 2:6], 32) << 4)).to(torch.int8) - 16
-    return _f16(b, 0) * q.float()
+    return _f16(b, 0) * q
 
 
 def _q5_1(b: torch.Tensor) -> torch.Tensor:
     q = _nibbles(b[:, 8:]) | (_high_bits(b[:, 4:8], 32) << 4)
-    return _f16(b, 0) * q.float() + _f16(b, 2)
+    return _f16(b, 0) * q + _f16(b, 2)
 
 
 def _k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +118,7 @@ def _k_quant_4_5(b: torch.Tensor, high: torch.Tensor | None, qs: torch.Tensor) -
     if high is not None:  # Q5_K: bit j of byte i is the fifth bit of weight i of sub-block j
         shifts = torch.arange(8, device=b.device, dtype=torch.uint8).view(1, 8, 1)
         q = q | (((high.view(n, 1, 32) >> shifts) & 1) << 4)
-    return (d * q.float() - dm).view(n, QK_K)
+    return (d * q - dm).view(n, QK_K)
 
 
 def _q4_k(b: torch.Tensor) -> torch.Tensor:
@@ -139,7 +140,7 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     low = (low & 0x0F).reshape(n, 8, 32)
     top = qh.reshape(n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.uint8).view(1, 1, 4, 1)
     top = (top & 0x03).reshape(n, 8, 32)
-    q = ((low | (top << 4)).to(torch.int8) - 32).view(n, 16, 16).float()
+    q = ((low | (top << 4)).to(torch.int8) - 32).view(n, 16, 16)
     return (d * q).view(n, QK_K)
 
 
