@@ -339,3 +339,20 @@ def test_quantized_embedding_dequantizes_only_the_rows_it_reads():
     assert torch.equal(layer(ids), torch.nn.functional.embedding(ids, dense))
     layer.weight_patches = (lambda w: w * 2,)
     assert torch.equal(layer(ids), torch.nn.functional.embedding(ids, dense * 2))
+
+
+@pytest.mark.slow
+def test_cli_generates_from_gguf_dit_and_step_llm(tiny_files, tmp_path):
+    """The issue's command with a GGUF DiT, and a GGUF Step-LLM beside its tokenizer (2 steps to stay short)."""
+    from stepvideo_core.generate import build_parser, run
+
+    llm = tmp_path / "step_llm"
+    llm.mkdir()
+    shutil.copy(TINY_LLM / "step1_chat_tokenizer.model", llm)
+    shutil.copy(tiny_files["llm_Q8_0"], llm / "step_llm-Q8_0.gguf")
+    args = build_parser().parse_args(["a red circle moves left", "--dit", str(tiny_files["Q8_0"]), "--step-llm",
+                                      str(llm / "step_llm-Q8_0.gguf"), "--preset", "tiny", "--width", "128",
+                                      "--height", "128", "--frames", "17", "--steps", "2", "--out", str(tmp_path)])
+    written = run(args)
+    assert written["mp4"].is_file() and written["png"].is_file()
+    assert written["latents"].shape[1:] == (3, 16, 8, 8) and torch.isfinite(written["latents"]).all()
