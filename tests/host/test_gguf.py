@@ -63,6 +63,10 @@ def test_core_lora_on_gguf_matches_fp32_within_quantization_error(host, parts, g
     quantization = relative_error(base, base_ref)
     assert relative_error(lora_ref, base_ref) > 10 * quantization  # the LoRA moves the output far more ...
     assert relative_error(with_lora, lora_ref) < 2 * quantization + 1e-4  # ... and the same way on GGUF
+    # the pack's LoRA loader node patches the same keys the same way
+    ours = host.classes["StepVideoLoraLoader"].execute(model=gguf_model, lora_name="tiny_comfy.safetensors",
+                                                         strength=1.0).result[0]
+    torch.testing.assert_close(our_sampler(host, ours, parts), with_lora, rtol=1e-5, atol=1e-5)
     # the base MODEL is unpatched again once the LoRA's clone is gone
     torch.testing.assert_close(our_sampler(host, gguf_model, parts), base, rtol=0, atol=1e-6)
 
@@ -126,3 +130,30 @@ def test_gguf_step_llm_in_its_folder_encodes_like_the_safetensors(host, base_dir
     assert torch.equal(mask, ref_mask) and torch.equal(clip, ref_clip)
     assert 0 < relative_error(llm_states, ref_states) < 0.02
     assert getattr(enc.encoders.step_llm.transformer.layers[0].attention.wqkv, "weight_qtype", None) is not None
+
+    # ComfyUI's partial loading of the quantized Step-LLM (a quarter of it on the load device): the same states
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    mm.unload_all_models()
+    budget = enc.llm_patcher.model_size() // 4
+    original = comfy.model_patcher.ModelPatcher.load
+    seen = {}
+
+    def partial_load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        if self is not enc.llm_patcher:
+            return original(self, device_to, lowvram_model_memory, force_patch_weights, full_load)
+        result = original(self, device_to, lowvram_model_memory=budget, force_patch_weights=False, full_load=False)
+        seen["streamed"] = sum(1 for m in self.model.modules()
+                               if getattr(m, "comfy_cast_weights", False) and is_quantized(m))
+        return result
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "load", partial_load)
+    try:
+        partial, _ = encode(host, enc)
+    finally:
+        monkeypatch.undo()
+        mm.unload_all_models()
+    assert seen["streamed"] > 0, seen
+    torch.testing.assert_close(states(partial)[0], llm_states, rtol=1e-6, atol=1e-6)
