@@ -12,6 +12,8 @@ random values: no checkpoint is read and no CPU copy of the weights is made):
   extrapolated (50 x the step; text encoding and decoding excluded).
 - VAE: the tiled decode (tile 16, overlap 4: the node's default) of 204 frames at 544x992, official widths, bf16.
 - Step-LLM: fp8 weights, one prompt pair (2 x 320 tokens).
+- GGUF DiT (needs the gguf package): one guided step at 102 frames with Q8_0 and Q4_0 weights (random blocks, kept
+  families as the converter writes them) dequantized per layer in bf16; compare with the bf16 sdpa row.
 
 Robust by design: each measurement runs in its own try/except and records its error in the JSON; a total time
 budget (``--budget``, default 450 s) skips what is left once it is spent, in priority order (the bf16 sdpa DiT
@@ -224,6 +226,57 @@ def dit_section(run: Run, device, size: dict, dtypes, backends, peak_flops):
         built.clear()
 
 
+def build_gguf_dit(config: DiTConfig, device, qtype_name: str) -> StepVideoDiT:
+    """The DiT as the converter would write it from bf16 (``quantize.choose_type`` per tensor), with random bytes
+    made on ``device``: each quantized weight's blocks get random packed integers and one fixed, finite float16
+    scale (the values do not change the time of dequantizing them), every other tensor random bf16."""
+    from stepvideo_core import gguf_quant
+    from stepvideo_core.gguf_ops import can_quantize, set_quantized_weight
+    from stepvideo_core.quantize import choose_type
+
+    qtype = gguf_quant.Q[qtype_name]
+    with torch.device("meta"):
+        model = StepVideoDiT(config, dtype=torch.bfloat16)
+    g = torch.Generator(device=device).manual_seed(0)
+    for module_name, module in model.named_modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            full = f"{module_name}.{name}" if module_name else name
+            chosen, _ = choose_type(full, tuple(p.shape), qtype, torch.bfloat16)
+            if name == "weight" and can_quantize(module) and chosen == qtype:
+                block, size = gguf_quant.block_sizes(qtype)
+                raw = torch.randint(0, 256, (p.numel() // block, size), generator=g, device=device, dtype=torch.uint8)
+                raw[:, :2] = torch.full((1,), 2e-4, dtype=torch.float16, device=device).view(torch.uint8)
+                set_quantized_weight(module, raw.view(p.shape[0], -1), qtype, tuple(p.shape))
+                continue
+            data = torch.randn(p.shape, generator=g, device=device, dtype=torch.bfloat16).mul_(0.02)
+            setattr(module, name, torch.nn.Parameter(data, requires_grad=False))
+    model.compute_dtype = torch.bfloat16
+    model.weight_format = qtype
+    return model.eval()
+
+
+def gguf_section(run: Run, device, size: dict, peak_flops):
+    """One guided step of the GGUF DiT (Q8_0, Q4_0: dequantized per layer in bf16) at the first frame count; the
+    bf16 row of ``dit_section`` at the same size is the baseline (ratio = seconds / bf16 seconds)."""
+    config, frames = size["dit"], size["frames"][0]
+    lh, lw = size["height"] // 16, size["width"] // 16
+    tokens = latent_frames(frames) * lh * lw
+    built = {}
+
+    def build(name):
+        built["model"] = build_gguf_dit(config, device, name)
+        return {"weight_bytes": sum(t.numel() * t.element_size() for t in built["model"].state_dict().values())}
+
+    for name in ("Q8_0", "Q4_0"):
+        if run.record("dit_build", {"weights": name}, lambda n=name: build(n)) is None:
+            continue
+        params = {"weights": name, "attention": "sdpa", "frames": frames, "height": size["height"],
+                  "width": size["width"], "tokens": tokens}
+        run.record("dit_step", params, lambda: dit_step(built["model"], device, frames, lh, lw, "sdpa",
+                                                        built["model"].weight_format, peak_flops))
+        built.clear()
+
+
 def vae_section(run: Run, device, size: dict):
     config = size["vae"]
     tile, overlap = size["vae_tile"]
@@ -287,6 +340,7 @@ def main(argv=None) -> dict:
     dit_section(run, device, size, ("bf16", "fp8"), ("sdpa",), peak)
     vae_section(run, device, size)
     llm_section(run, device, size)
+    gguf_section(run, device, size, peak)
     dit_section(run, device, size, ("bf16", "fp8"), BACKENDS[1:], peak)
     run.save()
     print(f"wrote {args.out} ({run.data['elapsed_s']} s)")

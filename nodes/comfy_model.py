@@ -20,7 +20,7 @@ import torch
 
 from ..stepvideo_core.attention import install_hint
 from ..stepvideo_core.dit import load_dit
-from ..stepvideo_core.loading import Checkpoint, scaled_fp8_dtype
+from ..stepvideo_core.loading import Checkpoint, is_gguf, scaled_fp8_dtype
 from ..stepvideo_core.memory import dit_activation_bytes, dit_tokens
 from ..stepvideo_core.ops import FP8_DTYPES
 from .conversions import CLIP_KEY, IMAGE_LATENTS_KEY, LATENT_CHANNELS, MASK_KEY, MOTION_SCORE_KEY
@@ -77,8 +77,9 @@ class StepVideoModel(comfy.model_base.BaseModel):
         ``streamed``: weights may be brought layer by layer from the offload device, one layer in flight."""
         dit = self.diffusion_model
         batch, tokens = dit_tokens(input_shape, dit.config.patch_size)
-        return dit_activation_bytes(dit.config, batch, tokens, dit.compute_dtype, weight_dtype=self.get_dtype(),
-                                    streamed=True)
+        # A GGUF DiT's layers are in flight as their quantized bytes plus the dequantized weight.
+        return dit_activation_bytes(dit.config, batch, tokens, dit.compute_dtype,
+                                    weight_dtype=getattr(dit, "weight_format", self.get_dtype()), streamed=True)
 
     def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
         sigma = t
@@ -156,10 +157,39 @@ def choose_dtypes(weight_dtype: torch.dtype | None, load_device) -> tuple[torch.
     return weight_dtype, manual_cast
 
 
+def build_gguf_model_patcher(path: str, weight_dtype: torch.dtype | None, attention) -> comfy.model_patcher.ModelPatcher:
+    """A GGUF DiT as a MODEL: block-type weights stay quantized (on the offload device until ComfyUI loads them,
+    at their quantized size) and are dequantized per layer in the compute dtype; ``weight_dtype`` names that dtype
+    (fp8 names compute in bf16; default: ComfyUI's choice for the device)."""
+    from .gguf_patcher import GGUFModelPatcher
+
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    if weight_dtype in FP8_DTYPES:
+        weight_dtype = torch.bfloat16
+    compute_dtype, manual_cast = choose_dtypes(weight_dtype, load_device)
+    compute_dtype = manual_cast or compute_dtype
+    # Unquantized tensors of the file are stored in the compute dtype; ComfyUI's ops cast them when offloaded.
+    operations = comfy.ops.pick_operations(compute_dtype, None, load_device=load_device)
+    log.info("StepVideo: loading DiT from %s (GGUF, compute %s)", path, compute_dtype)
+    dit = load_dit(path, weight_dtype=compute_dtype, compute_dtype=compute_dtype, device=offload_device,
+                   operations=operations)
+    dit.dtype = compute_dtype
+    dit.set_attention(attention)
+    config = StepVideoModelConfig(dict(StepVideoModelConfig.unet_config))
+    config.latent_format = StepVideoLatentFormat(dit.config.in_channels)
+    config.set_inference_dtype(compute_dtype, None)
+    model = StepVideoModel(config, dit, device=offload_device)
+    return GGUFModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
 def build_model_patcher(path: str, weight_dtype: torch.dtype | None, attention,
                         fp8_fast: bool = False) -> comfy.model_patcher.ModelPatcher:
     """The DiT at ``path`` as a MODEL. ``fp8_fast``: ComfyUI's fp8 matrix multiplication where the device supports
-    it (the cast path elsewhere). A scaled-fp8 file (ComfyUI's format) keeps its fp8 dtype and per-tensor scales."""
+    it (the cast path elsewhere). A scaled-fp8 file (ComfyUI's format) keeps its fp8 dtype and per-tensor scales.
+    A ``.gguf`` goes to ``build_gguf_model_patcher``."""
+    if is_gguf(path):
+        return build_gguf_model_patcher(path, weight_dtype, attention)
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
     scaled = scaled_fp8_dtype(Checkpoint(path))

@@ -23,13 +23,15 @@ class StepVideoDiTLoader(io.ComfyNode):
             display_name="Step-Video DiT Loader",
             category="StepVideo/loaders",
             description="Loads the Step-Video-T2V or -TI2V (image to video) diffusion transformer (one .safetensors "
-                        "file, or the official transformer/ folder) as a MODEL managed by ComfyUI's memory manager.",
+                        "file, the official transformer/ folder, or a .gguf whose weights stay quantized and are "
+                        "dequantized layer by layer) as a MODEL managed by ComfyUI's memory manager.",
             inputs=[
                 io.Combo.Input("model_name", options=registered_folders.dit_choices(),
                                tooltip=f"From {registered_folders.DIT_WHERE}."),
                 io.Combo.Input("weight_dtype", options=list(validation.DIT_WEIGHT_DTYPES), default="default",
                                tooltip="Storage dtype of the weights. fp8 halves memory; layers are cast to bf16 one at a time; "
-                                       "fp8_e4m3fn_fast multiplies in fp8 where the GPU can."),
+                                       "fp8_e4m3fn_fast multiplies in fp8 where the GPU can. For a .gguf: the dtype "
+                                       "it computes in (its weights stay quantized; fp8 computes in bf16)."),
                 io.Combo.Input("attention", options=list(validation.ATTENTION_CHOICES), default="comfy",
                                tooltip="'comfy' uses ComfyUI's choice (--use-sage-attention, --use-flash-attention, "
                                        "...); the others override it with that ComfyUI attention function."),

@@ -64,3 +64,44 @@ def resolve_subfolder(roots, name: str) -> str | None:
 
 STEP_LLM_MARKER = TOKENIZER_FILE
 HUNYUAN_CLIP_MARKER = "clip_text_encoder"
+
+
+GGUF_SUFFIX = ".gguf"
+
+
+def list_official_files(roots, part: str, suffix: str = GGUF_SUFFIX) -> list[str]:
+    """``stepvideo/<download>/<part>/<file>`` for every ``<file>`` ending in ``suffix`` in an official part folder
+    (a GGUF placed beside, or instead of, the shards)."""
+    found = set()
+    for entry in list_official(roots, part):
+        folder = resolve_official(roots, entry)
+        if folder and os.path.isdir(folder):
+            found.update(f"{entry}/{name}" for name in os.listdir(folder) if name.endswith(suffix))
+    return sorted(found)
+
+
+def list_files(roots, suffix: str = GGUF_SUFFIX, marker: str | None = None) -> list[str]:
+    """Paths (``/``-separated, relative to their root) of the files ending in ``suffix`` under ``roots``, at any
+    depth; with ``marker``, only those whose folder also holds ``marker`` (the Step-LLM tokenizer)."""
+    found = set()
+    for root in roots:
+        if not os.path.isdir(root):
+            continue
+        for folder, _dirs, files in os.walk(root, followlinks=True):
+            if marker is not None and marker not in files:
+                continue
+            rel = os.path.relpath(folder, root)
+            found.update((name if rel == "." else f"{rel}/{name}").replace(os.sep, "/") for name in files
+                         if name.endswith(suffix))
+    return sorted(found)
+
+
+def resolve_file(roots, name: str) -> str | None:
+    """Path of a ``list_files`` value under the first root that has it, else None."""
+    if not name or ".." in name.replace("\\", "/").split("/"):
+        return None
+    for root in roots:
+        path = os.path.join(root, name)
+        if os.path.isfile(path):
+            return path
+    return None

@@ -38,12 +38,17 @@ def stepvideo_roots() -> list[str]:
 
 # ---- DiT -----------------------------------------------------------------------------------------------------
 
-DIT_WHERE = "models/diffusion_models or models/stepvideo/<download>/transformer"
+DIT_WHERE = "models/diffusion_models (.safetensors or .gguf) or models/stepvideo/<download>/transformer"
 
 
 def dit_choices() -> list[str]:
+    roots = stepvideo_roots()
     files = [f for f in folder_paths.get_filename_list("diffusion_models") if f.endswith((".safetensors", ".sft"))]
-    return model_folders.list_official(stepvideo_roots(), "transformer") + sorted(files)
+    # .gguf files are listed here rather than registered as a diffusion_models extension, so core loaders that
+    # cannot read them do not offer them.
+    files += model_folders.list_files(folder_paths.get_folder_paths("diffusion_models"))
+    return (model_folders.list_official(roots, "transformer") + model_folders.list_official_files(roots, "transformer")
+            + sorted(files))
 
 
 def model_path(name: str, folder: str) -> str | None:
@@ -52,6 +57,8 @@ def model_path(name: str, folder: str) -> str | None:
         found = model_folders.resolve_official(stepvideo_roots(), name)
         if found:
             return found
+    if name.endswith(model_folders.GGUF_SUFFIX):
+        return model_folders.resolve_file(folder_paths.get_folder_paths(folder), name)
     return folder_paths.get_full_path(folder, name)
 
 
@@ -61,13 +68,16 @@ def dit_path(name: str) -> str | None:
 
 # ---- text encoders -----------------------------------------------------------------------------------------------
 
-STEP_LLM_WHERE = "models/text_encoders/<folder> (with step1_chat_tokenizer.model) or models/stepvideo/<download>/step_llm"
+STEP_LLM_WHERE = ("models/text_encoders/<folder> (with step1_chat_tokenizer.model; a .gguf in it is listed too) or "
+                  "models/stepvideo/<download>/step_llm")
 CLIP_WHERE = "models/text_encoders/<folder> (with clip_text_encoder/) or models/stepvideo/<download>/hunyuan_clip"
 
 
 def step_llm_choices() -> list[str]:
-    return (model_folders.list_official(stepvideo_roots(), "step_llm")
-            + model_folders.list_subfolders(folder_paths.get_folder_paths("text_encoders"), model_folders.STEP_LLM_MARKER))
+    roots, encoders = stepvideo_roots(), folder_paths.get_folder_paths("text_encoders")
+    return (model_folders.list_official(roots, "step_llm") + model_folders.list_official_files(roots, "step_llm")
+            + model_folders.list_subfolders(encoders, model_folders.STEP_LLM_MARKER)
+            + model_folders.list_files(encoders, marker=model_folders.STEP_LLM_MARKER))
 
 
 def hunyuan_clip_choices() -> list[str]:
@@ -78,8 +88,10 @@ def hunyuan_clip_choices() -> list[str]:
 def text_encoder_path(name: str) -> str | None:
     if name.startswith(model_folders.OFFICIAL_PREFIX):
         found = model_folders.resolve_official(stepvideo_roots(), name)
-        if found and os.path.isdir(found):
+        if found and (os.path.isdir(found) or found.endswith(model_folders.GGUF_SUFFIX)):
             return found
+    if name.endswith(model_folders.GGUF_SUFFIX):
+        return model_folders.resolve_file(folder_paths.get_folder_paths("text_encoders"), name)
     return model_folders.resolve_subfolder(folder_paths.get_folder_paths("text_encoders"), name)
 
 

@@ -13,7 +13,9 @@ import torch
 from comfy_api.latest import io
 
 from ..stepvideo_core import memory
+from ..stepvideo_core.loading import is_gguf
 from ..stepvideo_core.ops import FP8_DTYPES
+from ..stepvideo_core.step_llm import TOKENIZER_FILE, tokenizer_folder
 from ..stepvideo_core.text_cache import TextEmbeddingCache, encode_prompts_cached, encoder_identity
 from ..stepvideo_core.text_encoding import TextEncoders, load_text_encoders
 from . import conversions, registered_folders, validation
@@ -46,11 +48,15 @@ class StepVideoTextEncoders:
         self.llm_patcher = self.clip_patcher = None
 
     def identity(self) -> str:
-        return encoder_identity([self.llm_dir, self.clip_dir], llm_dtype=self.weight_dtype)
+        # A GGUF Step-LLM is one file: its tokenizer (beside it) is part of what the states depend on.
+        tokenizer = [os.path.join(tokenizer_folder(self.llm_dir), TOKENIZER_FILE)] if is_gguf(self.llm_dir) else []
+        return encoder_identity([self.llm_dir, *tokenizer, self.clip_dir], llm_dtype=self.weight_dtype)
 
     def load(self) -> TextEncoders:
         if self.encoders is None:
-            operations = comfy.ops.pick_operations(self.weight_dtype, self.compute_dtype, load_device=self.load_device)
+            # A GGUF's unquantized tensors are stored in the compute dtype (its quantized layers dequantize to it).
+            stored = self.compute_dtype if is_gguf(self.llm_dir) else self.weight_dtype
+            operations = comfy.ops.pick_operations(stored, self.compute_dtype, load_device=self.load_device)
             log.info("StepVideo: loading text encoders %s + %s (%s, computing in %s on %s)", self.llm_dir,
                      self.clip_dir, self.weight_dtype, self.compute_dtype, self.load_device)
             encoders = load_text_encoders(self.llm_dir, self.clip_dir, weight_dtype=self.weight_dtype,
@@ -66,8 +72,10 @@ class StepVideoTextEncoders:
         """Bring the encoder about to run to the load device (``text_encoding.PrepareHook``)."""
         if stage == "step_llm":
             batch, length = memory.prompt_pair_tokens()
-            needed = memory.step_llm_activation_bytes(self.encoders.step_llm.config, batch, length, self.compute_dtype,
-                                                      weight_dtype=self.weight_dtype, streamed=True)
+            llm = self.encoders.step_llm
+            needed = memory.step_llm_activation_bytes(llm.config, batch, length, self.compute_dtype,
+                                                      weight_dtype=getattr(llm, "weight_format", self.weight_dtype),
+                                                      streamed=True)
             mm.load_models_gpu([self.llm_patcher], memory_required=needed)
         else:
             mm.load_models_gpu([self.clip_patcher], force_full_load=True)
@@ -86,7 +94,8 @@ class StepVideoTextEncoderLoader(io.ComfyNode):
                 io.Combo.Input("step_llm", options=registered_folders.step_llm_choices(), tooltip=f"From {registered_folders.STEP_LLM_WHERE}."),
                 io.Combo.Input("hunyuan_clip", options=registered_folders.hunyuan_clip_choices(), tooltip=f"From {registered_folders.CLIP_WHERE}."),
                 io.Combo.Input("llm_dtype", options=list(validation.LLM_DTYPES), default="bf16",
-                               tooltip="Storage dtype of Step-LLM's weights (fp8 computes in bf16 layer by layer)."),
+                               tooltip="Storage dtype of Step-LLM's weights (fp8 computes in bf16 layer by layer). "
+                                       "For a .gguf: the dtype it computes in (its weights stay quantized)."),
                 io.Combo.Input("device", options=["default", "cpu"], default="default",
                                tooltip="'cpu' keeps the 39 GB encoder off the GPU (slower, saves VRAM)."),
             ],

@@ -11,3 +11,5 @@ if ! .venv/bin/python -c "import torch, einops, safetensors, transformers, sente
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q "torch==2.13.0" -r requirements.txt "opencv-python-headless" "tokenizers" "pytest>=7" "ruff>=0.5"
 fi
+# GGUF checkpoints (pyproject's gguf extra), also into an existing .venv
+.venv/bin/python -c "import gguf" 2>/dev/null || .venv/bin/pip install -q "gguf>=0.19"

@@ -7,6 +7,8 @@
     python -m stepvideo_core.generate --image start.png "a red circle moves to the right"   # image to video:
         # Step-Video-Tiny TI2V by default, the TI2V release with --model models/stepvideo/stepvideo-ti2v
     torchrun --standalone --nproc-per-node 4 -m stepvideo_core.generate "..." --model ... --shard-weights
+    python -m stepvideo_core.generate "a red circle moves left" --dit tiny_q8.gguf --preset tiny   # a GGUF DiT
+    python -m stepvideo_core.generate --plan --gpu-memory 24 --ram 64       # what fits a 24 GB GPU with 64 GB RAM
 
 Under ``torchrun`` the same command splits one generation over the processes (see ``parallel.py``): guidance
 parallel when the count is even, sequence parallel over the video tokens, optionally the DiT's block weights
@@ -79,13 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default=str(tiny.TINY_DIR),
                    help="folder in the official layout: transformer/, step_llm/, hunyuan_clip/, vae/vae_v2.safetensors "
                         "(default: the built-in Step-Video-Tiny)")
-    m.add_argument("--dit", help="DiT folder or .safetensors file (overrides --model's transformer/)")
-    m.add_argument("--step-llm", help="Step-LLM folder (overrides --model's step_llm/)")
+    m.add_argument("--dit", help="DiT folder, .safetensors or .gguf file (overrides --model's transformer/)")
+    m.add_argument("--step-llm", help="Step-LLM folder or .gguf file (tokenizer beside it; overrides --model's step_llm/)")
     m.add_argument("--clip", help="Hunyuan-CLIP folder (overrides --model's hunyuan_clip/)")
     m.add_argument("--vae", help="VAE file (overrides --model's vae/vae_v2.safetensors)")
     m.add_argument("--weight-dtype", choices=("auto", *WEIGHT_DTYPES), default="auto",
-                   help="DiT and Step-LLM storage dtype; fp8 stores e4m3 and computes in bf16 "
-                        "(auto: fp32 on the CPU, bf16 on a GPU)")
+                   help="DiT and Step-LLM storage dtype; fp8 stores e4m3 and computes in bf16; for a .gguf, the "
+                        "compute dtype (its weights stay quantized) (auto: fp32 on the CPU, bf16 on a GPU)")
     m.add_argument("--attention", choices=BACKENDS, default="sdpa", help="attention back-end of the DiT")
     m.add_argument("--ff-chunk-size", type=int, default=0,
                    help="low-memory path: run the DiT's feed-forward over at most this many tokens at a time "
@@ -127,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--out", default="outputs", help="folder for the MP4 and the PNG contact sheet")
     o.add_argument("--out-latents", help="also save the final latents [b, F, C, h, w] (fp32) as safetensors "
                                          "under the key 'latents'")
+
+    fit = p.add_argument_group("what fits (no model is loaded)")
+    fit.add_argument("--plan", action="store_true",
+                     help="print which precision of the DiT and Step-LLM fits this machine, how much is offloaded, the "
+                          "peak VRAM and RAM (projected from the model and stepvideo_core.memory) for --frames/--width/"
+                          "--height (default: the release's 992x544, 204 frames), and exit")
+    fit.add_argument("--gpu-memory", type=float, metavar="GB", help="GPU memory for --plan (default: this GPU's)")
+    fit.add_argument("--ram", type=float, metavar="GB", help="system RAM for --plan (default: this machine's)")
 
     par = p.add_argument_group("several processes (under torchrun)")
     par.add_argument("--guidance-parallel", choices=("auto", "on", "off"), default="auto",
@@ -300,10 +310,31 @@ def run(args: argparse.Namespace) -> dict:
     return written
 
 
+def print_plan(args: argparse.Namespace) -> None:
+    """``--plan``: the fit plan for the given (or this machine's) GPU memory and RAM."""
+    import os
+
+    from .fit_plan import plan
+
+    gpu = args.gpu_memory
+    if gpu is None:
+        if not torch.cuda.is_available():
+            raise ValueError("--plan: no GPU is visible here; give the GPU's memory with --gpu-memory GB")
+        gpu = torch.cuda.get_device_properties(0).total_memory / 1e9
+    ram = args.ram if args.ram is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    if gpu <= 0 or ram <= 0:
+        raise ValueError(f"--plan: --gpu-memory {gpu} and --ram {ram} must be positive sizes in GB")
+    width, height, frames = RELEASE_SIZE
+    print(plan(gpu, ram, width=args.width or width, height=args.height or height, frames=args.frames or frames).describe())
+
+
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.plan:
+            print_plan(args)
+            return
         run(args)
     except (ValueError, FileNotFoundError) as e:  # bad values and missing files: the message, without a traceback
         parser.exit(2, f"error: {e}\n")

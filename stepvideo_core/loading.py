@@ -1,4 +1,5 @@
-"""Streaming, validated loading of safetensors checkpoints into models built on the meta device.
+"""Streaming, validated loading of safetensors (and, through ``gguf_loading``, GGUF) checkpoints into models built
+on the meta device.
 
 Files are read with ``safetensors.safe_open``, one tensor at a time: each tensor is copied (and converted)
 into its own buffer and the file mapping of that tensor is released before the next, so a load holds at
@@ -183,6 +184,30 @@ class Checkpoint:
         return {k: self.shape(k) for k in self.keys()}
 
 
+GGUF_SUFFIX = ".gguf"
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """A ``.gguf`` file, or a folder that holds .gguf file(s) and no .safetensors (e.g. ``step_llm/`` with a GGUF
+    in place of its shards); a folder with both loads its safetensors."""
+    path = Path(path)
+    if path.is_dir():
+        return any(path.glob(f"*{GGUF_SUFFIX}")) and not any(path.glob("*.safetensors"))
+    return path.suffix == GGUF_SUFFIX
+
+
+def open_checkpoint(path: str | os.PathLike):
+    """``Checkpoint`` for safetensors, ``gguf_loading.GGUFCheckpoint`` for GGUF (same keys/shape/metadata view)."""
+    if not is_gguf(path):
+        return Checkpoint(path)
+    try:
+        from .gguf_loading import GGUFCheckpoint
+    except ImportError:
+        raise CheckpointError(f"{path} is a GGUF file; reading it needs the gguf package: pip install gguf "
+                              "(in ComfyUI's Python environment).") from None
+    return GGUFCheckpoint(path)
+
+
 def check_device(device: torch.device | str) -> torch.device:
     """``device`` as a ``torch.device`` when this machine has it; otherwise a ``ValueError`` saying which devices
     it has (torch's own error for a CUDA device on a CPU build is a bare assertion)."""
@@ -342,14 +367,19 @@ def open_checkpoint_model(
     check that the file is this model (its ``anchors`` keys; another model is named), ``build(ckpt, shapes)``
     on the meta device (it infers the config from the tensor shapes; its ``ValueError``/``KeyError`` become a
     ``CheckpointError`` naming the file). ``hint`` ends the wrong-file message."""
-    ckpt = Checkpoint(path)
+    ckpt = open_checkpoint(path)
+    gguf_file = getattr(ckpt, "file", None)  # GGUF: the file says which model it is
+    if gguf_file is not None:
+        ckpt.check_architecture(model_name, hint)
     key_map = strip_known_prefix(ckpt.keys(), set(anchors))
     shapes = {key_map(k): shape for k, shape in ckpt.shapes().items()}
     if not all(a in shapes for a in anchors):
         foreign = identify_foreign(shapes)
         what = (f"looks like {foreign}, not a {model_name} checkpoint" if foreign else
                 f"is not a {model_name} checkpoint (it has no {' / '.join(map(repr, anchors))})")
-        raise CheckpointError(f"{ckpt.path} {what}.{' ' + hint if hint else ''}")
+        if gguf_file is not None:
+            what += f"; it is {ckpt.describe_architecture()}"
+        raise CheckpointError(f"{gguf_file or ckpt.path} {what}.{' ' + hint if hint else ''}")
     try:
         with torch.device("meta"):
             model = build(ckpt, shapes)
@@ -374,6 +404,12 @@ def load_checkpoint_model(
     """The skeleton every model loader shares: ``open_checkpoint_model``, then stream the weights in."""
     device = check_device(device)
     model, ckpt, key_map = open_checkpoint_model(path, model_name=model_name, anchors=anchors, build=build, hint=hint)
-    load_streaming(model, ckpt, model_name=model_name, weight_dtype=weight_dtype, compute_dtype=compute_dtype,
-                   device=device, key_map=key_map)
+    if getattr(ckpt, "file", None) is not None:  # GGUF: block-type weights stay quantized, the rest in compute dtype
+        from .gguf_loading import load_gguf_streaming
+
+        load_gguf_streaming(model, ckpt, model_name=model_name, compute_dtype=compute_dtype, device=device,
+                            key_map=key_map)
+    else:
+        load_streaming(model, ckpt, model_name=model_name, weight_dtype=weight_dtype, compute_dtype=compute_dtype,
+                       device=device, key_map=key_map)
     return model.eval().requires_grad_(False)

@@ -26,13 +26,28 @@ def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _cast_bytes(elements: int, dtype: torch.dtype, weight_dtype: torch.dtype | None, streamed: bool) -> int:
+def stored_element_bytes(weight_format) -> float:
+    """Bytes per weight of a storage format: a torch dtype, or a GGUF block type (``gguf.GGMLQuantizationType``:
+    block bytes / block weights, e.g. 34/32 for Q8_0)."""
+    if isinstance(weight_format, torch.dtype):
+        return element_size(weight_format)
+    from .gguf_quant import block_sizes
+
+    block, size = block_sizes(weight_format)
+    return size / block
+
+
+def _cast_bytes(elements: int, dtype: torch.dtype, weight_dtype, streamed: bool) -> int:
     """Bytes of one layer's weight in flight: a compute-dtype copy when the stored dtype differs (fp8 -> bf16 layer
-    by layer), plus the stored copy when the weight is streamed from the offload device (ComfyUI's partial
-    loading moves it first, then casts)."""
+    by layer, or a GGUF block type dequantized, plus its float32 slice), plus the stored copy when the weight is
+    streamed from the offload device (ComfyUI's partial loading moves it first, then casts)."""
     weight_dtype = weight_dtype or dtype
     total = elements * element_size(dtype) if weight_dtype != dtype else 0
-    return total + (elements * element_size(weight_dtype) if streamed else 0)
+    if not isinstance(weight_dtype, torch.dtype):
+        from .gguf_quant import CHUNK_ELEMENTS
+
+        total += 4 * min(elements, CHUNK_ELEMENTS) if dtype != torch.float32 else 0
+    return int(total + (elements * stored_element_bytes(weight_dtype) if streamed else 0))
 
 
 # ---- DiT -------------------------------------------------------------------------------------------------------
@@ -67,7 +82,8 @@ def dit_activation_bytes(config: DiTConfig, batch: int, tokens: int, dtype: torc
                          weight_dtype: torch.dtype | None = None, streamed: bool = False) -> int:
     """Peak bytes of one DiT forward over ``batch`` samples of ``tokens`` video tokens each (weights excluded).
 
-    ``weight_dtype`` other than ``dtype`` (fp8 storage) adds the compute-dtype copy of the layer being cast;
+    ``weight_dtype`` other than ``dtype`` (fp8 storage, or a GGUF block type) adds the compute-dtype copy of the layer
+    being cast;
     ``streamed`` adds the stored copy of a layer brought from the offload device (ComfyUI's partial loading).
     """
     es = element_size(dtype)

@@ -72,7 +72,12 @@ class StepLLMConfig:
     @classmethod
     def read_json(cls, path: str | Path) -> dict:
         """The known fields of an official ``config.json`` (``padded_vocab_size`` is the table's row count)."""
-        raw = json.loads(Path(path).read_text())
+        return cls.known_fields(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def known_fields(cls, raw: dict) -> dict:
+        """The fields of a ``config.json``'s values that this config has."""
+        raw = dict(raw)
         if "padded_vocab_size" in raw:
             raw["vocab_size"] = raw["padded_vocab_size"]
         known = {f.name for f in fields(cls)}
@@ -228,7 +233,9 @@ def load_step_llm(
     operations=None,
     **config_overrides,
 ) -> StepLLM:
-    """Load the official ``step_llm/`` folder (shards + index, optional ``config.json``) or one ``.safetensors``.
+    """Load the official ``step_llm/`` folder (shards + index, optional ``config.json``), one ``.safetensors``, or a
+    ``.gguf`` (the file, or the folder holding it in place of the shards; ``weight_dtype`` is then the compute
+    dtype and block-type weights stay quantized).
 
     The model is built on the meta device and filled one tensor at a time. fp8 ``weight_dtype`` (e4m3fn or
     e5m2) stores the Linear and embedding weights in fp8 (about 20 GB instead of 39) and computes in
@@ -244,7 +251,9 @@ def load_step_llm(
     config_file = (Path(folder) if Path(folder).is_dir() else Path(folder).parent) / "config.json"
 
     def build(ckpt, shapes) -> StepLLM:
-        from_json = StepLLMConfig.read_json(config_file) if config_file.is_file() else {}
+        # A GGUF carries its source's config.json (the converter records it), for a file kept away from its folder.
+        from_json = (StepLLMConfig.read_json(config_file) if config_file.is_file() else
+                     StepLLMConfig.known_fields(ckpt.config()) if hasattr(ckpt, "config") else {})
         head_dim = from_json["hidden_size"] // from_json["num_attention_heads"] if "num_attention_heads" in from_json else 128
         extra = {k: from_json[k] for k in ("layernorm_epsilon", "position_bias") if k in from_json}
         return StepLLM(StepLLMConfig.from_shapes(shapes, head_dim=head_dim, **{**extra, **config_overrides}),
@@ -255,6 +264,12 @@ def load_step_llm(
                                   hint="Use the step_llm/ folder of stepfun-ai/stepvideo-t2v.")
     model.compute_dtype = compute_dtype
     return model
+
+
+def tokenizer_folder(step_llm: str | Path) -> Path:
+    """Where the tokenizer of a Step-LLM checkpoint is: its folder, or the folder of a single ``.gguf`` file."""
+    path = Path(step_llm)
+    return path.parent if path.suffix == ".gguf" else path
 
 
 class PromptTruncatedWarning(UserWarning):

@@ -18,7 +18,7 @@ import torch
 from .hunyuan_clip import HunyuanClip, load_hunyuan_clip
 from .ops import FP8_DTYPES
 from .scheduler import check_finite
-from .step_llm import StepLLM, StepLLMTokenizer, load_step_llm
+from .step_llm import StepLLM, StepLLMTokenizer, load_step_llm, tokenizer_folder
 
 POSITIVE_MAGIC = "超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、自然、生动、超细节、清晰。"
 NEGATIVE_MAGIC = "画面暗、低分辨率、不良手、文本、缺少手指、多余的手指、裁剪、低质量、颗粒状、签名、水印、用户名、模糊。"
@@ -90,8 +90,9 @@ class TextEncoders:
 def load_text_encoders(step_llm_dir, hunyuan_clip_dir, weight_dtype: torch.dtype = torch.bfloat16,
                        device: torch.device | str = "cpu", clip_dtype: torch.dtype = torch.float32,
                        operations=None) -> TextEncoders:
-    """``step_llm/`` (weights + ``step1_chat_tokenizer.model``) and ``hunyuan_clip/`` from the official download."""
-    tokenizer = StepLLMTokenizer(step_llm_dir)
+    """``step_llm/`` (weights + ``step1_chat_tokenizer.model``) and ``hunyuan_clip/`` from the official download;
+    ``step_llm_dir`` may also be a Step-LLM ``.gguf`` file, whose tokenizer is the one beside it."""
+    tokenizer = StepLLMTokenizer(tokenizer_folder(step_llm_dir))
     llm = load_step_llm(step_llm_dir, weight_dtype=weight_dtype, device=device, operations=operations)
     return TextEncoders(llm, tokenizer, load_hunyuan_clip(hunyuan_clip_dir, dtype=clip_dtype, device=device))
 

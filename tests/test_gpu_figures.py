@@ -23,7 +23,7 @@ def rows(data, section):
 @pytest.mark.slow
 def test_dry_run_measures_every_section(dry_run):
     assert dry_run["dry_run"] and not [r for r in dry_run["sections"] if "error" in r]
-    steps = [r for r in rows(dry_run, "dit_step") if r.get("attention") == "sdpa"]
+    steps = [r for r in rows(dry_run, "dit_step") if r.get("attention") == "sdpa" and r["weights"] in ("bf16", "fp8")]
     assert {(r["weights"], r["frames"]) for r in steps} == {(w, f) for w in ("bf16", "fp8") for f in (17, 34)}
     for r in steps:
         assert r["seconds"] > 0 and r["peak_bytes"] > 0 and r["predicted_bytes"] > 0
@@ -43,6 +43,7 @@ def test_a_failing_section_is_recorded_and_the_rest_still_runs(tmp_path, monkeyp
         raise RuntimeError("out of memory (simulated)")
 
     monkeypatch.setattr(gpu_figures, "build_dit", broken)
+    monkeypatch.setattr(gpu_figures, "build_gguf_dit", broken)
     monkeypatch.setattr(gpu_figures, "VideoVAE", broken)
     data = gpu_figures.main(["--dry-run", "--out", str(tmp_path / "f.json")])
     assert all("simulated" in r["error"] for r in rows(data, "dit_build") + rows(data, "vae_decode"))
@@ -73,3 +74,14 @@ def test_materialise_makes_weights_on_the_device_in_the_storage_dtype():
     assert model.transformer_blocks[0].scale_shift_table.dtype == torch.bfloat16
     assert not any(p.is_meta for p in model.parameters())
     assert model.transformer_blocks[0].ff.net[0].proj.weight.float().std() == pytest.approx(0.02, rel=0.2)
+
+
+@pytest.mark.slow
+def test_dry_run_measures_the_gguf_dit(dry_run):
+    """The GGUF section: Q8_0 and Q4_0 DiTs hold fewer bytes than bf16 and run one guided step each."""
+    builds = {r["weights"]: r["weight_bytes"] for r in rows(dry_run, "dit_build") if "weight_bytes" in r}
+    assert builds["Q8_0"] < 0.75 * builds["bf16"] and builds["Q4_0"] < builds["Q8_0"]
+    steps = {r["weights"]: r for r in rows(dry_run, "dit_step") if r.get("weights") in ("Q8_0", "Q4_0")}
+    assert set(steps) == {"Q8_0", "Q4_0"}
+    for r in steps.values():
+        assert "error" not in r and r["seconds"] > 0 and r["peak_bytes"] > 0 and r["frames"] == 17
