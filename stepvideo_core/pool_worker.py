@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from . import parallel, pipeline
+from . import distributed as parallel
+from . import pipeline
 from .attention import get_attention
 from .dit import StepVideoDiT, load_dit
 from .lora import LoraSet, attach, load_lora

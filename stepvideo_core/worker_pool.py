@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from .parallel import ParallelPlan
+from .distributed import ParallelPlan
 from .pipeline import GenerationSettings
 from .text_encoding import TextConditioning
 

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from stepvideo_core import worker_pool as wp
-from stepvideo_core.parallel import ParallelPlan
+from stepvideo_core.distributed import ParallelPlan
 from stepvideo_core.pipeline import sample_latents
 from stepvideo_core.pool_worker import Worker
 from stepvideo_core.text_encoding import encode_prompts
