@@ -11,3 +11,5 @@ if ! .venv/bin/python -c "import torch, einops, safetensors, transformers, sente
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q "torch==2.13.0" -r requirements.txt "opencv-python-headless" "tokenizers" "pytest>=7" "ruff>=0.5"
 fi
+# Several GPUs / machines in ComfyUI run on Ray (pyproject extra "ray"); its tests fail under CI without it.
+.venv/bin/python -c "import ray" 2>/dev/null || .venv/bin/pip install -q "ray>=2.40"

@@ -136,16 +136,17 @@ CONTRACT: dict[str, dict] = {
         "widgets": [combo("model_name"), combo("weight_dtype", DTYPES_DIT),
                     combo("attention", ["sdpa", "sageattention", "flash-attn"]), str_("devices"), int_("workers", 0, 64),
                     combo("guidance_parallel", ["auto", "on", "off"]), bool_("shard_weights"),
-                    int_("ff_chunk_size", 0, 1_000_000, 1024)],
-        "outputs": [("parallel_dit", "STEPVIDEO_PARALLEL_DIT")],
+                    int_("ff_chunk_size", 0, 1_000_000, 1024), str_("cluster")],
+        "outputs": [("MODEL", "MODEL")],
     },
+    # deprecated (kept so that saved graphs open): they do what StepVideoLoraLoader / StepVideoSampler do
     "StepVideoParallelLoraLoader": {
-        "sockets": [("parallel_dit", "STEPVIDEO_PARALLEL_DIT")],
+        "sockets": [("parallel_dit", "MODEL")],
         "widgets": [combo("lora_name"), float_("strength", -4.0, 4.0)],
-        "outputs": [("parallel_dit", "STEPVIDEO_PARALLEL_DIT")],
+        "outputs": [("parallel_dit", "MODEL")],
     },
     "StepVideoParallelSampler": {
-        "sockets": [("parallel_dit", "STEPVIDEO_PARALLEL_DIT"), ("positive", "CONDITIONING"),
+        "sockets": [("parallel_dit", "MODEL"), ("positive", "CONDITIONING"),
                     ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
         "widgets": [combo("preset", ["standard", "turbo", "tiny", "custom"]), int_("steps", 1, 1000),
                     float_("cfg", 0.0, 100.0), float_("shift", 0.01, 100.0), int_("seed", 0, SEED_MAX, control=True),
@@ -412,14 +413,15 @@ def test_each_workflow_has_its_purpose():
     prefixes = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "SaveVideo"]
     assert len(set(prefixes)) == 2
 
-    # several GPUs: the standard graph with the parallel DiT loader and sampler in place of the single-GPU ones
+    # several GPUs: the standard graph with the parallel DiT loader (a MODEL) in place of the single-GPU one
     (d,) = nodes("stepvideo_t2v_multi_gpu", "StepVideoParallelDiTLoader")
     assert d["devices"] == "all" and d["workers"] == 0 and d["model_name"] == "stepvideo/stepvideo-t2v/transformer"
-    (s,) = nodes("stepvideo_t2v_multi_gpu", "StepVideoParallelSampler")
+    assert d["cluster"] == "local"
+    (s,) = nodes("stepvideo_t2v_multi_gpu", "StepVideoSampler")
     assert s["preset"] == "standard"
     types = {n["type"] for n in by["stepvideo_t2v_multi_gpu"]["nodes"]}
-    assert not types & {"StepVideoDiTLoader", "StepVideoSampler"}
-    assert {n["type"] for n in by["stepvideo_t2v_standard"]["nodes"]} - types == {"StepVideoDiTLoader", "StepVideoSampler"}
+    assert not types & {"StepVideoDiTLoader", "StepVideoParallelSampler", "StepVideoParallelLoraLoader"}
+    assert {n["type"] for n in by["stepvideo_t2v_standard"]["nodes"]} - types == {"StepVideoDiTLoader"}
 
     # the install check: the built-in Step-Video-Tiny at what it was trained for
     (d,) = nodes("step_video_tiny_demo", "StepVideoDiTLoader")
