@@ -81,13 +81,14 @@ class DiTRank:
         self.originals: dict[str, torch.Tensor] = {}  # weight key -> the unpatched weight (or this rank's shard)
         self.cache_token: str | None = None
         self.cache: StepCache | None = None
+        self.timeout: timedelta | None = None  # of every collective, subgroups included
 
     # -- where this rank runs ------------------------------------------------------------------------------------
 
     def describe(self) -> dict:
         """Where this rank runs, for error messages and for ComfyUI's memory manager."""
         info = {"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(), "node_ip": _node_ip(),
-                "device": str(self.device), "gpu_uuid": None, "gpu_name": None}
+                "node_id": _node_id(), "device": str(self.device), "gpu_uuid": None, "gpu_name": None}
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
             info["gpu_uuid"], info["gpu_name"] = str(props.uuid), props.name
@@ -104,6 +105,7 @@ class DiTRank:
         """Join the group (NCCL on GPUs, gloo on CPUs). ``timeout_s`` bounds every collective: a rank whose peer
         never arrives raises instead of waiting forever, so a hung step ends and the host can start afresh."""
         backend = "nccl" if self.device.type == "cuda" else "gloo"
+        self.timeout = timedelta(seconds=timeout_s)
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=self.rank,
                                 world_size=self.world_size, timeout=timedelta(seconds=timeout_s))
 
@@ -225,7 +227,8 @@ class DiTRank:
     def _context(self, plan: ParallelPlan) -> ParallelContext:
         """The process groups of ``plan``, made once (every rank sees the same calls, so they make them together)."""
         if plan not in self.contexts:
-            self.contexts[plan] = ParallelContext.build(plan, DistributedGroup(self.rank, self.world_size, self.device))
+            group = DistributedGroup(self.rank, self.world_size, self.device)
+            self.contexts[plan] = ParallelContext.build(plan, group, self.timeout)
         return self.contexts[plan]
 
     def _options(self, sent: dict, rows: slice, ctx: ParallelContext) -> dict:
@@ -281,6 +284,15 @@ def _node_ip() -> str:
         return ray.util.get_node_ip_address()
     except Exception:  # outside Ray (tests driving a rank directly)
         return "127.0.0.1"
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None
 
 
 def _ray_gpu_ids() -> list:

@@ -7,6 +7,7 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -107,11 +108,13 @@ def init_from_environment(backend: str | None = None, device: str | torch.device
     return DistributedGroup(dist.get_rank(), dist.get_world_size(), device)
 
 
-def _my_group(groups: list[list[int]], rank: int):
-    """Create every group (a collective call: all ranks create all groups in the same order); return ours."""
+def _my_group(groups: list[list[int]], rank: int, timeout: timedelta | None = None):
+    """Create every group (a collective call: all ranks create all groups in the same order); return ours.
+    ``timeout`` bounds each collective of the group (torch gives a new group its 30-minute default otherwise,
+    whatever the default group's timeout)."""
     mine = None
     for ranks in groups:
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             mine = group
     return mine
@@ -143,7 +146,7 @@ class ParallelContext:
         return total[0] / self.plan.sequence
 
     @classmethod
-    def build(cls, plan: ParallelPlan, group: DistributedGroup) -> ParallelContext:
+    def build(cls, plan: ParallelPlan, group: DistributedGroup, timeout: timedelta | None = None) -> ParallelContext:
         """Make the process groups. Global rank = guidance * sequence + ring * ulysses + ulysses index, so the
         ranks of an Ulysses group are neighbours (on one node when possible)."""
         if plan.world_size != group.world_size:
@@ -155,10 +158,10 @@ class ParallelContext:
                                 "sequence-parallel attention, or a Ulysses degree that covers all ranks.")
         g_n, p, u = plan.guidance, plan.sequence, plan.ulysses
         rank = group.rank
-        seq = _my_group([[g * p + s for s in range(p)] for g in range(g_n)], rank)
-        guid = _my_group([[g * p + s for g in range(g_n)] for s in range(p)], rank)
-        uly = _my_group([[g * p + r * u + i for i in range(u)] for g in range(g_n) for r in range(plan.ring)], rank)
-        ring = _my_group([[g * p + r * u + i for r in range(plan.ring)] for g in range(g_n) for i in range(u)], rank)
+        seq = _my_group([[g * p + s for s in range(p)] for g in range(g_n)], rank, timeout)
+        guid = _my_group([[g * p + s for g in range(g_n)] for s in range(p)], rank, timeout)
+        uly = _my_group([[g * p + r * u + i for i in range(u)] for g in range(g_n) for r in range(plan.ring)], rank, timeout)
+        ring = _my_group([[g * p + r * u + i for r in range(plan.ring)] for g in range(g_n) for i in range(u)], rank, timeout)
         usp = _yunchang_attention(plan, rank, group.device) if plan.attention == "yunchang" else None
         return cls(plan, rank, group.device, rank // p, rank % p, seq, guid, uly, ring, usp)
 
