@@ -250,13 +250,13 @@ def run(args: argparse.Namespace) -> dict:
     vae = None
     condition = None
     if args.image:
-        if ctx is not None:
-            raise ValueError("--image runs in one process: the parallel sampler under torchrun takes no image "
-                             "condition yet")
         vae = load_vae(paths.vae, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, device=device)
-        condition = image_condition(vae, load_image(args.image), settings.num_frames, settings.height, settings.width,
-                                    motion_score=args.motion_score,
-                                    generator=torch.Generator(device=device).manual_seed(args.seed))
+        if rank == 0:  # encoded once; under torchrun the other ranks receive it
+            condition = image_condition(vae, load_image(args.image), settings.num_frames, settings.height,
+                                        settings.width, motion_score=args.motion_score,
+                                        generator=torch.Generator(device=device).manual_seed(args.seed))
+        if ctx is not None:
+            condition = distributed.broadcast_image_condition(condition, ctx)
 
     cache = StepCache(StepCacheSettings(threshold=args.cache)) if args.cache is not None else None
     options = cache.transformer_options(dit) if cache is not None else None
@@ -267,7 +267,7 @@ def run(args: argparse.Namespace) -> dict:
                                      image=condition)
         else:
             latents = distributed.sample_latents(dit, ctx, positive, negative, settings, callback=callback,
-                                              transformer_options=options)
+                                                 transformer_options=options, image=condition)
     del dit
     if cache is not None and rank == 0:
         print(cache.stats.summary(), file=sys.stderr)

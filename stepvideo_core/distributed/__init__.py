@@ -44,7 +44,7 @@ the forward over shards), ``guidance`` (the guidance split and the sampler), ``e
 distributed decoding), ``sharding`` (FSDP2 loading). The names below are re-exported here.
 """
 
-from .exchange import broadcast_conditioning, decode
+from .exchange import broadcast_conditioning, broadcast_image_condition, decode
 from .guidance import parallel_velocity, sample_latents
 from .plan import (
     SP_ATTENTION,
@@ -59,6 +59,6 @@ from .sharding import load_dit_sharded
 
 __all__ = [
     "SP_ATTENTION", "DistributedGroup", "ParallelContext", "ParallelError", "ParallelPlan", "SequenceParallelAttention",
-    "TokenShard", "YunchangAttention", "branch_forward", "broadcast_conditioning", "decode", "init_from_environment",
+    "TokenShard", "YunchangAttention", "branch_forward", "broadcast_conditioning", "broadcast_image_condition", "decode", "init_from_environment",
     "load_dit_sharded", "parallel_velocity", "ring_attention", "sample_latents",
 ]

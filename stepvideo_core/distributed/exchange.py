@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..image_condition import ImageCondition
 from ..text_encoding import TextConditioning
 from ..vae import VideoVAE, blend_chunk_borders
 from ..video_shape import LATENTS_PER_CHUNK, video_frames
@@ -57,3 +58,16 @@ def decode(vae: VideoVAE, latents: torch.Tensor, ctx: ParallelContext, **decode_
         dist.recv(piece, src=i % world)
         pieces.append(piece)
     return blend_chunk_borders(torch.cat(pieces, dim=1), keep=vae.config.blend_keep)
+
+
+def broadcast_image_condition(condition: ImageCondition | None, ctx: ParallelContext, src: int = 0) -> ImageCondition:
+    """Send the TI2V image condition made on rank ``src`` (the VAE encodes once) to every rank (others pass None)."""
+    meta = [None]
+    if ctx.rank == src:
+        meta = [(tuple(condition.latents.shape), condition.latents.dtype, float(condition.motion_score))]
+    dist.broadcast_object_list(meta, src=src)
+    shape, dtype, score = meta[0]
+    latents = (condition.latents.to(ctx.device).contiguous() if ctx.rank == src
+               else torch.empty(shape, dtype=dtype, device=ctx.device))
+    dist.broadcast(latents, src=src)
+    return ImageCondition(latents, score)
