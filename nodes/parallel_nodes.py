@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 import torch
 from comfy_api.latest import io
@@ -43,20 +44,27 @@ COLLECTIVE_TIMEOUT_S = 300.0
 
 
 class EngineOwner:
-    """The Ray engine of this ComfyUI process. One at a time: GPUs hold one copy of the DiT, so a loader with new
-    settings stops the previous actors before its own start (otherwise they would wait for each other's GPUs)."""
+    """The Ray engines of this ComfyUI process, one running at a time: GPUs hold one copy of the DiT, so a loader with
+    new settings stops the previous actors, and so does any engine that starts (an older MODEL still in the node
+    cache would otherwise restart its actors beside the new ones, and each would wait for the other's GPUs)."""
 
     def __init__(self):
-        self.key = None
-        self.engine: RayEngine | None = None
+        self.engines: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # settings -> engine (held by MODELs)
 
     def engine_for(self, config: EngineConfig, spec: DiTSpec, import_paths: tuple[str, ...]) -> RayEngine:
         key = (config, spec, import_paths)
-        if key != self.key or self.engine is None:
-            if self.engine is not None:
-                self.engine.close()
-            self.key, self.engine = key, RayEngine(config, spec, import_paths)
-        return self.engine
+        engine = self.engines.get(key)
+        if engine is None:
+            engine = RayEngine(config, spec, import_paths, on_start=self.starting)
+            self.engines[key] = engine
+        self.starting(engine)
+        return engine
+
+    def starting(self, engine: RayEngine) -> None:
+        for other in list(self.engines.values()):
+            if other is not engine and other.running:
+                log.info("StepVideo: stopping the parallel DiT actors of earlier loader settings")
+                other.close()
 
 
 ENGINE_OWNER = EngineOwner()

@@ -167,3 +167,43 @@ def test_cancel_does_not_wait_for_a_hung_collective_and_the_next_call_recovers(d
     finally:
         engine.close()
         ray.shutdown()
+
+
+class AddDiff:
+    """A weight patcher for tests: each key's patch list holds one tensor added to the weight."""
+
+    def load(self, blob: bytes) -> dict:
+        import pickle
+
+        return pickle.loads(blob)
+
+    def __call__(self, weight_fp32, patches, key, like):
+        return (weight_fp32 + patches[0]).to(like.dtype)
+
+
+@needs_ray
+@pytest.mark.slow
+def test_weight_patches_reach_sharded_weights_and_come_off_again(dit_file, loopback):
+    """FSDP2-sharded blocks on two CPU ranks: a patch gathers the weight, changes it and keeps each rank's rows;
+    an empty patch set restores the originals."""
+    import ray
+
+    dit, path = dit_file
+    key = "diffusion_model.transformer_blocks.1.ff.net.2.weight"
+    diff = torch.randn(dit.get_parameter(key.removeprefix("diffusion_model.")).shape) * 0.1
+    patched = small_dit(heads=2, head_dim=8, layers=2, channels=4, caption=(24, 12), seed=5)
+    with torch.no_grad():
+        patched.get_parameter(key.removeprefix("diffusion_model.")).add_(diff)
+    ray.init(num_cpus=4, include_dashboard=False)
+    engine = RayEngine(EngineConfig(devices=("cpu", "cpu"), collective_timeout_s=60),
+                       DiTSpec(str(path), shard_weights=True))
+    try:
+        remote = RemoteDiT(engine)
+        args = inputs(2, 4)
+        engine.set_weight_patches("with-diff", {key: [diff]}, AddDiff())
+        assert_matches(remote(*args), local_call(patched, *args))
+        engine.set_weight_patches("none", {}, None)
+        assert_matches(remote(*args), local_call(dit, *args))
+    finally:
+        engine.close()
+        ray.shutdown()

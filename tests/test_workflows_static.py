@@ -658,3 +658,24 @@ def test_frontend_extension_static():
     init = (ROOT / "__init__.py")
     if init.exists():
         assert re.search(r"WEB_DIRECTORY\s*=\s*[\"']\./js[\"']", init.read_text(encoding="utf-8"))
+
+
+def test_the_previous_release_multi_gpu_template_still_opens():
+    """Widget values are stored by position: the previous release's multi-GPU graph (Parallel DiT Loader -> Parallel
+    Sampler) must still map onto today's nodes, whose inputs only grew at the end, and its link now carries a MODEL."""
+    wf = load(Path(__file__).parent / "fixtures" / "previous_release_multi_gpu.json")
+    for node in wf["nodes"]:
+        if node["type"] in VIRTUAL_NODES:
+            continue
+        names = widget_names_with_control(node["type"])
+        saved = node.get("widgets_values", [])
+        assert len(saved) <= len(names), node["type"]
+        if node["type"] == "StepVideoParallelDiTLoader":
+            assert names[len(saved):] == ["cluster"]  # the one new input, appended; its default is "local"
+        else:
+            assert len(saved) == len(names), node["type"]
+    old = {n["id"]: n["type"] for n in wf["nodes"]}
+    (link,) = [lk for lk in wf["links"] if old[lk[1]] == "StepVideoParallelDiTLoader"]
+    assert old[link[3]] == "StepVideoParallelSampler"
+    assert CONTRACT["StepVideoParallelDiTLoader"]["outputs"][0][1] == "MODEL"
+    assert CONTRACT["StepVideoParallelSampler"]["sockets"][0] == ("parallel_dit", "MODEL")

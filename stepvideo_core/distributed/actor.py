@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -182,7 +183,7 @@ class DiTRank:
         cache counts; other ranks return no tensor."""
         if self.dit is None:
             raise RuntimeError("no DiT loaded on this rank")
-        x, t = call["x"], call["t"]
+        x, t = unpack(call["x"]), call["t"]
         bundle = self.conditioning.get(call["cond_key"])
         if bundle is None:
             raise RuntimeError("the conditioning of this call was never sent to this rank")
@@ -202,8 +203,9 @@ class DiTRank:
                                    bundle["motion_score"][rows].to(dev))
         options = self._options(call["options"], rows, ctx)
         with torch.no_grad():
-            tokens, grid = branch_forward(self.dit, ctx, x[rows].to(dev).movedim(1, 2), t[rows].to(dev), text, image,
-                                          options)
+            # a copy: ``x`` is a read-only view of Ray's object store
+            tokens, grid = branch_forward(self.dit, ctx, x[rows].to(dev, copy=True).movedim(1, 2), t[rows].to(dev),
+                                          text, image, options)
             v = self.dit.unpatchify(tokens, grid)
             if plan.guidance == 2:
                 parts = [torch.empty_like(v) for _ in range(2)]
@@ -214,7 +216,7 @@ class DiTRank:
             s = self.cache.stats
             stats = {"forward_passes": s.forward_passes, "computed": s.computed,
                      "block_evaluations": s.block_evaluations}
-        out = (-v).movedim(2, 1).to(x.dtype).cpu() if self.rank == 0 else None  # ComfyUI's sign: noise - x0
+        out = pack((-v).movedim(2, 1).to(x.dtype)) if self.rank == 0 else None  # ComfyUI's sign: noise - x0
         return {"out": out, "step_cache": stats}
 
     def _plan(self, batch: int) -> ParallelPlan:
@@ -251,6 +253,21 @@ class DiTRank:
                 # still read statistics of the whole batch, so average over every rank (equal shards each).
                 options[GROUP_MEAN_KEY] = _world_mean
         return options
+
+
+def pack(t: torch.Tensor) -> tuple:
+    """A tensor as (dtype name, shape, bytes as a numpy array): Ray hands numpy arrays to the receiver straight from
+    its object store, where a torch tensor would be pickled and copied on each side (bench_ray_dispatch.py)."""
+    t = t.detach().contiguous().cpu()
+    return str(t.dtype).removeprefix("torch."), tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy()
+
+
+def unpack(packed: tuple) -> torch.Tensor:
+    """The tensor of ``pack``: a read-only view when the array came from Ray's object store (copy before writing)."""
+    dtype, shape, data = packed
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(data).view(getattr(torch, dtype)).reshape(shape)
 
 
 def _world_mean(value: torch.Tensor) -> torch.Tensor:

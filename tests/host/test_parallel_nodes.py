@@ -42,8 +42,9 @@ def ray_on_loopback():
     import ray
 
     owner = _owner()
-    if owner is not None and owner.engine is not None:
-        owner.engine.close()
+    if owner is not None:
+        for engine in list(owner.engines.values()):
+            engine.close()
     ray.shutdown()
     if saved is None:
         os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
@@ -245,3 +246,33 @@ def test_freeing_models_and_node_cache_releases_the_actors(host, tiny_demo, text
     del model
     gc.collect()
     assert not engine.running
+
+
+def test_builtin_ti2v_graph_with_the_parallel_loader_gives_the_same_frames(server, base_dir, tiny_demo):
+    """The issue's bar: the shipped tiny TI2V workflow queued on a real ComfyUI server, once as shipped and once with
+    the Parallel DiT Loader (cpu, 2 workers, local Ray, started inside the server) in place of the DiT loader."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from ..test_workflows_static import WORKFLOW_DIR
+    from .test_tiny_demo import api_prompt
+
+    find_or_write_ti2v(base_dir / "models", tiny_demo.root)
+    prompt = api_prompt(json.loads((WORKFLOW_DIR / "step_video_tiny_ti2v.json").read_text(encoding="utf-8")))
+    (loader,) = [k for k, n in prompt.items() if n["class_type"] == "StepVideoDiTLoader"]
+    (sampler,) = [k for k, n in prompt.items() if n["class_type"] == "StepVideoSampler"]
+    model_name = prompt[loader]["inputs"]["model_name"]
+    latents = {}
+    for kind in ("single", "parallel"):
+        if kind == "parallel":
+            prompt[loader] = {"class_type": "StepVideoParallelDiTLoader",
+                              "inputs": {**loader_inputs(model_name), "weight_dtype": "default"}}
+        prompt["save_latent"] = {"class_type": "SaveLatent",
+                                 "inputs": {"samples": [sampler, 0], "filename_prefix": f"ti2v_{kind}/latent"}}
+        entry = server.run(prompt, timeout=600)
+        (item,) = entry["outputs"]["save_latent"]["latents"]
+        latents[kind] = load_file(str(server.base / "output" / item["subfolder"] / item["filename"]))["latent_tensor"]
+    assert latents["single"].shape[1] == 16  # the tiny TI2V DiT's channels
+    assert_matches(latents["parallel"], latents["single"])
+    assert "DiT loaded on 2 Ray actor(s)" in server.log_text()
