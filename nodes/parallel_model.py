@@ -143,10 +143,11 @@ class ParallelModelPatcher(comfy.model_patcher.ModelPatcher):
                          device)
 
 
-def build_parallel_model(engine: RayEngine, skeleton, compute_dtype: torch.dtype) -> ParallelModelPatcher:
+def build_parallel_model(engine: RayEngine, skeleton, compute_dtype: torch.dtype,
+                         release=None) -> ParallelModelPatcher:
     """The MODEL for ``engine``'s DiT: ``skeleton`` is the DiT on the meta device (official names and shapes).
-    The actors start on the first run; they stop when this MODEL and all its clones are gone (or earlier, when
-    the loader's settings change or ComfyUI needs their GPU)."""
+    The actors start on the first run; they stop when this MODEL and all its clones are gone (``release(engine)``
+    then runs; default ``engine.close``), or earlier, when the loader's settings change or ComfyUI needs their GPU."""
     skeleton.dtype = compute_dtype  # what ComfyUI casts inputs to; the weights' own dtype lives in the actors
     skeleton.compute_dtype = compute_dtype
     config = StepVideoModelConfig(dict(StepVideoModelConfig.unet_config))
@@ -154,5 +155,5 @@ def build_parallel_model(engine: RayEngine, skeleton, compute_dtype: torch.dtype
     config.set_inference_dtype(compute_dtype, None)
     device = mm.get_torch_device()
     model = ParallelStepVideoModel(config, skeleton, engine, device=mm.unet_offload_device())
-    weakref.finalize(model, engine.close)
+    weakref.finalize(model, engine.close if release is None else release, *(() if release is None else (engine,)))
     return ParallelModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())

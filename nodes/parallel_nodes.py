@@ -50,6 +50,7 @@ class EngineOwner:
 
     def __init__(self):
         self.engines: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # settings -> engine (held by MODELs)
+        self.owns_ray = False  # a loader started the local Ray: it is shut down once no engine runs
 
     def engine_for(self, config: EngineConfig, spec: DiTSpec, import_paths: tuple[str, ...]) -> RayEngine:
         key = (config, spec, import_paths)
@@ -60,7 +61,19 @@ class EngineOwner:
         self.starting(engine)
         return engine
 
+    def release(self, engine: RayEngine) -> None:
+        """A MODEL is gone (ComfyUI freed its node cache, or the loader's output was replaced): stop its actors, and
+        the local Ray this process started once nothing runs on it (its processes would outlive a killed ComfyUI)."""
+        engine.close()
+        if self.owns_ray and not any(e.running for e in self.engines.values()):
+            import ray
+
+            ray.shutdown()
+            self.owns_ray = False
+            log.info("StepVideo: shut down the local Ray (no parallel DiT left)")
+
     def starting(self, engine: RayEngine) -> None:
+        self.owns_ray = self.owns_ray or engine.started_ray
         for other in list(self.engines.values()):
             if other is not engine and other.running:
                 log.info("StepVideo: stopping the parallel DiT actors of earlier loader settings")
@@ -160,7 +173,8 @@ class StepVideoParallelDiTLoader(io.ComfyNode):
         skeleton, _, _ = open_dit_checkpoint(path)  # names and shapes for LoRA keys and the step cache; no memory
         log.info("StepVideo: parallel DiT %s on %s (cluster %s, %s); the actors start on the first run", model_name,
                  ", ".join(config.devices) or "every GPU of the cluster", cluster, dtype)
-        return io.NodeOutput(build_parallel_model(engine, skeleton, resolve_compute_dtype(dtype, None)))
+        return io.NodeOutput(build_parallel_model(engine, skeleton, resolve_compute_dtype(dtype, None),
+                                                  release=ENGINE_OWNER.release))
 
 
 def engine_config(devices: str, workers: int, cluster: str, guidance_parallel: str) -> EngineConfig:

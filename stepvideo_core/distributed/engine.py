@@ -162,22 +162,22 @@ def parse_cluster(cluster: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-def connect(cluster: str, local_cpus: int = 0, connect_timeout_s: float = 5.0, visible_gpus: str | None = None) -> None:
+def connect(cluster: str, local_cpus: int = 0, connect_timeout_s: float = 5.0, visible_gpus: str | None = None) -> bool:
     """Connect this process to Ray once: start a local Ray ("local"), join the one running here ("auto") or a
     head at HOST:PORT (checked with a plain TCP connect first, so a wrong address fails in seconds, not after
     Ray's own minute of retries). An existing connection of this process is kept (another pack may own it) unless
-    an explicit address names a different cluster."""
+    an explicit address names a different cluster. Returns whether this call started a local Ray."""
     ray = require_ray()
     address = parse_cluster(cluster)
     if ray.is_initialized():
         if address is None:
-            return
+            return False
         current = ray.get_runtime_context().gcs_address
         host, port = current.rsplit(":", 1)
         if (host, int(port)) != address and not (int(port) == address[1] and _same_host(host, address[0])):
             raise EngineError(f"this ComfyUI is already connected to the Ray cluster at {current}; restart ComfyUI to "
                               f"use {cluster!r}, or set the cluster input to 'auto' to use the connected one.")
-        return
+        return False
     if address is not None:
         _probe(*address, timeout=connect_timeout_s, cluster=cluster)
     options = dict(include_dashboard=False, namespace="stepvideo", log_to_driver=True, ignore_reinit_error=True)
@@ -196,6 +196,7 @@ def connect(cluster: str, local_cpus: int = 0, connect_timeout_s: float = 5.0, v
     except ConnectionError as e:
         raise ClusterUnreachable(f"no Ray cluster at {cluster!r}: {e}. Start one (`ray start --head` on the head "
                                  "machine) or use cluster 'local'.") from None
+    return cluster.strip() == "local"
 
 
 def _physical(indices: str, visible: str | None) -> str:
@@ -262,6 +263,7 @@ class RayEngine:
         patches); every machine of a cluster needs them at the same paths, as it needs the model files.
         ``on_start(engine)`` runs before the actors start (the ComfyUI pack stops other engines there)."""
         self.config, self.spec, self.on_start = config, spec, on_start
+        self.started_ray = False  # whether this engine's start launched the local Ray
         self.devices: tuple[str, ...] = config.devices  # resolved when started (empty: every GPU of the cluster)
         self.import_paths = [CORE_ROOT, *(p for p in import_paths if p != CORE_ROOT)]
         self.ranks: list[dict] = []  # describe() of each rank, once started
@@ -302,10 +304,11 @@ class RayEngine:
 
         cfg = self.config
         self.close()
+        cpus = sum(d == "cpu" for d in cfg.devices)
+        self.started_ray = connect(cfg.cluster, local_cpus=cpus, connect_timeout_s=cfg.connect_timeout_s,
+                                   visible_gpus=cfg.visible_gpus)
         if self.on_start is not None:
             self.on_start(self)
-        cpus = sum(d == "cpu" for d in cfg.devices)
-        connect(cfg.cluster, local_cpus=cpus, connect_timeout_s=cfg.connect_timeout_s, visible_gpus=cfg.visible_gpus)
         total = ray.cluster_resources()
         self.devices = cfg.devices or ("cuda",) * int(total.get("GPU", 0))
         if not self.devices:

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import time
 
 import pytest
 import torch
@@ -276,3 +277,10 @@ def test_builtin_ti2v_graph_with_the_parallel_loader_gives_the_same_frames(serve
     assert latents["single"].shape[1] == 16  # the tiny TI2V DiT's channels
     assert_matches(latents["parallel"], latents["single"])
     assert "DiT loaded on 2 Ray actor(s)" in server.log_text()
+    # "Free model and node cache": the actors go, and with them the local Ray the loader started
+    status, _ = server.post("/free", {"unload_models": True, "free_memory": True})
+    assert status == 200
+    deadline = time.monotonic() + 60
+    while "shut down the local Ray" not in server.log_text():
+        assert time.monotonic() < deadline, server.log_text()[-3000:]
+        time.sleep(0.2)  # waits for the server's log line (an event), not for a duration
