@@ -114,14 +114,28 @@ def test_t2v_same_frames_as_one_device(host, text, single, parallel, cfg):
     assert parallel.model.engine.running and len(rank_pids(parallel)) == 2
 
 
-def test_core_ksampler_and_the_deprecated_parallel_sampler_take_the_parallel_model(host, text, single, parallel):
+def test_core_samplers_and_the_deprecated_parallel_sampler_take_the_parallel_model(host, text, single, parallel):
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import SamplerCustomAdvanced
+
     import nodes
 
     def ksampler(model):
         (out,) = nodes.KSampler().sample(model, 7, 3, 4.0, "euler", "simple", text["pos"], text["neg"], text["latent"])
         return out["samples"]
 
+    def custom_advanced(model):
+        (sigmas,) = run(host.classes["StepVideoSigmas"], steps=3, shift=3.0, denoise=1.0)
+        (noise,) = run(host.classes["StepVideoNoise"], noise_seed=7)
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(text["pos"], text["neg"])
+        guider.set_cfg(4.0)
+        out, _ = SamplerCustomAdvanced().sample(noise, guider, comfy.samplers.sampler_object("euler"), sigmas,
+                                                text["latent"])
+        return out["samples"]
+
     assert_matches(ksampler(parallel), ksampler(single))
+    assert_matches(custom_advanced(parallel), custom_advanced(single))
     (old,) = run(host.classes["StepVideoParallelSampler"], parallel_dit=parallel, positive=text["pos"],
                  negative=text["neg"], latent_image=text["latent"], **SAMPLER)
     assert_matches(old["samples"], sample(host, single, text))
