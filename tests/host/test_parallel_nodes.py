@@ -182,6 +182,26 @@ def test_step_cache_keeps_its_state_across_steps_in_the_actors(host, text, singl
     assert_matches(got, want)
 
 
+def test_core_easycache_runs_in_comfyui_and_skips_the_same_steps(host, text, single, parallel, caplog):
+    """EasyCache wraps the diffusion model's call in ComfyUI, so on the parallel MODEL it decides there and a
+    skipped step never reaches the actors: the same skips and latents as on one device."""
+    node = host.nodes.NODE_CLASS_MAPPINGS["EasyCache"]
+
+    def cached(model) -> tuple[torch.Tensor, str]:
+        (patched,) = run(node, model=model, reuse_threshold=0.2, start_percent=0.15, end_percent=0.95, verbose=False)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            out = sample(host, patched, text, steps=20, cfg=5.0)
+        (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("EasyCache - skipped")]
+        return out, line
+
+    want, single_line = cached(single)
+    got, parallel_line = cached(parallel)
+    skipped = int(re.search(r"skipped (\d+)/", single_line).group(1))
+    assert skipped > 0 and parallel_line == single_line, (single_line, parallel_line)
+    assert_matches(got, want)
+
+
 @pytest.fixture(scope="module")
 def ti2v_parts(host, base_dir, tiny_demo, text):
     find_or_write_ti2v(base_dir / "models", tiny_demo.root)
