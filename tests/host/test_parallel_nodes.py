@@ -156,6 +156,11 @@ def test_core_lora_reaches_the_actors_without_reloading_the_dit(host, base_dir, 
     assert_matches(sample(host, parallel_lora, text), want)
     assert not torch.allclose(want, sample(host, single, text), atol=1e-3)
     assert_matches(sample(host, parallel, text), sample(host, single, text))  # the LoRA came off again
+    ours = host.classes["StepVideoLoraLoader"]  # the pack's loader (and the deprecated parallel one, which is it)
+    (single_ours,) = run(ours, model=single, lora_name=DPO_LORA_NAME, strength=0.5)
+    (parallel_ours,) = run(host.classes["StepVideoParallelLoraLoader"], parallel_dit=parallel, lora_name=DPO_LORA_NAME,
+                           strength=0.5)
+    assert_matches(sample(host, parallel_ours, text), sample(host, single_ours, text))
     if pids is not None:
         assert rank_pids(parallel) == pids  # the same actors: the DiT was not reloaded
 
