@@ -393,7 +393,7 @@ class RayEngine:
         ref = ray.put(call)  # once in the object store, fetched by every rank
         setup = len(self._setup)
         refs = [a.forward.remote(ref) for a in self._actors]
-        return self._wait([*self._setup, *refs], "computing a DiT step", should_cancel, keep=True)[setup]
+        return self._wait([*self._setup, *refs], "computing a DiT step", should_cancel, ends_setup=True)[setup]
 
     # -- waiting --
 
@@ -413,10 +413,11 @@ class RayEngine:
             self.close()
 
     def _wait(self, refs: list, doing: str, should_cancel: CancelFn | None, timeout: float | None = None,
-              keep: bool = False) -> list:
+              ends_setup: bool = False) -> list:
         """Every result of ``refs`` in order. Polls: a cancel request raises ``EngineCancelled`` within ``poll_s``
         (the refs are kept to settle before the next call); the first failed rank closes the engine (the others
-        may be stuck in a collective with it) and raises a message naming the rank and machine."""
+        may be stuck in a collective with it) and raises a message naming the rank and machine. ``ends_setup``:
+        ``refs`` include the pending uploads (conditioning, weight patches), which this wait settles or abandons."""
         ray = require_ray()
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = list(refs)
@@ -426,12 +427,12 @@ class RayEngine:
                 self._check(ray, ref, refs, doing)
             if pending and should_cancel is not None and should_cancel():
                 self._abandoned = [*self._abandoned, *pending]
-                if keep:
+                if ends_setup:
                     self._setup = []
                 raise EngineCancelled(f"cancelled while {doing}")
             if pending and deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{doing}: no answer within {timeout:g} s")
-        if keep:
+        if ends_setup:
             self._setup = []
         return ray.get(list(refs))
 
