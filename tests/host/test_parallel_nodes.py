@@ -275,6 +275,19 @@ def test_a_killed_actor_is_named_and_the_next_run_starts_fresh_ones(host, text, 
     assert victim not in rank_pids(parallel)
 
 
+def test_comfyui_models_on_a_gpu_an_actor_shares_are_offloaded_first(host, text, single, parallel, monkeypatch):
+    """When an actor computes on ComfyUI's own GPU (decided by the card's UUID, which a CPU run cannot show, so it
+    is stated here), ComfyUI's other models there are unloaded before sampling, and the parallel MODEL stays."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([single])
+    assert any(m.model is single for m in mm.current_loaded_models)
+    monkeypatch.setattr(type(parallel.model), "shares_comfy_gpu", lambda self: True)
+    sample(host, parallel, text, steps=1)
+    assert not any(m.model is single for m in mm.current_loaded_models)
+    assert any(m.model is parallel for m in mm.current_loaded_models) and parallel.model.engine.running
+
+
 def test_freeing_models_and_node_cache_releases_the_actors(host, tiny_demo, text):
     import comfy.model_management as mm
 
