@@ -6,13 +6,13 @@
 The figures are for the official request, 992x544, 204 frames: 36 x 34 x 62 = 75,888 video tokens, width 6144,
 48 blocks, bf16 activations, 50 steps with guidance. All numbers are per rank.
 
-1. Volume: what ``parallel.py`` sends per step. Ulysses (degree U, per block) all-to-alls q, k, v and the
+1. Volume: what ``stepvideo_core/distributed`` sends per step. Ulysses (degree U, per block) all-to-alls q, k, v and the
    attention output: 4 x (tokens/P) x 6144 x 2 bytes x (U-1)/U leave each rank; ring (degree R) passes R-1
    key/value blocks of 2 x (tokens/P) x 6144 x 2 bytes; guidance parallel exchanges the velocity once per step;
    the final gather of the sequence shards moves the 64-channel output. Without guidance parallel the guided
    call has batch 2, doubling the activation traffic. FSDP2 sharding gathers every block's weights once per step.
 2. Measured: all_to_all_single and all_gather on gloo (CPU, this machine) for 2, 4 and 8 processes, fitted to
-   time = latency + bytes sent per rank / bandwidth; then ``parallel.py``'s own Ulysses exchange for one block
+   time = latency + bytes sent per rank / bandwidth; then ``stepvideo_core/distributed``'s own Ulysses exchange for one block
    (the two all-to-alls with their reshapes, no attention) against what the fit predicts for its bytes.
 3. Expected speedup = T1 / (T1 / N + communication), with T1 the one-GPU step time from the FLOP count at a
    stated throughput, and communication = volume / link bandwidth, not overlapped with compute (our Ulysses
@@ -127,8 +127,8 @@ def _measure(rank: int, world: int, store: str, sizes: list[int], out: str) -> N
                 collective(*operands)
 
             rows.append({"op": name, "bytes": sent, "s": best_time(op, dist.barrier)})
-    if HEADS % world == 0:  # the real exchange: parallel.py's Ulysses attention on a 1/32 slice of the tokens
-        from stepvideo_core.parallel import (
+    if HEADS % world == 0:  # the real exchange: the distributed package's Ulysses attention on a 1/32 slice of the tokens
+        from stepvideo_core.distributed import (
             DistributedGroup,
             ParallelContext,
             ParallelPlan,
@@ -186,7 +186,7 @@ def volume_table() -> None:
 
 
 def speedup_table(gloo_bandwidth: dict[int, float]) -> None:
-    """``gloo_bandwidth``: bytes per second of parallel.py's Ulysses exchange measured here, per process count."""
+    """``gloo_bandwidth``: bytes per second of the distributed package's Ulysses exchange measured here, per process count."""
     t1 = step_flops() / GPU_FLOPS
     print(f"\n### Expected speedup (T1 = {step_flops():.3g} FLOPs / {GPU_FLOPS / 1e12:.0f} TFLOP/s = {t1:.1f} s per "
           f"step on one GPU, {STEPS * t1:.0f} s for {STEPS} steps; communication = volume / link bandwidth)\n")
@@ -299,7 +299,7 @@ def main() -> None:
                     latency, bandwidth = fits["all_to_all"]
                     exchanges.append((world, r, 2 * latency + r["bytes"] / bandwidth))  # two all-to-alls per block
                     exchange_bandwidth[world] = r["bytes"] / r["s"]
-        print("\n### parallel.py's Ulysses exchange for one block at 1/32 of the tokens (bf16), against the fit\n")
+        print("\n### the distributed package's Ulysses exchange for one block at 1/32 of the tokens (bf16), against the fit\n")
         print("| processes | bytes sent per rank (MiB) | measured (ms) | predicted by the all-to-all fit (ms) | "
               "one q/k/v-sized memory copy here (ms) | effective bandwidth (GB/s) |")
         print("|---|---|---|---|---|---|")

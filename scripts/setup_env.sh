@@ -13,3 +13,5 @@ if ! .venv/bin/python -c "import torch, einops, safetensors, transformers, sente
 fi
 # GGUF checkpoints (pyproject's gguf extra), also into an existing .venv
 .venv/bin/python -c "import gguf" 2>/dev/null || .venv/bin/pip install -q "gguf>=0.19"
+# Several GPUs / machines in ComfyUI run on Ray (pyproject extra "ray"); its tests fail under CI without it.
+.venv/bin/python -c "import ray" 2>/dev/null || .venv/bin/pip install -q "ray>=2.40"

@@ -522,7 +522,7 @@ def _builder(operations, config_overrides):
 
 def open_dit_checkpoint(path: str | Path, operations=None, **config_overrides):
     """(The DiT built on the meta device from the checkpoint's shapes, the checkpoint, its key map), for loaders
-    that fill it their own way (``parallel.load_dit_sharded`` keeps each rank's shard of the block weights)."""
+    that fill it their own way (``distributed.load_dit_sharded`` keeps each rank's shard of the block weights)."""
     return open_checkpoint_model(path, model_name=DIT_NAME, anchors=DIT_ANCHORS, build=_builder(operations, config_overrides))
 
 

@@ -10,7 +10,7 @@
     python -m stepvideo_core.generate "a red circle moves left" --dit tiny_q8.gguf --preset tiny   # a GGUF DiT
     python -m stepvideo_core.generate --plan --gpu-memory 24 --ram 64       # what fits a 24 GB GPU with 64 GB RAM
 
-Under ``torchrun`` the same command splits one generation over the processes (see ``parallel.py``): guidance
+Under ``torchrun`` the same command splits one generation over the processes (see ``distributed/``): guidance
 parallel when the count is even, sequence parallel over the video tokens, optionally the DiT's block weights
 sharded (``--shard-weights``), and the VAE's chunks decoded on different ranks. Step-LLM and CLIP run once on
 rank 0; rank 0 writes the outputs. The seed gives the same latents for any number of processes.
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from . import parallel
+from . import distributed
 from .attention import BACKENDS, get_attention
 from .dit import load_dit, open_dit_checkpoint, resolve_compute_dtype
 from .image_condition import DEFAULT_MOTION_SCORE, image_condition
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--ulysses", type=int, help="Ulysses degree of sequence parallel (default: the largest that "
                                                  "divides both the ranks per branch and the head count; ring "
                                                  "attention covers the rest)")
-    par.add_argument("--sp-attention", choices=parallel.SP_ATTENTION, default="torch",
+    par.add_argument("--sp-attention", choices=distributed.SP_ATTENTION, default="torch",
                      help="who computes sequence-parallel attention: torch (built in) or yunchang (xDiT's USP "
                           "kernels; pip install yunchang)")
     par.add_argument("--shard-weights", action="store_true",
@@ -180,7 +180,7 @@ def resolve_settings(args: argparse.Namespace, is_tiny: bool) -> GenerationSetti
     return settings
 
 
-def pick_device(args: argparse.Namespace, group: parallel.DistributedGroup | None) -> torch.device:
+def pick_device(args: argparse.Namespace, group: distributed.DistributedGroup | None) -> torch.device:
     if group is not None:
         return group.device
     if args.device:
@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> dict:
                                 "give each part with --dit/--step-llm/--clip/--vae.")
     is_tiny = paths.dit.resolve() in ((tiny.TINY_DIR / "transformer").resolve(), (tiny.TI2V_DIR / "transformer").resolve())
     settings = resolve_settings(args, is_tiny)
-    group = parallel.init_from_environment(device=args.device)
+    group = distributed.init_from_environment(device=args.device)
     device = pick_device(args, group)
     rank = group.rank if group else 0
     weight_dtype = WEIGHT_DTYPES[args.weight_dtype] if args.weight_dtype != "auto" else (
@@ -219,11 +219,11 @@ def run(args: argparse.Namespace) -> dict:
     ctx = None
     if group is not None:
         heads = open_dit_checkpoint(paths.dit)[0].config.num_attention_heads  # shapes only, nothing loaded
-        plan = parallel.ParallelPlan.choose(
+        plan = distributed.ParallelPlan.choose(
             group.world_size, heads, guided=settings.cfg != 1.0,
             guidance_parallel={"auto": None, "on": True, "off": False}[args.guidance_parallel],
             ulysses=args.ulysses, shard_weights=args.shard_weights, attention=args.sp_attention)
-        ctx = parallel.ParallelContext.build(plan, group)
+        ctx = distributed.ParallelContext.build(plan, group)
         if rank == 0:
             print(f"parallel: {plan.describe()}", file=sys.stderr)
     elif args.shard_weights:
@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> dict:
         del encoders
 
     if ctx is not None and ctx.plan.shard_weights:
-        dit = parallel.load_dit_sharded(paths.dit, ctx, weight_dtype=weight_dtype, ff_chunk_size=args.ff_chunk_size)
+        dit = distributed.load_dit_sharded(paths.dit, ctx, weight_dtype=weight_dtype, ff_chunk_size=args.ff_chunk_size)
     else:
         dit = load_dit(paths.dit, weight_dtype=weight_dtype, device=device, ff_chunk_size=args.ff_chunk_size)
     dit.set_attention(get_attention(args.attention))
@@ -255,18 +255,18 @@ def run(args: argparse.Namespace) -> dict:
         if rank == 0:
             print(f"{lora.summary()} ({args.lora}, strength {args.lora_strength})", file=sys.stderr)
     if ctx is not None:
-        positive, negative = parallel.broadcast_conditioning(positive, negative, ctx)
+        positive, negative = distributed.broadcast_conditioning(positive, negative, ctx)
 
     vae = None
     condition = None
     if args.image:
-        if ctx is not None:
-            raise ValueError("--image runs in one process: the parallel sampler under torchrun takes no image "
-                             "condition yet")
         vae = load_vae(paths.vae, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, device=device)
-        condition = image_condition(vae, load_image(args.image), settings.num_frames, settings.height, settings.width,
-                                    motion_score=args.motion_score,
-                                    generator=torch.Generator(device=device).manual_seed(args.seed))
+        if rank == 0:  # encoded once; under torchrun the other ranks receive it
+            condition = image_condition(vae, load_image(args.image), settings.num_frames, settings.height,
+                                        settings.width, motion_score=args.motion_score,
+                                        generator=torch.Generator(device=device).manual_seed(args.seed))
+        if ctx is not None:
+            condition = distributed.broadcast_image_condition(condition, ctx)
 
     cache = StepCache(StepCacheSettings(threshold=args.cache)) if args.cache is not None else None
     options = cache.transformer_options(dit) if cache is not None else None
@@ -276,8 +276,8 @@ def run(args: argparse.Namespace) -> dict:
             latents = sample_latents(dit, positive, negative, settings, callback=callback, transformer_options=options,
                                      image=condition)
         else:
-            latents = parallel.sample_latents(dit, ctx, positive, negative, settings, callback=callback,
-                                              transformer_options=options)
+            latents = distributed.sample_latents(dit, ctx, positive, negative, settings, callback=callback,
+                                                 transformer_options=options, image=condition)
     del dit
     if cache is not None and rank == 0:
         print(cache.stats.summary(), file=sys.stderr)
@@ -295,7 +295,7 @@ def run(args: argparse.Namespace) -> dict:
     decode_kwargs = {"tile_size": args.tile_size, "tile_overlap": args.tile_overlap}
     with torch.no_grad():
         z = latents.to(vae.compute_dtype)
-        video = vae.decode(z, **decode_kwargs) if ctx is None else parallel.decode(vae, z, ctx, **decode_kwargs)
+        video = vae.decode(z, **decode_kwargs) if ctx is None else distributed.decode(vae, z, ctx, **decode_kwargs)
     if rank == 0:
         frames = to_uint8(video[0].float())
         tag = "tiny" if is_tiny else "stepvideo"

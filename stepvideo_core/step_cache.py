@@ -40,7 +40,7 @@ import torch
 OPTIONS_KEY = "stepvideo_step_cache"  # where the cache sits in transformer_options
 BLOCK_KEY = "double_block"  # the per-block replacement key of the DiT's blocks (see StepVideoDiT.run_blocks)
 SAMPLE_STRIDE = 8  # the skip criterion reads every 8th token (as EasyCache subsamples), which is enough for a mean
-# Set by parallel.py when the tokens are sharded over ranks: averages a statistic over the ranks that share the
+# Set by the distributed package when the tokens are sharded over ranks: averages a statistic over the ranks that share the
 # tokens, so that all of them take the same skip decision (a rank that skipped while another ran the blocks would
 # leave the other waiting in the blocks' all-to-alls).
 GROUP_MEAN_KEY = "stepvideo_group_mean"

@@ -101,3 +101,14 @@ def test_torchrun_sharded_weights_give_the_single_process_latents_reduced_model(
     generate.main([*common, "--out-latents", str(tmp_path / "A.safetensors")])
     torchrun(2, *common, "--shard-weights", "--guidance-parallel", "off", "--out-latents", str(tmp_path / "B.safetensors"))
     assert_same_latents(tmp_path / "A.safetensors", tmp_path / "B.safetensors")
+
+
+@pytest.mark.slow
+def test_torchrun_takes_a_start_image_like_one_process(tmp_path):
+    """TI2V under torchrun: rank 0 encodes the start image, every rank samples with it (guidance parallel on 2)."""
+    image = os.path.join(REPO, "workflows", "inputs", "step_video_tiny_ti2v_start.png")
+    common = ["a red circle moves left", "--dit", str(tiny.TI2V_DIR / "transformer"), "--image", image, "--seed", "3",
+              "--steps", "3", "--out", str(tmp_path)]
+    generate.main([*common, "--out-latents", str(tmp_path / "A.safetensors")])
+    torchrun(2, *common, "--out-latents", str(tmp_path / "B.safetensors"))
+    assert_same_latents(tmp_path / "A.safetensors", tmp_path / "B.safetensors")

@@ -17,11 +17,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
-from stepvideo_core import parallel
+from stepvideo_core import distributed as parallel  # the torchrun path under its old name
 from stepvideo_core.attention import math_attention
+from stepvideo_core.distributed import DistributedGroup, ParallelContext, ParallelError, ParallelPlan, TokenShard
+from stepvideo_core.distributed.sequence import attention_with_lse
 from stepvideo_core.dit import load_dit
 from stepvideo_core.image_condition import ImageCondition
-from stepvideo_core.parallel import DistributedGroup, ParallelContext, ParallelError, ParallelPlan, TokenShard
 from stepvideo_core.pipeline import GenerationSettings, sample_latents
 from stepvideo_core.step_cache import StepCache, StepCacheSettings
 from stepvideo_core.text_encoding import TextConditioning
@@ -214,8 +215,8 @@ def test_token_shards_cover_the_sequence_once_and_pad_the_end():
 def test_lse_merge_of_key_blocks_is_full_attention():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 7, 8, generator=g) for _ in range(3))
-    o1, l1 = parallel._attention_with_lse(q, k[:, :, :4], v[:, :, :4], 4)
-    o2, l2 = parallel._attention_with_lse(q, k[:, :, 4:], v[:, :, 4:], 3)
+    o1, l1 = attention_with_lse(q, k[:, :, :4], v[:, :, :4], 4)
+    o2, l2 = attention_with_lse(q, k[:, :, 4:], v[:, :, 4:], 3)
     lse = torch.logaddexp(l1, l2)
     merged = o1 * torch.exp(l1 - lse) + o2 * torch.exp(l2 - lse)
     torch.testing.assert_close(merged, math_attention(q, k, v), atol=1e-6, rtol=1e-5)

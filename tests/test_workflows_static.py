@@ -136,16 +136,17 @@ CONTRACT: dict[str, dict] = {
         "widgets": [combo("model_name"), combo("weight_dtype", DTYPES_DIT),
                     combo("attention", ["sdpa", "sageattention", "flash-attn"]), str_("devices"), int_("workers", 0, 64),
                     combo("guidance_parallel", ["auto", "on", "off"]), bool_("shard_weights"),
-                    int_("ff_chunk_size", 0, 1_000_000, 1024)],
-        "outputs": [("parallel_dit", "STEPVIDEO_PARALLEL_DIT")],
+                    int_("ff_chunk_size", 0, 1_000_000, 1024), str_("cluster")],
+        "outputs": [("MODEL", "MODEL")],
     },
+    # deprecated (kept so that saved graphs open): they do what StepVideoLoraLoader / StepVideoSampler do
     "StepVideoParallelLoraLoader": {
-        "sockets": [("parallel_dit", "STEPVIDEO_PARALLEL_DIT")],
+        "sockets": [("parallel_dit", "MODEL")],
         "widgets": [combo("lora_name"), float_("strength", -4.0, 4.0)],
-        "outputs": [("parallel_dit", "STEPVIDEO_PARALLEL_DIT")],
+        "outputs": [("parallel_dit", "MODEL")],
     },
     "StepVideoParallelSampler": {
-        "sockets": [("parallel_dit", "STEPVIDEO_PARALLEL_DIT"), ("positive", "CONDITIONING"),
+        "sockets": [("parallel_dit", "MODEL"), ("positive", "CONDITIONING"),
                     ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
         "widgets": [combo("preset", ["standard", "turbo", "tiny", "custom"]), int_("steps", 1, 1000),
                     float_("cfg", 0.0, 100.0), float_("shift", 0.01, 100.0), int_("seed", 0, SEED_MAX, control=True),
@@ -412,14 +413,15 @@ def test_each_workflow_has_its_purpose():
     prefixes = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "SaveVideo"]
     assert len(set(prefixes)) == 2
 
-    # several GPUs: the standard graph with the parallel DiT loader and sampler in place of the single-GPU ones
+    # several GPUs: the standard graph with the parallel DiT loader (a MODEL) in place of the single-GPU one
     (d,) = nodes("stepvideo_t2v_multi_gpu", "StepVideoParallelDiTLoader")
     assert d["devices"] == "all" and d["workers"] == 0 and d["model_name"] == "stepvideo/stepvideo-t2v/transformer"
-    (s,) = nodes("stepvideo_t2v_multi_gpu", "StepVideoParallelSampler")
+    assert d["cluster"] == "local"
+    (s,) = nodes("stepvideo_t2v_multi_gpu", "StepVideoSampler")
     assert s["preset"] == "standard"
     types = {n["type"] for n in by["stepvideo_t2v_multi_gpu"]["nodes"]}
-    assert not types & {"StepVideoDiTLoader", "StepVideoSampler"}
-    assert {n["type"] for n in by["stepvideo_t2v_standard"]["nodes"]} - types == {"StepVideoDiTLoader", "StepVideoSampler"}
+    assert not types & {"StepVideoDiTLoader", "StepVideoParallelSampler", "StepVideoParallelLoraLoader"}
+    assert {n["type"] for n in by["stepvideo_t2v_standard"]["nodes"]} - types == {"StepVideoDiTLoader"}
 
     # the install check: the built-in Step-Video-Tiny at what it was trained for
     (d,) = nodes("step_video_tiny_demo", "StepVideoDiTLoader")
@@ -656,3 +658,24 @@ def test_frontend_extension_static():
     init = (ROOT / "__init__.py")
     if init.exists():
         assert re.search(r"WEB_DIRECTORY\s*=\s*[\"']\./js[\"']", init.read_text(encoding="utf-8"))
+
+
+def test_the_previous_release_multi_gpu_template_still_opens():
+    """Widget values are stored by position: the previous release's multi-GPU graph (Parallel DiT Loader -> Parallel
+    Sampler) must still map onto today's nodes, whose inputs only grew at the end, and its link now carries a MODEL."""
+    wf = load(Path(__file__).parent / "fixtures" / "previous_release_multi_gpu.json")
+    for node in wf["nodes"]:
+        if node["type"] in VIRTUAL_NODES:
+            continue
+        names = widget_names_with_control(node["type"])
+        saved = node.get("widgets_values", [])
+        assert len(saved) <= len(names), node["type"]
+        if node["type"] == "StepVideoParallelDiTLoader":
+            assert names[len(saved):] == ["cluster"]  # the one new input, appended; its default is "local"
+        else:
+            assert len(saved) == len(names), node["type"]
+    old = {n["id"]: n["type"] for n in wf["nodes"]}
+    (link,) = [lk for lk in wf["links"] if old[lk[1]] == "StepVideoParallelDiTLoader"]
+    assert old[link[3]] == "StepVideoParallelSampler"
+    assert CONTRACT["StepVideoParallelDiTLoader"]["outputs"][0][1] == "MODEL"
+    assert CONTRACT["StepVideoParallelSampler"]["sockets"][0] == ("parallel_dit", "MODEL")

@@ -1,0 +1,51 @@
+"""Weight sharding: the DiT loaded straight into FSDP2 shards, one tensor at a time in host memory."""
+
+from __future__ import annotations
+
+import torch
+
+from ..dit import DIT_NAME, StepVideoDiT, open_dit_checkpoint, resolve_compute_dtype
+from ..loading import check_keys, storage_dtype, to_storage_dtype
+from .plan import ParallelContext
+
+
+def load_dit_sharded(path, ctx: ParallelContext, weight_dtype: torch.dtype = torch.bfloat16,
+                     compute_dtype: torch.dtype | None = None, operations=None, **config_overrides) -> StepVideoDiT:
+    """``load_dit`` straight into sharded blocks: the model is built and sharded on the meta device, then each
+    rank reads the checkpoint one tensor at a time and keeps only its own rows of the block weights.
+
+    Every transformer block is wrapped with FSDP2's ``fully_shard`` over all ranks (dim 0 of each tensor); the
+    rest of the DiT (embeddings, projections: about 1% of it) is whole on every rank. A block gathers its
+    weights just before it runs and frees them after (``reshard_after_forward``), so a rank holds 1/world of
+    the blocks plus the block at hand. Host memory holds one tensor at a time, so four 24 GB GPUs on a 64 GB
+    machine can load the 30B DiT in fp8, which neither fits one GPU nor four whole copies in host memory."""
+    from torch.distributed.device_mesh import init_device_mesh  # FSDP2 is imported only when sharding
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    compute_dtype = resolve_compute_dtype(weight_dtype, compute_dtype)
+    model, ckpt, key_map = open_dit_checkpoint(path, operations, **config_overrides)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    mapping = check_keys(ckpt, expected, DIT_NAME, key_map)
+    dtypes = {}
+    for name, param in list(model.named_parameters()):  # storage dtypes first: FSDP2 shards what it is given
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        dtypes[name] = storage_dtype(owner, attr, weight_dtype, compute_dtype)
+        owner._parameters[attr] = torch.nn.Parameter(param.to(dtypes[name]), requires_grad=False)
+    mesh = init_device_mesh(ctx.device.type, (ctx.plan.world_size,))
+    for block in model.transformer_blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    model.to_empty(device=ctx.device)
+    world, rank = ctx.plan.world_size, ctx.rank
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            full = to_storage_dtype(ckpt.read(mapping[name]), dtypes[name])
+            if isinstance(param, DTensor):
+                rows = list(torch.chunk(full, world, dim=0))  # FSDP2's Shard(0): torch.chunk, empty at the end
+                mine = rows[rank] if rank < len(rows) else full[:0]
+                param.to_local().copy_(mine)
+            else:
+                param.copy_(full)
+    model.compute_dtype = compute_dtype
+    return model.eval()
