@@ -23,6 +23,7 @@ from ..stepvideo_core.dit import load_dit
 from ..stepvideo_core.loading import Checkpoint, scaled_fp8_dtype
 from ..stepvideo_core.memory import dit_activation_bytes, dit_tokens
 from ..stepvideo_core.ops import FP8_DTYPES
+from ..stepvideo_core.scheduler import DEFAULT_PRESET, PRESETS
 from .conversions import CLIP_KEY, IMAGE_LATENTS_KEY, LATENT_CHANNELS, MASK_KEY, MOTION_SCORE_KEY
 from .previews import preview_rgb
 
@@ -44,7 +45,8 @@ class StepVideoModelConfig(comfy.supported_models_base.BASE):
     unet_config = {"disable_unet_model_creation": True}
     unet_extra_config = {}
     latent_format = StepVideoLatentFormat
-    sampling_settings = {"shift": 13.0, "multiplier": 1000}
+    # The default preset's shift for samplers that take the model's own (KSampler); multiplier: ComfyUI's flow scale.
+    sampling_settings = {"shift": PRESETS[DEFAULT_PRESET].shift, "multiplier": 1000}
     # No memory_usage_factor: StepVideoModel.memory_required replaces ComfyUI's generic estimate with the measured plan.
     supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
 

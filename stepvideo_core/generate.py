@@ -33,8 +33,9 @@ from . import parallel
 from .attention import BACKENDS, get_attention
 from .dit import load_dit, open_dit_checkpoint, resolve_compute_dtype
 from .image_condition import DEFAULT_MOTION_SCORE, image_condition
+from .ops import WEIGHT_DTYPE_ALIASES, WEIGHT_DTYPES, weight_dtype_named
 from .pipeline import GenerationSettings, sample_latents
-from .scheduler import PRESETS, check_settings
+from .scheduler import DEFAULT_PRESET, DEFAULT_SEED, PRESETS, check_settings, guidance_on
 from .step_cache import StepCache, StepCacheSettings
 from .text_encoding import TI2V_NEGATIVE_MAGIC, TI2V_POSITIVE_MAGIC, encode_prompts, load_text_encoders
 from .tiny import model as tiny
@@ -42,9 +43,7 @@ from .vae import load_vae
 from .video_io import contact_sheet, load_image, save_mp4, save_png, to_uint8
 from .video_shape import check_request
 
-WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
-# Step-Video-Tiny's request when nothing else is asked; the release defaults to the official 992x544, 204 frames.
-RELEASE_SIZE = (992, 544, 204)
+RELEASE = GenerationSettings()  # the release's defaults (size, preset, seed)
 
 
 @dataclass(frozen=True)
@@ -83,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--step-llm", help="Step-LLM folder (overrides --model's step_llm/)")
     m.add_argument("--clip", help="Hunyuan-CLIP folder (overrides --model's hunyuan_clip/)")
     m.add_argument("--vae", help="VAE file (overrides --model's vae/vae_v2.safetensors)")
-    m.add_argument("--weight-dtype", choices=("auto", *WEIGHT_DTYPES), default="auto",
-                   help="DiT and Step-LLM storage dtype; fp8 stores e4m3 and computes in bf16 "
+    m.add_argument("--weight-dtype", choices=("auto", *WEIGHT_DTYPES, *WEIGHT_DTYPE_ALIASES), default="auto",
+                   help="DiT and Step-LLM storage dtype; fp8 (= fp8_e4m3fn) stores e4m3 and computes in bf16 "
                         "(auto: fp32 on the CPU, bf16 on a GPU)")
     m.add_argument("--attention", choices=BACKENDS, default="sdpa", help="attention back-end of the DiT")
     m.add_argument("--ff-chunk-size", type=int, default=0,
@@ -97,15 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = p.add_argument_group("sampling")
     s.add_argument("--preset", choices=tuple(PRESETS),
-                   help="steps/cfg/shift preset (default: tiny for Step-Video-Tiny, standard otherwise); "
+                   help=f"steps/cfg/shift preset (default: tiny for Step-Video-Tiny, {DEFAULT_PRESET} otherwise); "
                         + ", ".join(f"{k}: {v.steps} steps, cfg {v.cfg:g}, shift {v.shift:g}" for k, v in PRESETS.items()))
-    s.add_argument("--width", type=int, help="pixels, a multiple of 16 (default 128 tiny, 992 release)")
-    s.add_argument("--height", type=int, help="pixels, a multiple of 16 (default 128 tiny, 544 release)")
-    s.add_argument("--frames", type=int, help="a multiple of 17 (default 17 tiny, 204 release)")
+    s.add_argument("--width", type=int, help=f"pixels, a multiple of 16 (default {tiny.SETTINGS.width} tiny, "
+                                              f"{RELEASE.width} release)")
+    s.add_argument("--height", type=int, help=f"pixels, a multiple of 16 (default {tiny.SETTINGS.height} tiny, "
+                                               f"{RELEASE.height} release)")
+    s.add_argument("--frames", type=int, help=f"a multiple of 17 (default {tiny.SETTINGS.num_frames} tiny, "
+                                               f"{RELEASE.num_frames} release)")
     s.add_argument("--steps", type=int, help="overrides the preset's steps")
     s.add_argument("--cfg", type=float, help="overrides the preset's guidance scale")
     s.add_argument("--shift", type=float, help="overrides the preset's time shift")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=DEFAULT_SEED)
 
     sp = p.add_argument_group("speed")
     sp.add_argument("--cache", type=float, metavar="THRESHOLD",
@@ -146,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_settings(args: argparse.Namespace, is_tiny: bool) -> GenerationSettings:
     """Preset, then explicit values; the request is checked with the nodes' rules and messages, and the other
     numbers before anything loads."""
-    preset = PRESETS[args.preset or ("tiny" if is_tiny else "standard")]
-    width, height, frames = (tiny.SETTINGS.width, tiny.SETTINGS.height, tiny.SETTINGS.num_frames) if is_tiny \
-        else RELEASE_SIZE
+    preset = PRESETS[args.preset or ("tiny" if is_tiny else DEFAULT_PRESET)]
+    size = tiny.SETTINGS if is_tiny else RELEASE
+    width, height, frames = size.width, size.height, size.num_frames
     settings = GenerationSettings(
         num_frames=frames if args.frames is None else args.frames,
         height=height if args.height is None else args.height,
@@ -203,14 +205,14 @@ def run(args: argparse.Namespace) -> dict:
     group = parallel.init_from_environment(device=args.device)
     device = pick_device(args, group)
     rank = group.rank if group else 0
-    weight_dtype = WEIGHT_DTYPES[args.weight_dtype] if args.weight_dtype != "auto" else (
+    weight_dtype = weight_dtype_named(args.weight_dtype) if args.weight_dtype != "auto" else (
         torch.float32 if device.type == "cpu" else torch.bfloat16)
     compute_dtype = resolve_compute_dtype(weight_dtype, None)
     ctx = None
     if group is not None:
         heads = open_dit_checkpoint(paths.dit)[0].config.num_attention_heads  # shapes only, nothing loaded
         plan = parallel.ParallelPlan.choose(
-            group.world_size, heads, guided=settings.cfg != 1.0,
+            group.world_size, heads, guided=guidance_on(settings.cfg),
             guidance_parallel={"auto": None, "on": True, "off": False}[args.guidance_parallel],
             ulysses=args.ulysses, shard_weights=args.shard_weights, attention=args.sp_attention)
         ctx = parallel.ParallelContext.build(plan, group)

@@ -52,6 +52,7 @@ import torch
 
 from .parallel import ParallelPlan
 from .pipeline import GenerationSettings
+from .scheduler import guidance_on
 from .text_encoding import TextConditioning
 
 HOST = "127.0.0.1"
@@ -428,7 +429,7 @@ class WorkerPool:
     def plan_for(self, job: SampleJob) -> ParallelPlan:
         """How the workers split ``job`` (raises ``parallel.ParallelError`` for a layout that cannot work)."""
         cfg = self.config
-        guided = job.negative is not None and job.settings.cfg != 1.0
+        guided = guidance_on(job.settings.cfg, job.negative is not None)
         return ParallelPlan.choose(cfg.world_size, self.heads, guided, guidance_parallel=cfg.guidance_parallel,
                                    ulysses=cfg.ulysses, shard_weights=cfg.shard_weights)
 
