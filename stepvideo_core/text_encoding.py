@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from .hunyuan_clip import HunyuanClip, load_hunyuan_clip
+from .loading import check_device
 from .ops import FP8_DTYPES
 from .scheduler import check_finite
 from .step_llm import StepLLM, StepLLMTokenizer, load_step_llm
@@ -158,8 +159,7 @@ def encode_texts(encoders: TextEncoders, texts: Sequence[str], device: torch.dev
     if encoders.step_llm is None or encoders.clip is None:
         raise RuntimeError("the text encoders were released; load them again to encode new prompts")
     llm = encoders.step_llm
-    if device is None:
-        device = next(llm.parameters()).device
+    device = next(llm.parameters()).device if device is None else check_device(device)
     ids, llm_mask = encoders.tokenizer(list(texts))
     if prepare is not None:
         prepare("step_llm")
