@@ -40,7 +40,7 @@ from .pipeline import GenerationSettings, sample_latents
 from .scheduler import DEFAULT_PRESET, DEFAULT_SEED, PRESETS, check_settings, guidance_on
 from .step_cache import StepCache, StepCacheSettings
 from .text_cache import CLI_MAX_BYTES, TextEmbeddingCache, default_folder, encode_prompts_cached, encoder_identity
-from .text_encoding import TI2V_NEGATIVE_MAGIC, TI2V_POSITIVE_MAGIC, load_text_encoders
+from .text_encoding import load_text_encoders, magic_suffixes
 from .tiny import model as tiny
 from .vae import load_vae
 from .video_io import contact_sheet, load_image, save_mp4, save_png, to_uint8
@@ -346,9 +346,8 @@ def render(args: argparse.Namespace, prompts: list[str], skip_existing: bool) ->
     states = {}
     if rank == 0:
         # The release's TI2V run appends its own magic pair; Step-Video-Tiny TI2V keeps the T2V pair it learnt.
-        ti2v_magic = bool(args.image) and not is_tiny
-        states = encode_all(args, paths, [j.prompt for j in todo], weight_dtype, compute_dtype, device,
-                            TI2V_POSITIVE_MAGIC if ti2v_magic else True, TI2V_NEGATIVE_MAGIC if ti2v_magic else True)
+        magic = magic_suffixes("ti2v" if args.image and not is_tiny else "t2v")
+        states = encode_all(args, paths, [j.prompt for j in todo], weight_dtype, compute_dtype, device, *magic)
 
     if ctx is not None and ctx.plan.shard_weights:
         dit = parallel.load_dit_sharded(paths.dit, ctx, weight_dtype=weight_dtype, ff_chunk_size=args.ff_chunk_size)

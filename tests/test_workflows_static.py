@@ -66,7 +66,7 @@ CONTRACT: dict[str, dict] = {
     "StepVideoTextEncode": {
         "sockets": [("text_encoders", "STEPVIDEO_TEXT_ENCODERS")],
         "widgets": [str_("prompt"), str_("negative_prompt"), bool_("positive_magic"), bool_("negative_magic"),
-                    bool_("cache")],
+                    bool_("cache"), combo("suffixes", ["t2v", "ti2v", "none"])],
         "outputs": [("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
     },
     "StepVideoVAELoader": {
@@ -537,8 +537,11 @@ def test_ti2v_workflow_animates_the_shipped_start_image():
         ("StepVideoImageToVideo", 0), ("StepVideoImageToVideo", 1), ("StepVideoImageToVideo", 2)]
     s = named_widgets(sampler)
     assert s["preset"] == "tiny" and s["seed"] == 0 and s["seed.control_after_generate"] == "fixed"
+    # Step-Video-Tiny TI2V learnt the T2V suffixes; the note points the official TI2V model at the ti2v set
+    assert named_widgets(of("StepVideoTextEncode"))["suffixes"] == "t2v"
     note = named_widgets(of("MarkdownNote"))["text"]
     assert "motion_score" in note and "Nothing is downloaded" in note and "102 frames" in note
+    assert "**suffixes** to **ti2v**" in note
     assert not re.search(r"</?[a-zA-Z]", note), "plain Markdown only, no HTML"
 
 

@@ -215,3 +215,32 @@ def test_conditioning_round_trip(host):
     text = TextConditioning(torch.randn(1, 320, 8), torch.ones(1, 397), torch.randn(1, 77, 4))
     back = host.conversions.from_conditioning(host.conversions.to_conditioning(text))
     assert back.llm_states is text.llm_states and back.mask is text.mask
+
+
+def test_text_encode_suffix_sets_match_the_core_and_old_graphs_get_t2v(host):
+    """The suffix choice appends the named pair (compared with the core encoder given the strings themselves); a
+    graph or API prompt saved before the choice existed (no 'suffixes') gets t2v, as before."""
+    from stepvideo_core.text_encoding import MAGIC_SETS, encode_prompts
+
+    c = host.classes
+    (enc,) = run(c["StepVideoTextEncoderLoader"], step_llm="stepvideo/tiny/step_llm",
+                 hunyuan_clip="stepvideo/tiny/hunyuan_clip", llm_dtype="fp32", device="default")
+    common = dict(text_encoders=enc, prompt=PROMPT, negative_prompt="blurry", positive_magic=True,
+                  negative_magic=True, cache=False)
+    got = {name: run(c["StepVideoTextEncode"], **common, suffixes=name) for name in MAGIC_SETS}
+    got["saved before the choice"] = run(c["StepVideoTextEncode"], **common)
+    for name, (pos_magic, neg_magic) in [*MAGIC_SETS.items(), ("saved before the choice", MAGIC_SETS["t2v"])]:
+        want = encode_prompts(enc.load(), PROMPT, "blurry", positive_magic=pos_magic, negative_magic=neg_magic,
+                              after="keep")
+        for cond, expected in zip(got[name], want, strict=True):
+            ours = host.conversions.from_conditioning(cond)
+            for field in ("llm_states", "mask", "clip_states"):
+                assert torch.equal(getattr(ours, field), getattr(expected, field).to(getattr(ours, field).dtype)), \
+                    (name, field)
+    firsts = {name: host.conversions.from_conditioning(pos).llm_states for name, (pos, _) in got.items()}
+    assert not torch.equal(firsts["t2v"], firsts["ti2v"]) and not torch.equal(firsts["t2v"], firsts["none"])
+    # only one switch on: that side's suffix of the chosen set
+    pos, _ = run(c["StepVideoTextEncode"], **{**common, "negative_magic": False}, suffixes="ti2v")
+    assert torch.equal(host.conversions.from_conditioning(pos).llm_states, firsts["ti2v"])
+    assert c["StepVideoTextEncode"].validate_inputs(suffixes="t2v") is True
+    assert "suffixes 'i2v' is not one of: t2v, ti2v, none" in c["StepVideoTextEncode"].validate_inputs(suffixes="i2v")
