@@ -91,7 +91,11 @@ class StepVideoModel(comfy.model_base.BaseModel):
         image, score = kwargs.get(IMAGE_LATENTS_KEY), kwargs.get(MOTION_SCORE_KEY)  # TI2V (StepVideoImageToVideo)
         options = {} if transformer_options is None else transformer_options
         dtype = self.diffusion_model.compute_dtype
-        xc = self.model_sampling.calculate_input(sigma, x)
+        xc = self.model_sampling.calculate_input(sigma, x).to(dtype)
+        if xc.data_ptr() == x.data_ptr():
+            # The wrappers get latents of their own: a step cache may add to them in place (core EasyCache does),
+            # and ``x`` is still needed for the denoised result below.
+            xc = xc.clone()
         device = xc.device
         b = xc.shape[0]
         t_ref = (1.0 - sigma.reshape(-1).float()).to(device)
@@ -103,7 +107,7 @@ class StepVideoModel(comfy.model_base.BaseModel):
             self._diffusion_forward,
             self.diffusion_model,
             comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, options),
-        ).execute(xc.to(dtype), t_ref, c_crossattn.to(device=device, dtype=dtype), mask.to(device=device),
+        ).execute(xc, t_ref, c_crossattn.to(device=device, dtype=dtype), mask.to(device=device),
                   clip.to(device=device, dtype=dtype), options,
                   condition=None if image is None else image.to(device=device, dtype=dtype),
                   motion_score=None if score is None else score.to(device))

@@ -96,6 +96,9 @@ def host(base_dir):
     return pack
 
 
+CLIENT_ID = "stepvideo-tests"  # the server sends this client's progress messages to its websocket
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -121,7 +124,7 @@ class Server:
             return e.code, json.loads(e.read() or b"null")
 
     def queue(self, prompt: dict) -> str:
-        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "stepvideo-tests"})
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": CLIENT_ID})
         assert status == 200, body
         return body["prompt_id"]
 
@@ -143,6 +146,28 @@ class Server:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def queue_and_wait_for_progress(self, prompt: dict, node: str, timeout: float = 120) -> str:
+        """Queue ``prompt`` and return its id once node ``node`` reports progress (a sampler: its first step done),
+        read from the server's websocket messages to this client rather than guessed with a sleep."""
+        import aiohttp
+
+        async def listen() -> str:
+            url = self.url.replace("http://", "ws://", 1) + "/ws?clientId=" + CLIENT_ID
+            async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+                prompt_id = await asyncio.to_thread(self.queue, prompt)
+                async with asyncio.timeout(timeout):
+                    async for message in ws:
+                        if message.type != aiohttp.WSMsgType.TEXT:
+                            continue
+                        event = json.loads(message.data)
+                        data = event.get("data") or {}
+                        if (event.get("type") == "progress" and data.get("node") == node
+                                and data.get("prompt_id") == prompt_id):
+                            return prompt_id
+            raise RuntimeError(f"the server closed its websocket before node {node} reported progress")
+
+        return asyncio.run(listen())
 
 
 @pytest.fixture(scope="session")

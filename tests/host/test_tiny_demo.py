@@ -195,7 +195,8 @@ def test_demo_workflow_runs_end_to_end_on_cpu(server, tiny_demo):
     print(f"Step-Video-Tiny demo ({'trained' if tiny_demo.trained else 'random stand-in'}, "
           f"{'built in' if tiny_demo.builtin else 'test folder'}): {seconds:.1f} s on the CPU -> {path}")
     if not tiny_demo.trained:
-        return
+        pytest.skip("the workflow ran, but the weights are a random stand-in (training.json records no training), "
+                    "so the oracle cannot check the video against its prompt")
     from stepvideo_core.tiny import oracle
 
     result = oracle.score(frames, ("blue", "square", "right"))

@@ -133,7 +133,8 @@ def test_shipped_workflow_runs_end_to_end_on_cpu(server, ti2v_model):
     frames = _video_frames(server.base / "output" / item["subfolder"] / item["filename"])
     assert frames.shape == (17, 128, 128, 3), frames.shape
     if not ti2v_model.trained:
-        return
+        pytest.skip("the workflow ran, but the weights are a random stand-in (training.json records no training), "
+                    "so the oracle cannot check the video against its prompt")
     from stepvideo_core.tiny import oracle
 
     start = ti2v.example_start_image()
