@@ -16,8 +16,8 @@ from .test_comfy_hooks import demo, sample  # noqa: F401  (the shared fixture)
 from .test_tiny_demo import builtin, run
 
 STEPS = 4
-# Measured on the CPU (4 steps, the second-recipe weights): fp8_e4m3fn (fast or not) 0.120 and scaled fp8 0.127
-# mean relative error against bf16 weights (the first recipe's: 0.046 and 0.048); e4m3's 3 mantissa bits round
+# Measured on the CPU (4 steps, the shipped weights): fp8_e4m3fn (fast or not) 0.104 and scaled fp8 0.150 mean
+# relative error against bf16 weights (the first recipe's: 0.046 and 0.048); e4m3's 3 mantissa bits round
 # each weight by up to 6%, and a DiT that has learnt motion carries that further through the steps. A scale
 # ignored would be off by ~100x.
 FP8_TOLERANCE = 0.2
@@ -77,6 +77,8 @@ def test_scaled_fp8_checkpoint_loads_with_its_scales(host, demo, bf16_samples, t
     scaled_error = relative_error(out, bf16_samples)
     plain_error = relative_error(sample(host, demo, loaded(host, "fp8_e4m3fn"), steps=STEPS), bf16_samples)
     print(f"scaled fp8 vs bf16: {scaled_error:.4f}; unscaled fp8 vs bf16: {plain_error:.4f}")
-    assert scaled_error < FP8_TOLERANCE
+    # Both round every weight to e4m3 once (measured on the current weights: scaled 0.150, plain 0.104); a scale
+    # ignored or applied twice would be off by ~100x.
+    assert scaled_error < FP8_TOLERANCE and plain_error < FP8_TOLERANCE
     assert tiny.DIT_CONFIG.num_layers == len(dit.transformer_blocks)
 
