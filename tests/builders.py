@@ -82,3 +82,8 @@ def write_sharded(folder: Path, state: dict[str, torch.Tensor], stem: str, shard
         weight_map.update(dict.fromkeys(part, name))
     (folder / f"{stem}.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return folder
+
+
+def vae_latents(b=1, n=6, h=2, w=3, z=8, seed=1) -> torch.Tensor:
+    """Seeded latents ``[b, n, z, h, w]`` for a small VAE (``SMALL_VAE`` has z = 8)."""
+    return torch.randn(b, n, z, h, w, generator=torch.Generator().manual_seed(seed))

@@ -199,3 +199,55 @@ def server(base_dir, tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# ---- helpers the host tests share -------------------------------------------------------------------------------
+
+
+def run(cls, **kw):
+    """A V3 node's outputs, called as ComfyUI calls it."""
+    out = cls.execute(**kw)
+    return out.result if hasattr(out, "result") else out
+
+
+def builtin(part: str) -> str:
+    """The loaders' name for a part of the built-in Step-Video-Tiny (``stepvideo/step-video-tiny/<part>``)."""
+    from stepvideo_core.tiny import model as tiny
+
+    return f"stepvideo/{tiny.NAME}/{part}"
+
+
+def video_frames(path: Path):
+    """The frames of a saved video as uint8 ``[T, H, W, 3]``."""
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+@pytest.fixture(scope="module")
+def demo(host, tiny_demo):
+    """The built-in Step-Video-Tiny loaded through the pack's nodes, with the demo prompt encoded and an empty
+    latent of its trained size."""
+    from stepvideo_core.tiny import model as tiny
+
+    c = host.classes
+    (enc,) = run(c["StepVideoTextEncoderLoader"], step_llm=builtin("step_llm"), hunyuan_clip=builtin("hunyuan_clip"),
+                 llm_dtype="fp32", device="default")
+    pos, neg = run(c["StepVideoTextEncode"], text_encoders=enc, prompt="a blue square moves right", negative_prompt="",
+                   positive_magic=True, negative_magic=True)
+    (model,) = run(c["StepVideoDiTLoader"], model_name=builtin("transformer"), weight_dtype="fp32", attention="comfy")
+    s = tiny.SETTINGS
+    (latent,) = run(c["StepVideoEmptyLatent"], width=s.width, height=s.height, frames=s.num_frames, batch_size=1)
+    return dict(pos=pos, neg=neg, model=model, latent=latent)
+
+
+def sample_tiny(host, demo, model, steps: int):
+    """``steps`` steps of Step-Video Sampler (custom, the tiny preset's cfg and shift, seed 0) from ``demo``."""
+    from stepvideo_core.tiny import model as tiny
+
+    s = tiny.SETTINGS
+    (out,) = run(host.classes["StepVideoSampler"], model=model, positive=demo["pos"], negative=demo["neg"],
+                 latent_image=demo["latent"], preset="custom", steps=steps, cfg=s.cfg, shift=s.shift, seed=0, denoise=1.0)
+    return out["samples"]

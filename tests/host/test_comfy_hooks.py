@@ -16,29 +16,13 @@ import torch
 from stepvideo_core.step_cache import StepCacheSettings
 from stepvideo_core.tiny import model as tiny
 
-from .test_tiny_demo import builtin, run
+from .conftest import run, sample_tiny
 
 STEPS = 30  # the tiny demo's count in the report (core EasyCache then skipped 0 of 30)
 
 
-@pytest.fixture(scope="module")
-def demo(host, tiny_demo):
-    c = host.classes
-    (enc,) = run(c["StepVideoTextEncoderLoader"], step_llm=builtin("step_llm"), hunyuan_clip=builtin("hunyuan_clip"),
-                 llm_dtype="fp32", device="default")
-    pos, neg = run(c["StepVideoTextEncode"], text_encoders=enc, prompt="a blue square moves right", negative_prompt="",
-                   positive_magic=True, negative_magic=True)
-    (model,) = run(c["StepVideoDiTLoader"], model_name=builtin("transformer"), weight_dtype="fp32", attention="comfy")
-    s = tiny.SETTINGS
-    (latent,) = run(c["StepVideoEmptyLatent"], width=s.width, height=s.height, frames=s.num_frames, batch_size=1)
-    return dict(pos=pos, neg=neg, model=model, latent=latent)
-
-
 def sample(host, demo, model, steps=STEPS):
-    s = tiny.SETTINGS
-    (out,) = run(host.classes["StepVideoSampler"], model=model, positive=demo["pos"], negative=demo["neg"],
-                 latent_image=demo["latent"], preset="custom", steps=steps, cfg=s.cfg, shift=s.shift, seed=0, denoise=1.0)
-    return out["samples"]
+    return sample_tiny(host, demo, model, steps)
 
 
 def count_dit_forwards(model, monkeypatch) -> dict:

@@ -10,13 +10,10 @@ from stepvideo_core.lora import attach, load_lora
 from stepvideo_core.pipeline import GenerationSettings, sample_latents
 from stepvideo_core.text_encoding import TextConditioning
 
+from .conftest import run
+
 PROMPT = "一只猫在窗台上睡觉, a cat sleeps on a windowsill"
 STEPS, CFG, SHIFT, SEED = 4, 5.0, 13.0, 7
-
-
-def run(cls, **kw):
-    out = cls.execute(**kw)
-    return out.result if hasattr(out, "result") else out
 
 
 @pytest.fixture(scope="module")

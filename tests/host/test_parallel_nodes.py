@@ -19,7 +19,7 @@ from stepvideo_core.lora import attach, load_lora
 from stepvideo_core.pipeline import sample_latents
 from stepvideo_core.tiny import model as tiny
 
-from .test_tiny_demo import builtin, run
+from .conftest import builtin, run
 from .tiny_models import DPO_LORA_NAME, dpo_lora
 
 PROMPT = "a red circle moves left"
