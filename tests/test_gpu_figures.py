@@ -92,6 +92,7 @@ def test_a_failing_section_is_recorded_and_the_rest_still_runs(tmp_path):
     assert json.loads(out.read_text()) == data
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: seconds
 def test_a_spent_budget_skips_the_rest(tmp_path):
     out = tmp_path / "f.json"
     run_script("--dry-run", "--budget", "0", "--out", str(out))
@@ -99,6 +100,7 @@ def test_a_spent_budget_skips_the_rest(tmp_path):
     assert data["sections"] and all("skipped" in r and "seconds" not in r for r in data["sections"])
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: seconds
 def test_step_flops_and_materialised_weights():
     """544x992x204 is 75,888 tokens, and 50 guided steps of the 48-block model are about 1.07e18 FLOP; weights are
     made on the device in their storage dtype, with the initialisation's spread."""
