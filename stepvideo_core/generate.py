@@ -6,12 +6,17 @@
         --weight-dtype fp8 --frames 136 --tile-size 16                           # the 30B release on one GPU
     python -m stepvideo_core.generate --image start.png "a red circle moves to the right"   # image to video:
         # Step-Video-Tiny TI2V by default, the TI2V release with --model models/stepvideo/stepvideo-ti2v
+    python -m stepvideo_core.generate --prompts prompts.txt --out gallery     # one prompt a line: a video each and
+        # gallery/index.html; models load once, a rerun renders only what is missing
     torchrun --standalone --nproc-per-node 4 -m stepvideo_core.generate "..." --model ... --shard-weights
 
 Under ``torchrun`` the same command splits one generation over the processes (see ``parallel.py``): guidance
 parallel when the count is even, sequence parallel over the video tokens, optionally the DiT's block weights
 sharded (``--shard-weights``), and the VAE's chunks decoded on different ranks. Step-LLM and CLIP run once on
 rank 0; rank 0 writes the outputs. The seed gives the same latents for any number of processes.
+
+Encoded prompts are kept in a text cache (``--text-cache``, by default under the user's cache folder), so a prompt
+encoded once never loads Step-LLM again. ``--prompts`` runs in one process.
 
 Step-Video-Tiny knows a small world: circles, squares and triangles in red, green, blue, yellow, purple or
 orange, moving left, right, up or down, growing, shrinking or standing still, on black, white or gray. Any
