@@ -251,3 +251,24 @@ def sample_tiny(host, demo, model, steps: int):
     (out,) = run(host.classes["StepVideoSampler"], model=model, positive=demo["pos"], negative=demo["neg"],
                  latent_image=demo["latent"], preset="custom", steps=steps, cfg=s.cfg, shift=s.shift, seed=0, denoise=1.0)
     return out["samples"]
+
+
+def api_prompt(workflow: dict) -> dict:
+    """The API prompt of a flat UI workflow: widget values by the node contract, links as [node id, slot].
+    (tests/host/test_frontend.py checks that the real frontend converts the shipped workflows the same way.)"""
+    from tests.builders import CONTRACT, CORE_CONTRACT, VIRTUAL_NODES, widget_names_with_control
+
+    links = {lk[0]: lk for lk in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in VIRTUAL_NODES:
+            continue
+        spec = CONTRACT.get(node["type"]) or CORE_CONTRACT[node["type"]]
+        values = dict(zip(widget_names_with_control(node["type"]), node["widgets_values"], strict=True))
+        inputs = {w["name"]: values[w["name"]] for w in spec["widgets"]}
+        for sock in node["inputs"]:
+            if sock.get("link") is not None:
+                src = links[sock["link"]]
+                inputs[sock["name"]] = [str(src[1]), src[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt

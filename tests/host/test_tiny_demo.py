@@ -17,8 +17,8 @@ from stepvideo_core.pipeline import sample_latents
 from stepvideo_core.tiny import model as tiny
 from stepvideo_core.vae import load_vae
 
-from ..test_workflows_static import CONTRACT, CORE_CONTRACT, VIRTUAL_NODES, WORKFLOW_DIR, widget_names_with_control
-from .conftest import builtin, run, video_frames
+from ..builders import WORKFLOW_DIR
+from .conftest import api_prompt, builtin, run, video_frames
 
 DEMO = WORKFLOW_DIR / "step_video_tiny_demo.json"
 PROMPT = "a blue square moves right"
@@ -26,25 +26,6 @@ PARTS = {"transformer": "StepVideoDiTLoader", "step_llm": "StepVideoTextEncoderL
          "hunyuan_clip": "StepVideoTextEncoderLoader", "vae/vae_v2.safetensors": "StepVideoVAELoader"}
 CHOICES = {"StepVideoDiTLoader": ["model_name"], "StepVideoTextEncoderLoader": ["step_llm", "hunyuan_clip"],
            "StepVideoVAELoader": ["vae_name"]}
-
-
-def api_prompt(workflow: dict) -> dict:
-    """The API prompt of a flat UI workflow: widget values by the node contract, links as [node id, slot].
-    (tests/host/test_frontend.py checks that the real frontend converts the shipped workflows the same way.)"""
-    links = {lk[0]: lk for lk in workflow["links"]}
-    prompt = {}
-    for node in workflow["nodes"]:
-        if node["type"] in VIRTUAL_NODES:
-            continue
-        spec = CONTRACT.get(node["type"]) or CORE_CONTRACT[node["type"]]
-        values = dict(zip(widget_names_with_control(node["type"]), node["widgets_values"], strict=True))
-        inputs = {w["name"]: values[w["name"]] for w in spec["widgets"]}
-        for sock in node["inputs"]:
-            if sock.get("link") is not None:
-                src = links[sock["link"]]
-                inputs[sock["name"]] = [str(src[1]), src[2]]
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return prompt
 
 
 # ---- listing ------------------------------------------------------------------------------------------------------

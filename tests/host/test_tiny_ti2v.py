@@ -18,9 +18,8 @@ from stepvideo_core.tiny import model as tiny
 from stepvideo_core.tiny import ti2v
 from stepvideo_core.vae import load_vae
 
-from ..test_workflows_static import TI2V_START_IMAGE, WORKFLOW_DIR
-from .conftest import builtin, run, video_frames
-from .test_tiny_demo import api_prompt
+from ..builders import TI2V_START_IMAGE, WORKFLOW_DIR
+from .conftest import api_prompt, builtin, run, video_frames
 from .tiny_models import tiny_ti2v as find_or_write_ti2v
 
 WORKFLOW = WORKFLOW_DIR / "step_video_tiny_ti2v.json"
