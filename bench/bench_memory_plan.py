@@ -3,7 +3,7 @@
     python bench/bench_memory_plan.py                      # every case (about an hour on 2 busy CPU cores)
     python bench/bench_memory_plan.py --only dit --cases dit-bf16-1024 --out runs/memory.jsonl
 
-Method: ``bench.measure.allocation_peak`` (torch.profiler with ``profile_memory=True``: every allocation and free
+Method: ``stepvideo_core.memory.allocation_peak`` (torch.profiler with ``profile_memory=True``: every allocation and free
 made through torch's allocator during one forward, summed in time order; the maximum is the peak). Weights and
 inputs exist before the call and are not counted, so the peak is the activation memory the formulas in
 ``stepvideo_core/memory.py`` predict. Each case builds one model at the official width with random weights: the
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import allocation_peak  # noqa: E402
+from stepvideo_core.memory import allocation_peak  # noqa: E402
 
 # (name, role, kwargs): "fit" cases fixed the formula's constants, "check" cases test it.
 DIT_CASES = [

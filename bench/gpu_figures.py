@@ -83,7 +83,7 @@ def materialise(model: torch.nn.Module, device, dtype: torch.dtype, weight_dtype
 
 class Clock:
     """Wall time and peak memory of one call on ``device`` (CUDA: the allocator's peak over what was allocated
-    before the call; CPU: torch's allocation records, ``bench.measure.allocation_peak``)."""
+    before the call; CPU: torch's allocation records, ``stepvideo_core.memory.allocation_peak``)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -101,7 +101,7 @@ class Clock:
             fn()
             self.sync()
             return time.perf_counter() - start, torch.cuda.max_memory_allocated(self.device) - base
-        from bench.measure import allocation_peak
+        from stepvideo_core.memory import allocation_peak
 
         start = time.perf_counter()
         peak, _ = allocation_peak(fn)

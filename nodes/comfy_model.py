@@ -23,6 +23,7 @@ from ..stepvideo_core.dit import load_dit
 from ..stepvideo_core.loading import Checkpoint, is_gguf, scaled_fp8_dtype
 from ..stepvideo_core.memory import dit_activation_bytes, dit_tokens
 from ..stepvideo_core.ops import FP8_DTYPES
+from ..stepvideo_core.scheduler import DEFAULT_PRESET, PRESETS
 from .conversions import CLIP_KEY, IMAGE_LATENTS_KEY, LATENT_CHANNELS, MASK_KEY, MOTION_SCORE_KEY
 from .previews import preview_rgb
 
@@ -44,7 +45,8 @@ class StepVideoModelConfig(comfy.supported_models_base.BASE):
     unet_config = {"disable_unet_model_creation": True}
     unet_extra_config = {}
     latent_format = StepVideoLatentFormat
-    sampling_settings = {"shift": 13.0, "multiplier": 1000}
+    # The default preset's shift for samplers that take the model's own (KSampler); multiplier: ComfyUI's flow scale.
+    sampling_settings = {"shift": PRESETS[DEFAULT_PRESET].shift, "multiplier": 1000}
     # No memory_usage_factor: StepVideoModel.memory_required replaces ComfyUI's generic estimate with the measured plan.
     supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -90,7 +92,11 @@ class StepVideoModel(comfy.model_base.BaseModel):
         image, score = kwargs.get(IMAGE_LATENTS_KEY), kwargs.get(MOTION_SCORE_KEY)  # TI2V (StepVideoImageToVideo)
         options = {} if transformer_options is None else transformer_options
         dtype = self.diffusion_model.compute_dtype
-        xc = self.model_sampling.calculate_input(sigma, x)
+        xc = self.model_sampling.calculate_input(sigma, x).to(dtype)
+        if xc.data_ptr() == x.data_ptr():
+            # The wrappers get latents of their own: a step cache may add to them in place (core EasyCache does),
+            # and ``x`` is still needed for the denoised result below.
+            xc = xc.clone()
         device = xc.device
         b = xc.shape[0]
         t_ref = (1.0 - sigma.reshape(-1).float()).to(device)
@@ -102,7 +108,7 @@ class StepVideoModel(comfy.model_base.BaseModel):
             self._diffusion_forward,
             self.diffusion_model,
             comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, options),
-        ).execute(xc.to(dtype), t_ref, c_crossattn.to(device=device, dtype=dtype), mask.to(device=device),
+        ).execute(xc, t_ref, c_crossattn.to(device=device, dtype=dtype), mask.to(device=device),
                   clip.to(device=device, dtype=dtype), options,
                   condition=None if image is None else image.to(device=device, dtype=dtype),
                   motion_score=None if score is None else score.to(device))

@@ -12,7 +12,14 @@ import node_helpers
 import torch
 from comfy_api.latest import io
 
-from ..stepvideo_core.image_condition import DEFAULT_MOTION_SCORE, image_condition
+from ..stepvideo_core import video_shape
+from ..stepvideo_core.image_condition import (
+    DEFAULT_MOTION_SCORE,
+    MOTION_SCORE_RANGE,
+    OFFICIAL_TI2V_FRAMES,
+    image_condition,
+)
+from ..stepvideo_core.pipeline import GenerationSettings
 from . import conversions, validation
 from .vae_nodes import VAEType
 
@@ -29,6 +36,7 @@ POSTERIOR_SEED = 0
 class StepVideoImageToVideo(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        side, chunk, release = video_shape.SPATIAL_FACTOR, video_shape.FRAMES_PER_CHUNK, GenerationSettings()
         return io.Schema(
             node_id="StepVideoImageToVideo",
             display_name="Step-Video Image to Video",
@@ -36,21 +44,24 @@ class StepVideoImageToVideo(io.ComfyNode):
             description="Image to video with Step-Video-TI2V: the start image is scaled to cover width x height, "
                         "centre-cropped, encoded as the first latent frame (zeros after it) and attached, with the "
                         "motion score, to both conditionings. Returns them with an empty latent for any sampler. "
-                        "Official: 992x544 (or 544x992), 102 frames, 50 steps, cfg 9, shift 13. Step-Video-Tiny "
-                        "TI2V: 128x128, 17 frames.",
+                        f"Official: {release.width}x{release.height} (or {release.height}x{release.width}), "
+                        f"{OFFICIAL_TI2V_FRAMES} frames, {release.steps} steps, cfg {release.cfg:g}, shift "
+                        f"{release.shift:g}. Step-Video-Tiny TI2V: 128x128, 17 frames.",
             inputs=[
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative"),
                 VAEType.Input("vae"),
                 io.Image.Input("start_image", tooltip="The video's first frame (the first image of a batch)."),
-                io.Int.Input("width", default=992, min=16, max=4096, step=16),
-                io.Int.Input("height", default=544, min=16, max=4096, step=16),
-                io.Int.Input("frames", default=102, min=17, max=1700, step=17,
-                             tooltip="Video frames: a multiple of 17 (17 frames -> 3 latent frames)."),
-                io.Float.Input("motion_score", default=DEFAULT_MOTION_SCORE, min=0.0, max=100.0, step=0.5,
+                io.Int.Input("width", default=release.width, min=side, max=video_shape.MAX_SIDE, step=side),
+                io.Int.Input("height", default=release.height, min=side, max=video_shape.MAX_SIDE, step=side),
+                io.Int.Input("frames", default=OFFICIAL_TI2V_FRAMES, min=chunk, max=video_shape.MAX_FRAMES, step=chunk,
+                             tooltip=f"Video frames: a multiple of {chunk} ({chunk} frames -> "
+                                     f"{video_shape.LATENTS_PER_CHUNK} latent frames)."),
+                io.Float.Input("motion_score", default=DEFAULT_MOTION_SCORE, min=MOTION_SCORE_RANGE[0],
+                               max=MOTION_SCORE_RANGE[1], step=0.5,
                                tooltip="How much moves: 2 = stable, 5 = the official default, 10 = strong camera "
                                        "motion, 20 = intense."),
-                io.Int.Input("batch_size", default=1, min=1, max=64),
+                io.Int.Input("batch_size", default=1, min=1, max=video_shape.MAX_BATCH),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="positive"),

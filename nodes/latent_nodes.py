@@ -7,13 +7,14 @@ import torch
 from comfy_api.latest import io
 
 from ..stepvideo_core import video_shape
+from ..stepvideo_core.pipeline import GenerationSettings
 from . import validation
 
 
 class StepVideoEmptyLatent(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        side, chunk = video_shape.SPATIAL_FACTOR, video_shape.FRAMES_PER_CHUNK
+        side, chunk, release = video_shape.SPATIAL_FACTOR, video_shape.FRAMES_PER_CHUNK, GenerationSettings()
         return io.Schema(
             node_id="StepVideoEmptyLatent",
             display_name="Step-Video Empty Latent",
@@ -22,9 +23,9 @@ class StepVideoEmptyLatent(io.ComfyNode):
                         "to their model's channels (16 for the built-in Step-Video-Tiny). Official sizes: 992x544 (and "
                         "544x992), 768x768; 204 frames at 25 fps. Step-Video-Tiny: 128x128, 17 frames.",
             inputs=[
-                io.Int.Input("width", default=992, min=side, max=video_shape.MAX_SIDE, step=side),
-                io.Int.Input("height", default=544, min=side, max=video_shape.MAX_SIDE, step=side),
-                io.Int.Input("frames", default=video_shape.TRAINED_FRAMES, min=chunk, max=video_shape.MAX_FRAMES, step=chunk,
+                io.Int.Input("width", default=release.width, min=side, max=video_shape.MAX_SIDE, step=side),
+                io.Int.Input("height", default=release.height, min=side, max=video_shape.MAX_SIDE, step=side),
+                io.Int.Input("frames", default=release.num_frames, min=chunk, max=video_shape.MAX_FRAMES, step=chunk,
                              tooltip="Video frames: a multiple of 17 (17 frames -> 3 latent frames)."),
                 io.Int.Input("batch_size", default=1, min=1, max=video_shape.MAX_BATCH),
             ],

@@ -9,7 +9,29 @@ import comfy.utils
 import latent_preview
 from comfy_api.latest import io
 
+from ..stepvideo_core import scheduler
 from . import conversions, validation
+
+_DEFAULT = scheduler.PRESETS[scheduler.DEFAULT_PRESET]
+
+
+def steps_input() -> io.Int.Input:
+    return io.Int.Input("steps", default=_DEFAULT.steps, min=scheduler.STEPS_RANGE[0], max=scheduler.STEPS_RANGE[1])
+
+
+def shift_input() -> io.Float.Input:
+    return io.Float.Input("shift", default=_DEFAULT.shift, min=scheduler.SHIFT_RANGE[0], max=scheduler.SHIFT_RANGE[1],
+                          step=0.1, round=0.01)
+
+
+def denoise_input() -> io.Float.Input:
+    return io.Float.Input("denoise", default=1.0, min=scheduler.DENOISE_RANGE[0], max=scheduler.DENOISE_RANGE[1],
+                          step=0.01)
+
+
+def seed_input(name: str) -> io.Int.Input:
+    return io.Int.Input(name, default=scheduler.DEFAULT_SEED, min=scheduler.SEED_RANGE[0], max=scheduler.SEED_RANGE[1],
+                        control_after_generate=True)
 
 
 class StepVideoNoiseSource:
@@ -71,13 +93,14 @@ class StepVideoSampler(io.ComfyNode):
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative"),
                 io.Latent.Input("latent_image"),
-                io.Combo.Input("preset", options=list(validation.SAMPLER_PRESETS), default="standard",
+                io.Combo.Input("preset", options=list(validation.SAMPLER_PRESETS), default=scheduler.DEFAULT_PRESET,
                                tooltip="standard / turbo / tiny override steps, cfg and shift; custom uses them."),
-                io.Int.Input("steps", default=50, min=1, max=1000),
-                io.Float.Input("cfg", default=9.0, min=0.0, max=100.0, step=0.1, round=0.01),
-                io.Float.Input("shift", default=13.0, min=0.01, max=100.0, step=0.1, round=0.01),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
-                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01),
+                steps_input(),
+                io.Float.Input("cfg", default=_DEFAULT.cfg, min=scheduler.CFG_RANGE[0], max=scheduler.CFG_RANGE[1],
+                               step=0.1, round=0.01),
+                shift_input(),
+                seed_input("seed"),
+                denoise_input(),
             ],
             outputs=[io.Latent.Output()],
         )
@@ -102,9 +125,9 @@ class StepVideoSigmas(io.ComfyNode):
             description="The reference Step-Video noise schedule as SIGMAS for SamplerCustomAdvanced (euler matches "
                         "StepVideoSampler).",
             inputs=[
-                io.Int.Input("steps", default=50, min=1, max=1000),
-                io.Float.Input("shift", default=13.0, min=0.01, max=100.0, step=0.1, round=0.01),
-                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01),
+                steps_input(),
+                shift_input(),
+                denoise_input(),
             ],
             outputs=[io.Sigmas.Output()],
         )
@@ -122,7 +145,7 @@ class StepVideoNoise(io.ComfyNode):
             display_name="Step-Video Noise",
             category="StepVideo/sampling",
             description="Seeded noise as drawn by StepVideoSampler and the core pipeline, for SamplerCustomAdvanced.",
-            inputs=[io.Int.Input("noise_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True)],
+            inputs=[seed_input("noise_seed")],
             outputs=[io.Noise.Output()],
         )
 

@@ -17,7 +17,7 @@ from ..stepvideo_core.loading import is_gguf
 from ..stepvideo_core.ops import FP8_DTYPES
 from ..stepvideo_core.step_llm import TOKENIZER_FILE, tokenizer_folder
 from ..stepvideo_core.text_cache import TextEmbeddingCache, encode_prompts_cached, encoder_identity
-from ..stepvideo_core.text_encoding import TextEncoders, load_text_encoders
+from ..stepvideo_core.text_encoding import MAGIC_SETS, TextEncoders, load_text_encoders, magic_suffixes
 from . import conversions, registered_folders, validation
 
 log = logging.getLogger("stepvideo")
@@ -138,7 +138,8 @@ class StepVideoTextEncode(io.ComfyNode):
             display_name="Step-Video Text Encode",
             category="StepVideo/conditioning",
             description="Encodes a prompt (Chinese or English) and a negative prompt for the Step-Video DiT. The magic "
-                        "switches append the official quality strings, as the reference pipeline does.",
+                        "switches append the official quality strings, as the reference pipeline does: the "
+                        "text-to-video pair (t2v), Step-Video-TI2V's pair (ti2v) or none.",
             inputs=[
                 TextEncodersType.Input("text_encoders"),
                 io.String.Input("prompt", multiline=True, default="", dynamic_prompts=True),
@@ -149,15 +150,24 @@ class StepVideoTextEncode(io.ComfyNode):
                                  tooltip="Keep the encoded prompt on disk (ComfyUI user folder, stepvideo/text_cache, "
                                          "at most 1 GiB, least recently used first out): a cached prompt runs "
                                          "without loading Step-LLM at all."),
+                # Appended last and optional: saved graphs and API prompts from before it keep their values.
+                io.Combo.Input("suffixes", options=list(MAGIC_SETS), default="t2v", optional=True,
+                               tooltip="Which official quality strings the magic switches append: t2v (Step-Video-T2V "
+                                       "and Turbo), ti2v (the official Step-Video-TI2V model) or none."),
             ],
             outputs=[io.Conditioning.Output("positive"), io.Conditioning.Output("negative")],
         )
 
     @classmethod
+    def validate_inputs(cls, suffixes="t2v"):
+        return validation.check_choice("suffixes", suffixes, MAGIC_SETS)
+
+    @classmethod
     def execute(cls, text_encoders, prompt, negative_prompt="", positive_magic=True, negative_magic=True,
-                cache=True) -> io.NodeOutput:
+                cache=True, suffixes="t2v") -> io.NodeOutput:
         if not isinstance(text_encoders, StepVideoTextEncoders):
             raise ValueError("text_encoders must come from StepVideoTextEncoderLoader")
+        positive_magic, negative_magic = magic_suffixes(suffixes, positive_magic, negative_magic)
         store = TextEmbeddingCache(cache_folder()) if cache else None
         pos, neg, hit = encode_prompts_cached(store, text_encoders.identity(), text_encoders.load, prompt,
                                               negative_prompt or None, positive_magic=positive_magic,

@@ -4,39 +4,33 @@ from __future__ import annotations
 
 import torch
 
-from ..stepvideo_core import video_shape
+from ..stepvideo_core import ops, video_shape
 from ..stepvideo_core.scheduler import PRESETS, SamplerPreset
 from .conversions import LATENT_CHANNELS
 
-WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
+# Every dtype combo lists names of stepvideo_core.ops.WEIGHT_DTYPES; "default" lets ComfyUI choose.
+WEIGHT_DTYPES = ("default", *ops.WEIGHT_DTYPES)
 # The DiT loader also offers ComfyUI's fp8 fast matmul (fp8 weights multiplied in fp8 where the GPU can).
 FAST_FP8 = "fp8_e4m3fn_fast"
 DIT_WEIGHT_DTYPES = (*WEIGHT_DTYPES, FAST_FP8)
-LLM_DTYPES = ("bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
-VAE_DTYPES = ("bf16", "fp16", "fp32")
+LLM_DTYPES = tuple(ops.WEIGHT_DTYPES)
+VAE_DTYPES = tuple(name for name, dtype in ops.WEIGHT_DTYPES.items() if dtype not in ops.FP8_DTYPES)
 ATTENTION_CHOICES = ("comfy", "sdpa", "sageattention", "flash-attn")
 LORA_STRENGTH_RANGE = (-4.0, 4.0)  # of every LoRA loader's strength widget
 # The presets of scheduler.PRESETS (the official ones and Step-Video-Tiny's); "custom" uses the widgets.
 SAMPLER_PRESETS = (*PRESETS, "custom")
 
-_DTYPES = {
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    "fp32": torch.float32,
-    "fp8_e4m3fn": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-    FAST_FP8: torch.float8_e4m3fn,
-}
 
 
 def parse_dtype(name: str) -> torch.dtype | None:
     """'default' -> None (let the host choose); otherwise the torch dtype; unknown names raise ValueError."""
     if name == "default":
         return None
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(WEIGHT_DTYPES)}") from None
+    if name == FAST_FP8:
+        return torch.float8_e4m3fn  # stored as e4m3; the loader turns on fp8 matmul
+    if name not in ops.WEIGHT_DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DIT_WEIGHT_DTYPES)}")
+    return ops.WEIGHT_DTYPES[name]
 
 
 def check_choice(name: str, value, choices) -> bool | str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,9 +79,12 @@ class DiTConfig:
             clip = shapes["clip_projection.weight"][1]
         except KeyError as e:
             raise ValueError(f"not a Step-Video DiT checkpoint: key {e.args[0]!r} is missing") from None
-        # Blocks counted by their self-attention weight, so one stray extra key is reported as extra, not as a
-        # whole block's worth of missing ones.
-        layers = 1 + max(int(k.split(".")[1]) for k in shapes if re.fullmatch(r"transformer_blocks\.\d+\.attn1\.wqkv\.weight", k))
+        check_head_dim(shapes, inner)
+        # Blocks counted by their self-attention weight, from block 0 up to the first one without it, so one stray
+        # extra key (even a whole stray block's weight far past the last) is reported as extra, not as a whole
+        # block's worth of missing ones.
+        blocks = {int(k.split(".")[1]) for k in shapes if re.fullmatch(r"transformer_blocks\.\d+\.attn1\.wqkv\.weight", k)}
+        layers = next(i for i in range(len(blocks) + 1) if i not in blocks) or 1 + max(blocks, default=0)
         image_to_video = MOTION_SCORE_KEY in shapes
         if image_to_video and patch_in % 2:
             raise ValueError(f"a Step-Video-TI2V checkpoint's patch embedding reads latents + condition (an even channel "
@@ -96,6 +100,25 @@ class DiTConfig:
             use_additional_conditions=image_to_video,
             **overrides,
         )
+
+
+HEAD_DIM_KEY = "transformer_blocks.0.attn1.q_norm.weight"  # the tensor the head size is read from
+
+
+def check_head_dim(shapes: dict[str, tuple[int, ...]], inner: int) -> None:
+    """A ``ValueError`` naming ``HEAD_DIM_KEY`` when its shape disagrees with every other QK-norm of the file (or
+    does not divide the model width): a damaged tensor there would otherwise show as dozens of others differing."""
+    head_dim = shapes[HEAD_DIM_KEY][0] if len(shapes[HEAD_DIM_KEY]) == 1 else None
+    others = Counter(shape for key, shape in shapes.items()
+                     if key != HEAD_DIM_KEY and re.fullmatch(r"transformer_blocks\.\d+\.attn[12]\.[qk]_norm\.weight", key))
+    if others and (head_dim,) not in others:
+        (common, count), = others.most_common(1)
+        raise ValueError(f"{HEAD_DIM_KEY!r} has shape {shapes[HEAD_DIM_KEY]} but the {count} other QK-norm weights "
+                         f"have {common}: the head size is read from this tensor, so it is damaged (or comes from "
+                         "another model)")
+    if head_dim is None or head_dim <= 0 or inner % head_dim:
+        raise ValueError(f"{HEAD_DIM_KEY!r} has shape {shapes[HEAD_DIM_KEY]}, which gives no head size that divides "
+                         f"the model width {inner}: the tensor is damaged")
 
 
 class Rope3D:

@@ -6,6 +6,8 @@
         --weight-dtype fp8 --frames 136 --tile-size 16                           # the 30B release on one GPU
     python -m stepvideo_core.generate --image start.png "a red circle moves to the right"   # image to video:
         # Step-Video-Tiny TI2V by default, the TI2V release with --model models/stepvideo/stepvideo-ti2v
+    python -m stepvideo_core.generate --prompts prompts.txt --out gallery     # one prompt a line: a video each and
+        # gallery/index.html; models load once, a rerun renders only what is missing
     torchrun --standalone --nproc-per-node 4 -m stepvideo_core.generate "..." --model ... --shard-weights
     python -m stepvideo_core.generate "a red circle moves left" --dit tiny_q8.gguf --preset tiny   # a GGUF DiT
     python -m stepvideo_core.generate --plan --gpu-memory 24 --ram 64       # what fits a 24 GB GPU with 64 GB RAM
@@ -15,6 +17,9 @@ parallel when the count is even, sequence parallel over the video tokens, option
 sharded (``--shard-weights``), and the VAE's chunks decoded on different ranks. Step-LLM and CLIP run once on
 rank 0; rank 0 writes the outputs. The seed gives the same latents for any number of processes.
 
+Encoded prompts are kept in a text cache (``--text-cache``, by default under the user's cache folder), so a prompt
+encoded once never loads Step-LLM again. ``--prompts`` runs in one process.
+
 Step-Video-Tiny knows a small world: circles, squares and triangles in red, green, blue, yellow, purple or
 orange, moving left, right, up or down, growing, shrinking or standing still, on black, white or gray. Any
 prompt is accepted, in English or Chinese; prompts outside that world give something from inside it.
@@ -23,7 +28,7 @@ prompt is accepted, in English or Chinese; prompts outside that world give somet
 from __future__ import annotations
 
 import argparse
-import hashlib
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -33,20 +38,23 @@ import torch
 
 from . import distributed
 from .attention import BACKENDS, get_attention
+from .batch import INDEX_NAME, GalleryItem, gallery_html, output_stem, read_prompts, write_if_changed
 from .dit import load_dit, open_dit_checkpoint, resolve_compute_dtype
 from .image_condition import DEFAULT_MOTION_SCORE, image_condition
+from .loading import check_device
+from .ops import WEIGHT_DTYPE_ALIASES, WEIGHT_DTYPES, weight_dtype_named
 from .pipeline import GenerationSettings, sample_latents
-from .scheduler import PRESETS, check_settings
+from .scheduler import DEFAULT_PRESET, DEFAULT_SEED, PRESETS, check_settings, guidance_on
 from .step_cache import StepCache, StepCacheSettings
-from .text_encoding import TI2V_NEGATIVE_MAGIC, TI2V_POSITIVE_MAGIC, encode_prompts, load_text_encoders
+from .text_cache import CLI_MAX_BYTES, TextEmbeddingCache, default_folder, encode_prompts_cached, encoder_identity
+from .text_encoding import load_text_encoders, magic_suffixes
 from .tiny import model as tiny
 from .vae import load_vae
 from .video_io import contact_sheet, load_image, save_mp4, save_png, to_uint8
 from .video_shape import check_request
 
-WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
-# Step-Video-Tiny's request when nothing else is asked; the release defaults to the official 992x544, 204 frames.
-RELEASE_SIZE = (992, 544, 204)
+RELEASE = GenerationSettings()  # the release's defaults (size, preset, seed)
+DEFAULT_PROMPT = "a blue square moves right"
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,11 @@ class ModelPaths:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m stepvideo_core.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt", nargs="?", default="a blue square moves right")
+    p.add_argument("prompt", nargs="?", help=f"what to render (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="render every prompt of a text file (one a line, UTF-8; blank and '#' lines skipped) with the "
+                        "models loaded once; writes an MP4 and PNG per prompt and index.html, and a rerun skips "
+                        "the prompts already rendered with the same settings")
     p.add_argument("--negative", default=None, help="negative prompt (the official negative suffix is appended)")
 
     m = p.add_argument_group("model")
@@ -85,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--step-llm", help="Step-LLM folder or .gguf file (tokenizer beside it; overrides --model's step_llm/)")
     m.add_argument("--clip", help="Hunyuan-CLIP folder (overrides --model's hunyuan_clip/)")
     m.add_argument("--vae", help="VAE file (overrides --model's vae/vae_v2.safetensors)")
-    m.add_argument("--weight-dtype", choices=("auto", *WEIGHT_DTYPES), default="auto",
-                   help="DiT and Step-LLM storage dtype; fp8 stores e4m3 and computes in bf16; for a .gguf, the "
-                        "compute dtype (its weights stay quantized) (auto: fp32 on the CPU, bf16 on a GPU)")
+    m.add_argument("--weight-dtype", choices=("auto", *WEIGHT_DTYPES, *WEIGHT_DTYPE_ALIASES), default="auto",
+                   help="DiT and Step-LLM storage dtype; fp8 (= fp8_e4m3fn) stores e4m3 and computes in bf16; for a "
+                        ".gguf, the compute dtype (its weights stay quantized) (auto: fp32 on the CPU, bf16 on a GPU)")
     m.add_argument("--attention", choices=BACKENDS, default="sdpa", help="attention back-end of the DiT")
     m.add_argument("--ff-chunk-size", type=int, default=0,
                    help="low-memory path: run the DiT's feed-forward over at most this many tokens at a time "
@@ -99,15 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = p.add_argument_group("sampling")
     s.add_argument("--preset", choices=tuple(PRESETS),
-                   help="steps/cfg/shift preset (default: tiny for Step-Video-Tiny, standard otherwise); "
+                   help=f"steps/cfg/shift preset (default: tiny for Step-Video-Tiny, {DEFAULT_PRESET} otherwise); "
                         + ", ".join(f"{k}: {v.steps} steps, cfg {v.cfg:g}, shift {v.shift:g}" for k, v in PRESETS.items()))
-    s.add_argument("--width", type=int, help="pixels, a multiple of 16 (default 128 tiny, 992 release)")
-    s.add_argument("--height", type=int, help="pixels, a multiple of 16 (default 128 tiny, 544 release)")
-    s.add_argument("--frames", type=int, help="a multiple of 17 (default 17 tiny, 204 release)")
+    s.add_argument("--width", type=int, help=f"pixels, a multiple of 16 (default {tiny.SETTINGS.width} tiny, "
+                                              f"{RELEASE.width} release)")
+    s.add_argument("--height", type=int, help=f"pixels, a multiple of 16 (default {tiny.SETTINGS.height} tiny, "
+                                               f"{RELEASE.height} release)")
+    s.add_argument("--frames", type=int, help=f"a multiple of 17 (default {tiny.SETTINGS.num_frames} tiny, "
+                                               f"{RELEASE.num_frames} release)")
     s.add_argument("--steps", type=int, help="overrides the preset's steps")
     s.add_argument("--cfg", type=float, help="overrides the preset's guidance scale")
     s.add_argument("--shift", type=float, help="overrides the preset's time shift")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=DEFAULT_SEED)
 
     sp = p.add_argument_group("speed")
     sp.add_argument("--cache", type=float, metavar="THRESHOLD",
@@ -126,7 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tile-overlap", type=int, default=4, help="latents shared by neighbouring tiles")
 
     o = p.add_argument_group("output")
-    o.add_argument("--out", default="outputs", help="folder for the MP4 and the PNG contact sheet")
+    o.add_argument("--out", default="outputs", help="folder for the MP4 and the PNG contact sheet (and, with "
+                                                    "--prompts, index.html)")
+    o.add_argument("--text-cache", default=str(default_folder()), metavar="DIR",
+                   help="keep encoded prompts here, so a prompt encoded once never loads Step-LLM again "
+                        "(default: %(default)s)")
+    o.add_argument("--text-cache-size", type=float, default=CLI_MAX_BYTES / (1 << 30), metavar="GB",
+                   help="at most this many GiB in the text cache, least recently used out first (default "
+                        "%(default)g: 250 release prompts at 8.2 MB each in bf16)")
+    o.add_argument("--no-text-cache", action="store_true", help="encode every prompt, keep nothing on disk")
     o.add_argument("--out-latents", help="also save the final latents [b, F, C, h, w] (fp32) as safetensors "
                                          "under the key 'latents'")
 
@@ -156,9 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_settings(args: argparse.Namespace, is_tiny: bool) -> GenerationSettings:
     """Preset, then explicit values; the request is checked with the nodes' rules and messages, and the other
     numbers before anything loads."""
-    preset = PRESETS[args.preset or ("tiny" if is_tiny else "standard")]
-    width, height, frames = (tiny.SETTINGS.width, tiny.SETTINGS.height, tiny.SETTINGS.num_frames) if is_tiny \
-        else RELEASE_SIZE
+    preset = PRESETS[args.preset or ("tiny" if is_tiny else DEFAULT_PRESET)]
+    size = tiny.SETTINGS if is_tiny else RELEASE
+    width, height, frames = size.width, size.height, size.num_frames
     settings = GenerationSettings(
         num_frames=frames if args.frames is None else args.frames,
         height=height if args.height is None else args.height,
@@ -175,6 +198,9 @@ def resolve_settings(args: argparse.Namespace, is_tiny: bool) -> GenerationSetti
                          "1 latent and an overlap of at most half a tile (e.g. --tile-size 16 --tile-overlap 4)")
     if args.cache is not None:
         StepCacheSettings(threshold=args.cache)  # raises on a negative threshold, naming it
+    if not args.text_cache_size > 0:
+        raise ValueError(f"--text-cache-size {args.text_cache_size} must be a positive number of GiB "
+                         "(or use --no-text-cache)")
     if args.ff_chunk_size < 0:
         raise ValueError(f"--ff-chunk-size {args.ff_chunk_size} must be 0 (all tokens at once) or a token count")
     return settings
@@ -184,7 +210,7 @@ def pick_device(args: argparse.Namespace, group: distributed.DistributedGroup | 
     if group is not None:
         return group.device
     if args.device:
-        return torch.device(args.device)
+        return check_device(args.device)  # names the devices this machine has
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -200,8 +226,88 @@ def step_progress(enabled: bool, total: int, desc: str):
     return bar, callback
 
 
+@dataclass(frozen=True)
+class PromptJob:
+    """One prompt's video: its files are named by everything that changes it (``batch.output_stem``)."""
+
+    prompt: str
+    mp4: Path
+    png: Path
+
+    def done(self) -> bool:
+        return self.mp4.is_file() and self.png.is_file()  # both are written whole (renamed into place), PNG last
+
+
+def output_settings(args: argparse.Namespace, paths: ModelPaths, settings: GenerationSettings,
+                    weight_dtype: torch.dtype) -> dict:
+    """Every setting besides the prompt that changes the video (file identities by path, size and mtime)."""
+    return {
+        "negative": args.negative, "seed": settings.seed,
+        "size": [settings.width, settings.height, settings.num_frames],
+        "sampler": [settings.steps, settings.cfg, settings.shift],
+        "model": encoder_identity([paths.dit, paths.step_llm, paths.clip, paths.vae]),
+        "weight_dtype": str(weight_dtype), "attention": args.attention,
+        "lora": [encoder_identity([args.lora]), args.lora_strength] if args.lora else None,
+        "image": [encoder_identity([args.image]), args.motion_score] if args.image else None,
+        "step_cache": args.cache, "tiles": [args.tile_size, args.tile_overlap],
+    }
+
+
+def encode_all(args: argparse.Namespace, paths: ModelPaths, prompts: list[str], weight_dtype: torch.dtype,
+               compute_dtype: torch.dtype, device: torch.device, magic: bool | str, negative_magic: bool | str
+               ) -> dict[str, tuple]:
+    """Every prompt's (positive, negative) on the CPU, through the text cache: the encoders load on the first
+    prompt not in the cache (never, when all are) and are released before the DiT loads."""
+    store = None if args.no_text_cache else TextEmbeddingCache(args.text_cache,
+                                                               max_bytes=int(args.text_cache_size * (1 << 30)))
+    identity = encoder_identity([paths.step_llm, paths.clip], llm_dtype=weight_dtype)
+    loaded = []
+
+    def encoders():
+        if not loaded:
+            loaded.append(load_text_encoders(paths.step_llm, paths.clip, weight_dtype=weight_dtype, device=device))
+        return loaded[0]
+
+    states, hits = {}, 0
+    for prompt in prompts:
+        pos, neg, hit = encode_prompts_cached(store, identity, encoders, prompt, args.negative, positive_magic=magic,
+                                              negative_magic=negative_magic, device=device, dtype=compute_dtype,
+                                              after="keep")
+        states[prompt] = (pos.to("cpu"), neg.to("cpu"))
+        hits += hit
+    if loaded:
+        loaded.pop().release()
+    if store is not None and len(prompts) > 1:
+        print(f"text: {hits} of {len(prompts)} prompts from the text cache ({store.folder})", file=sys.stderr)
+    return states
+
+
 def run(args: argparse.Namespace) -> dict:
-    """Generate as ``args`` say; returns what was written (on rank 0) and the latents."""
+    """Generate the one prompt ``args`` give; returns what was written (on rank 0) and the latents."""
+    return render(args, [args.prompt or DEFAULT_PROMPT], skip_existing=False)["videos"][0]
+
+
+def run_batch(args: argparse.Namespace) -> dict:
+    """Every prompt of ``args.prompts`` (models loaded once); the prompts whose outputs exist are skipped. Returns
+    ``videos`` (what was rendered), ``skipped`` (the jobs found done) and ``index`` (the gallery page)."""
+    if args.prompt is not None:
+        raise ValueError("give either a prompt or --prompts FILE, not both")
+    if args.out_latents:
+        raise ValueError("--out-latents saves one prompt's latents: leave it out with --prompts")
+    prompts = read_prompts(args.prompts)
+    done = render(args, prompts, skip_existing=True)
+    title = f"Step-Video: {len(done['jobs'])} prompts from {Path(args.prompts).name}"
+    page = gallery_html(title, [GalleryItem(j.prompt, j.mp4, j.png) for j in done["jobs"] if j.done()],
+                        Path(args.out), done["settings_line"])
+    done["index"] = Path(args.out) / INDEX_NAME
+    if write_if_changed(done["index"], page):
+        print(f"gallery: {done['index']}")
+    return done
+
+
+def render(args: argparse.Namespace, prompts: list[str], skip_existing: bool) -> dict:
+    """Load the models once and render every prompt (rank 0 writes the files): all prompts are encoded first and
+    the text encoders released, then the DiT (and the VAE) load and each video is sampled, decoded and written."""
     start = time.perf_counter()
     paths = ModelPaths.from_args(args)
     if paths.missing():
@@ -211,16 +317,37 @@ def run(args: argparse.Namespace) -> dict:
     is_tiny = paths.dit.resolve() in ((tiny.TINY_DIR / "transformer").resolve(), (tiny.TI2V_DIR / "transformer").resolve())
     settings = resolve_settings(args, is_tiny)
     group = distributed.init_from_environment(device=args.device)
+    if group is not None and len(prompts) > 1:
+        raise ValueError("--prompts runs in one process: launch it without torchrun")
     device = pick_device(args, group)
     rank = group.rank if group else 0
-    weight_dtype = WEIGHT_DTYPES[args.weight_dtype] if args.weight_dtype != "auto" else (
+    weight_dtype = weight_dtype_named(args.weight_dtype) if args.weight_dtype != "auto" else (
         torch.float32 if device.type == "cpu" else torch.bfloat16)
     compute_dtype = resolve_compute_dtype(weight_dtype, None)
+
+    out = Path(args.out)
+    key = output_settings(args, paths, settings, weight_dtype)
+    tag = "tiny" if is_tiny else "stepvideo"
+    jobs = []
+    for prompt in dict.fromkeys(prompts):  # a prompt given twice is rendered once
+        stem = output_stem(tag, prompt, key)
+        jobs.append(PromptJob(prompt, out / f"{stem}.mp4", out / f"{stem}.png"))
+    todo = [j for j in jobs if not (skip_existing and j.done())]
+    result = {"videos": [], "jobs": jobs, "skipped": [j for j in jobs if j not in todo],
+              "settings_line": f"{settings.width}x{settings.height}, {settings.num_frames} frames, {settings.steps} "
+                               f"steps, cfg {settings.cfg:g}, shift {settings.shift:g}, seed {settings.seed}; model "
+                               f"{args.model}" + (f"; LoRA {args.lora} x {args.lora_strength:g}" if args.lora else "")}
+    if result["skipped"] and rank == 0:
+        print(f"{len(result['skipped'])} of {len(jobs)} prompts already rendered with these settings in {out}: "
+              "skipped", file=sys.stderr)
+    if not todo:
+        return result
+
     ctx = None
     if group is not None:
         heads = open_dit_checkpoint(paths.dit)[0].config.num_attention_heads  # shapes only, nothing loaded
         plan = distributed.ParallelPlan.choose(
-            group.world_size, heads, guided=settings.cfg != 1.0,
+            group.world_size, heads, guided=guidance_on(settings.cfg),
             guidance_parallel={"auto": None, "on": True, "off": False}[args.guidance_parallel],
             ulysses=args.ulysses, shard_weights=args.shard_weights, attention=args.sp_attention)
         ctx = distributed.ParallelContext.build(plan, group)
@@ -229,18 +356,13 @@ def run(args: argparse.Namespace) -> dict:
     elif args.shard_weights:
         print("--shard-weights has no effect in one process; launch with torchrun to shard over several", file=sys.stderr)
 
-    # Text: encoded once (on rank 0), the encoders dropped before the DiT loads; the other ranks load their
-    # DiT meanwhile and receive the conditioning after.
-    positive = negative = None
+    # Text: every prompt encoded (on rank 0) and the encoders released before the DiT loads; the other ranks load
+    # their DiT meanwhile and receive the conditioning after.
+    states = {}
     if rank == 0:
-        encoders = load_text_encoders(paths.step_llm, paths.clip, weight_dtype=weight_dtype, device=device)
-        with torch.no_grad():
-            # The release's TI2V run appends its own magic pair; Step-Video-Tiny TI2V keeps the T2V pair it learnt.
-            ti2v_magic = bool(args.image) and not is_tiny
-            positive, negative = encode_prompts(encoders, args.prompt, args.negative, dtype=compute_dtype,
-                                                after="release", positive_magic=TI2V_POSITIVE_MAGIC if ti2v_magic else True,
-                                                negative_magic=TI2V_NEGATIVE_MAGIC if ti2v_magic else True)
-        del encoders
+        # The release's TI2V run appends its own magic pair; Step-Video-Tiny TI2V keeps the T2V pair it learnt.
+        magic = magic_suffixes("ti2v" if args.image and not is_tiny else "t2v")
+        states = encode_all(args, paths, [j.prompt for j in todo], weight_dtype, compute_dtype, device, *magic)
 
     if ctx is not None and ctx.plan.shard_weights:
         dit = distributed.load_dit_sharded(paths.dit, ctx, weight_dtype=weight_dtype, ff_chunk_size=args.ff_chunk_size)
@@ -254,13 +376,12 @@ def run(args: argparse.Namespace) -> dict:
         attach(dit, lora, args.lora_strength)
         if rank == 0:
             print(f"{lora.summary()} ({args.lora}, strength {args.lora_strength})", file=sys.stderr)
-    if ctx is not None:
-        positive, negative = distributed.broadcast_conditioning(positive, negative, ctx)
 
+    vae_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     vae = None
     condition = None
     if args.image:
-        vae = load_vae(paths.vae, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, device=device)
+        vae = load_vae(paths.vae, dtype=vae_dtype, device=device)
         if rank == 0:  # encoded once; under torchrun the other ranks receive it
             condition = image_condition(vae, load_image(args.image), settings.num_frames, settings.height,
                                         settings.width, motion_score=args.motion_score,
@@ -268,52 +389,62 @@ def run(args: argparse.Namespace) -> dict:
         if ctx is not None:
             condition = distributed.broadcast_image_condition(condition, ctx)
 
-    cache = StepCache(StepCacheSettings(threshold=args.cache)) if args.cache is not None else None
-    options = cache.transformer_options(dit) if cache is not None else None
-    bar, callback = step_progress(rank == 0, settings.steps, "sampling")
-    with torch.no_grad(), bar:
-        if ctx is None:
-            latents = sample_latents(dit, positive, negative, settings, callback=callback, transformer_options=options,
-                                     image=condition)
-        else:
-            latents = distributed.sample_latents(dit, ctx, positive, negative, settings, callback=callback,
-                                                 transformer_options=options, image=condition)
-    del dit
-    if cache is not None and rank == 0:
-        print(cache.stats.summary(), file=sys.stderr)
+    for number, job in enumerate(todo, 1):
+        positive, negative = states.get(job.prompt, (None, None))
+        if ctx is not None:
+            positive, negative = distributed.broadcast_conditioning(positive, negative, ctx)
+        cache = StepCache(StepCacheSettings(threshold=args.cache)) if args.cache is not None else None
+        options = cache.transformer_options(dit) if cache is not None else None
+        where = f"[{number}/{len(todo)}] sampling" if len(todo) > 1 else "sampling"
+        bar, callback = step_progress(rank == 0, settings.steps, where)
+        with torch.no_grad(), bar:
+            if ctx is None:
+                latents = sample_latents(dit, positive, negative, settings, callback=callback,
+                                         transformer_options=options, image=condition)
+            else:
+                latents = distributed.sample_latents(dit, ctx, positive, negative, settings, callback=callback,
+                                                     transformer_options=options, image=condition)
+        if job is todo[-1]:
+            del dit  # the last video: free the DiT before the VAE decodes
+        if cache is not None and rank == 0:
+            print(cache.stats.summary(), file=sys.stderr)
 
-    written = {"latents": latents}
-    if rank == 0 and args.out_latents:
-        from safetensors.torch import save_file
+        written = {"latents": latents}
+        if rank == 0 and args.out_latents:
+            from safetensors.torch import save_file
 
-        Path(args.out_latents).parent.mkdir(parents=True, exist_ok=True)
-        save_file({"latents": latents.float().cpu().contiguous()}, args.out_latents)
-        written["out_latents"] = Path(args.out_latents)
+            Path(args.out_latents).parent.mkdir(parents=True, exist_ok=True)
+            save_file({"latents": latents.float().cpu().contiguous()}, args.out_latents)
+            written["out_latents"] = Path(args.out_latents)
 
-    if vae is None:
-        vae = load_vae(paths.vae, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, device=device)
-    decode_kwargs = {"tile_size": args.tile_size, "tile_overlap": args.tile_overlap}
-    with torch.no_grad():
-        z = latents.to(vae.compute_dtype)
-        video = vae.decode(z, **decode_kwargs) if ctx is None else distributed.decode(vae, z, ctx, **decode_kwargs)
-    if rank == 0:
-        frames = to_uint8(video[0].float())
-        tag = "tiny" if is_tiny else "stepvideo"
-        key = f"{args.prompt}|{args.seed}" + (f"|{args.image}|{args.motion_score}" if args.image else "")
-        stem = f"{tag}_" + hashlib.sha256(key.encode()).hexdigest()[:8]
-        out = Path(args.out)
-        written["mp4"] = save_mp4(frames, out / f"{stem}.mp4")
-        written["png"] = save_png(contact_sheet(frames), out / f"{stem}.png")
-        print(f"{args.prompt!r}: {len(frames)} frames {settings.width}x{settings.height} in "
-              f"{time.perf_counter() - start:.1f} s -> {written['mp4']}, {written['png']}"
-              + (f", latents {written['out_latents']}" if "out_latents" in written else ""))
-    return written
+        if vae is None:
+            vae = load_vae(paths.vae, dtype=vae_dtype, device=device)
+        decode_kwargs = {"tile_size": args.tile_size, "tile_overlap": args.tile_overlap}
+        with torch.no_grad():
+            z = latents.to(vae.compute_dtype)
+            video = vae.decode(z, **decode_kwargs) if ctx is None else distributed.decode(vae, z, ctx, **decode_kwargs)
+        if rank == 0:
+            frames = to_uint8(video[0].float())
+            written["mp4"] = write_whole(job.mp4, save_mp4, frames)
+            written["png"] = write_whole(job.png, save_png, contact_sheet(frames))
+            print(f"{job.prompt!r}: {len(frames)} frames {settings.width}x{settings.height} in "
+                  f"{time.perf_counter() - start:.1f} s -> {written['mp4']}, {written['png']}"
+                  + (f", latents {written['out_latents']}" if "out_latents" in written else ""))
+        result["videos"].append(written)
+    return result
+
+
+def write_whole(path: Path, save, pixels) -> Path:
+    """``save(pixels, temporary path)`` then rename it to ``path``, so an interrupted run leaves no partial file
+    that a rerun would take for done."""
+    tmp = path.with_name(f".partial_{path.name}")
+    save(pixels, tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def print_plan(args: argparse.Namespace) -> None:
     """``--plan``: the fit plan for the given (or this machine's) GPU memory and RAM."""
-    import os
-
     from .fit_plan import plan
 
     gpu = args.gpu_memory
@@ -324,8 +455,9 @@ def print_plan(args: argparse.Namespace) -> None:
     ram = args.ram if args.ram is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     if gpu <= 0 or ram <= 0:
         raise ValueError(f"--plan: --gpu-memory {gpu} and --ram {ram} must be positive sizes in GB")
-    width, height, frames = RELEASE_SIZE
-    print(plan(gpu, ram, width=args.width or width, height=args.height or height, frames=args.frames or frames).describe())
+    release = GenerationSettings()
+    print(plan(gpu, ram, width=args.width or release.width, height=args.height or release.height,
+               frames=args.frames or release.num_frames).describe())
 
 
 def main(argv=None) -> None:
@@ -335,7 +467,7 @@ def main(argv=None) -> None:
         if args.plan:
             print_plan(args)
             return
-        run(args)
+        run_batch(args) if args.prompts else run(args)
     except (ValueError, FileNotFoundError) as e:  # bad values and missing files: the message, without a traceback
         parser.exit(2, f"error: {e}\n")
     finally:

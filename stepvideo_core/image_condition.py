@@ -17,6 +17,10 @@ from .vae import VideoVAE
 from .video_shape import latent_grid
 
 DEFAULT_MOTION_SCORE = 5.0
+# The motion scores a request may ask for; the model was trained on 2-20, and beyond 100 a value is a typo.
+MOTION_SCORE_RANGE = (0.0, 100.0)
+# The official TI2V run's frame count (4.08 s at 25 fps), shorter than the T2V release's 204.
+OFFICIAL_TI2V_FRAMES = 102
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -53,6 +54,44 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the fix."""
 
 
+# Bytes per element of the safetensors dtype names.
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _header_problem(path: Path) -> str | None:
+    """The first tensor whose header entry cannot be right (its bytes do not match its dtype and shape, or do not
+    follow the previous tensor's, or run past the file), said in words; None when the entries look whole."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > path.stat().st_size:
+                return None
+            header = json.loads(f.read(length))
+        data_bytes = path.stat().st_size - 8 - length
+        entries = sorted(((name, e) for name, e in header.items() if name != "__metadata__"),
+                         key=lambda item: item[1]["data_offsets"][0])
+        end = 0
+        for name, entry in entries:
+            begin, stop = entry["data_offsets"]
+            count = 1
+            for n in entry["shape"]:
+                count *= n
+            need = count * _DTYPE_BYTES.get(entry["dtype"], 0)
+            if begin != end:
+                return (f"tensor {name!r} starts at byte {begin} of the data, but the tensor before it ends at {end} "
+                        "(the header's data_offsets are damaged)")
+            if stop - begin != need:
+                return (f"tensor {name!r} has data_offsets [{begin}, {stop}] ({stop - begin} bytes) but its "
+                        f"{entry['dtype']} shape {tuple(entry['shape'])} needs {need} bytes")
+            if stop > data_bytes:
+                return f"tensor {name!r} ends at byte {stop} of the data, past the file's {data_bytes} data bytes"
+            end = stop
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None
+    return None
+
+
 def _safetensors_error(path: Path, error: SafetensorError) -> CheckpointError:
     """safetensors' own message, said as what happened to the file and what to do."""
     detail = str(error).removeprefix("Error while deserializing header: ")
@@ -62,6 +101,9 @@ def _safetensors_error(path: Path, error: SafetensorError) -> CheckpointError:
     if "not fully covered" in detail:
         return CheckpointError(f"{path} is truncated: the tensors its header lists do not fit its {size} bytes. "
                                "The download was probably interrupted; download it again.")
+    problem = _header_problem(path) if path.is_file() else None
+    if problem is not None:
+        return CheckpointError(f"{path} has a corrupt header: {problem}. Download it again.")
     return CheckpointError(f"{path} is not a safetensors file, or its header is corrupt ({detail}). Download it again.")
 
 
@@ -134,6 +176,16 @@ class Checkpoint:
                 raise CheckpointError(f"{file} does not contain {key!r}, which the index says it holds; the shard is wrong or corrupt.")
             self.key_to_file[key] = file
 
+    def _check_unlisted(self, index: Path) -> None:
+        """Tensors a shard holds but its index does not list would be skipped without a word: name them."""
+        listed = set(self.key_to_file)
+        unlisted = {f"{key} (in {file.name})" for file, st in self.files.items() for key in st.keys()
+                    if key not in listed}
+        if unlisted:
+            raise CheckpointError(f"{self.path}: the shards hold {len(unlisted)} tensor(s) that {index.name} does not "
+                                  f"list: {_few(unlisted)}. A shard or the index comes from another download (or the "
+                                  "file was edited); download the folder again.")
+
     def _open_folder(self) -> None:
         indexes = sorted(self.path.glob("*.safetensors.index.json"))
         if len(indexes) > 1:
@@ -154,6 +206,7 @@ class Checkpoint:
                 )
             for name, keys in by_file.items():
                 self._add_file(self.path / name, keys)
+            self._check_unlisted(indexes[0])
             return
         shards = sorted(self.path.glob("*.safetensors"))
         if len(shards) == 1:

@@ -238,3 +238,24 @@ def step_llm_activation_bytes(config: StepLLMConfig, batch: int, length: int, dt
 def prompt_pair_tokens() -> tuple[int, int]:
     """(batch, length) of one ``encode_prompts`` call for one prompt: the prompt and the negative, 320 tokens."""
     return 2, LLM_TOKENS
+
+
+def allocation_peak(fn) -> tuple[int, int]:
+    """(peak, net) bytes that ``fn()`` allocates on the CPU, from torch's own allocator records.
+
+    ``torch.profiler`` with ``profile_memory=True`` logs every allocation and free that goes through torch's
+    allocator, each with its size and time; the running sum of those records, in time order, is the bytes held
+    by tensors created during the call, and its maximum is the peak. Tensors that existed before the call
+    (weights, inputs) are not counted; kernel scratch buffers that torch allocates are.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                     key=lambda e: e.start_ns())
+    held = peak = 0
+    for record in records:
+        held += record.nbytes()
+        peak = max(peak, held)
+    return peak, held

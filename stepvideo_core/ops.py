@@ -14,6 +14,25 @@ import torch.nn.functional as F
 from torch import nn
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# The weight dtypes by the names the nodes' combos and the CLI's --weight-dtype show; "fp8" is the CLI's short name
+# for e4m3 (the format of the official fp8 checkpoints and ComfyUI's default fp8).
+WEIGHT_DTYPES = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "fp8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+WEIGHT_DTYPE_ALIASES = {"fp8": "fp8_e4m3fn"}
+
+
+def weight_dtype_named(name: str) -> torch.dtype:
+    """The torch dtype of a name in ``WEIGHT_DTYPES`` (or an alias); an unknown name raises ``ValueError``."""
+    try:
+        return WEIGHT_DTYPES[WEIGHT_DTYPE_ALIASES.get(name, name)]
+    except (KeyError, TypeError):
+        names = ", ".join([*WEIGHT_DTYPES, *WEIGHT_DTYPE_ALIASES])
+        raise ValueError(f"unknown weight dtype {name!r}; choose one of {names}") from None
 
 
 def cast_to(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:

@@ -10,12 +10,15 @@ from .dit import StepVideoDiT
 from .image_condition import ImageCondition
 from .ops import FP8_DTYPES
 from .scheduler import (
+    DEFAULT_PRESET,
+    DEFAULT_SEED,
     PRESETS,
     StepCallback,
     VelocityFn,
     check_finite,
     check_settings,
     denoise_sigmas,
+    guidance_on,
     guided_velocity,
     make_noise,
     preset,
@@ -27,13 +30,16 @@ from .video_shape import latent_grid
 
 @dataclass
 class GenerationSettings:
+    """One generation's request; the defaults are the official release's (992x544, 204 frames, standard preset),
+    and the one place the nodes and the CLI read the release's default size from."""
+
     num_frames: int = 204
     height: int = 544
     width: int = 992
-    steps: int = PRESETS["standard"].steps
-    cfg: float = PRESETS["standard"].cfg
-    shift: float = PRESETS["standard"].shift
-    seed: int = 1234
+    steps: int = PRESETS[DEFAULT_PRESET].steps
+    cfg: float = PRESETS[DEFAULT_PRESET].cfg
+    shift: float = PRESETS[DEFAULT_PRESET].shift
+    seed: int = DEFAULT_SEED
     denoise: float = 1.0
 
     @classmethod
@@ -97,7 +103,7 @@ def sample_latents(
     device = next(dit.parameters()).device
     noise = noise.to(device)
     latents = None if latents is None else latents.to(device)
-    use_cfg = negative is not None and settings.cfg != 1.0
+    use_cfg = guidance_on(settings.cfg, negative is not None)
     sigmas = denoise_sigmas(settings.steps, settings.shift, settings.denoise)
     if transformer_options is not None:
         transformer_options = {**transformer_options, "sample_sigmas": 1 - sigmas}

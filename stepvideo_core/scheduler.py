@@ -32,10 +32,18 @@ PRESETS = {
     "tiny": SamplerPreset(steps=20, cfg=5.0, shift=3.0),
 }
 
+# The preset a request gets when it names none (the official README command's settings).
+DEFAULT_PRESET = "standard"
 # Accepted ranges of the sampler settings (the nodes' widgets use the same): beyond them a value is a typo.
 STEPS_RANGE = (1, 1000)
 CFG_RANGE = (0.0, 100.0)
 SHIFT_RANGE = (0.01, 100.0)
+# Partial denoise runs the last fraction of a longer schedule: 0 would run no step, so the lowest accepted value is
+# the widgets' first step above it.
+DENOISE_RANGE = (0.01, 1.0)
+# Seeds: any unsigned 64-bit integer (ComfyUI's seed widgets), 0 when none is given (CLI, nodes, pipeline).
+DEFAULT_SEED = 0
+SEED_RANGE = (0, 0xFFFFFFFFFFFFFFFF)
 
 
 def preset(name: str) -> SamplerPreset:
@@ -65,9 +73,10 @@ def check_settings(steps: int, cfg: float, shift: float, denoise: float = 1.0) -
     _check_number("steps", steps, *STEPS_RANGE, whole=True)
     _check_number("cfg (guidance scale)", cfg, *CFG_RANGE)
     _check_number("shift", shift, *SHIFT_RANGE)
-    _check_number("denoise", denoise, 0.0, 1.0)
     if denoise == 0:
-        raise ValueError("denoise 0 would run no step: use a value in (0, 1] (1 = start from pure noise).")
+        raise ValueError(f"denoise 0 would run no step: use a value from {DENOISE_RANGE[0]:g} to {DENOISE_RANGE[1]:g} "
+                         "(1 = start from pure noise).")
+    _check_number("denoise", denoise, *DENOISE_RANGE)
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -116,12 +125,18 @@ VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
+def guidance_on(cfg: float, has_negative: bool = True) -> bool:
+    """Whether sampling runs the unconditional branch: a negative conditioning and a scale other than 1 (at 1,
+    ``uncond + cfg * (cond - uncond)`` is the conditional velocity alone)."""
+    return has_negative and cfg != 1.0
+
+
 def guided_velocity(velocity_fn: VelocityFn, cfg: float) -> VelocityFn:
     """Classifier-free guidance with one batched call: the model sees [cond; uncond]."""
     _check_number("cfg (guidance scale)", cfg, *CFG_RANGE)
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if cfg == 1.0:
+        if not guidance_on(cfg):
             return velocity_fn(x, t)
         v_cond, v_uncond = velocity_fn(torch.cat([x, x]), torch.cat([t, t])).chunk(2)
         return v_uncond + cfg * (v_cond - v_uncond)

@@ -7,7 +7,7 @@ and modification time under the Step-LLM and Hunyuan-CLIP folders, plus the sett
 the weight dtype). Replacing a weight file therefore changes every key.
 
 The cache never grows past ``max_bytes`` (1 GiB by default: about 120 pairs at the official size, 8.2 MB each in
-bf16): after each write the least recently used entries (a hit refreshes an entry's modification time) are
+bf16; the CLI's own cache, under the user's cache folder, takes ``CLI_MAX_BYTES``): after each write the least recently used entries (a hit refreshes an entry's modification time) are
 deleted until the rest fit. An entry that cannot be read back whole (truncated, foreign, wrong shapes) is
 deleted and reported as a miss, so the prompt is encoded again.
 """
@@ -34,6 +34,8 @@ log = logging.getLogger("stepvideo")
 
 CACHE_FORMAT = "stepvideo-text-cache-1"  # part of every key: a layout change invalidates old entries
 DEFAULT_MAX_BYTES = 1 << 30
+# The CLI's limit: 2 GiB holds the official eval set's 128 prompts (1.05 GB in bf16) with room for as many again.
+CLI_MAX_BYTES = 2 << 30
 SUFFIX = ".safetensors"
 FIELDS = ("llm_states", "mask", "clip_states")
 
@@ -65,10 +67,13 @@ class TextEmbeddingCache:
             raise ValueError(f"max_bytes must be positive, not {self.max_bytes}")
 
     @staticmethod
-    def key(identity: str, prompt: str, negative_prompt: str | None, positive_magic: bool, negative_magic: bool,
-            dtype: torch.dtype | None) -> str:
+    def key(identity: str, prompt: str, negative_prompt: str | None, positive_magic: bool | str,
+            negative_magic: bool | str, dtype: torch.dtype | None) -> str:
+        """``positive_magic`` / ``negative_magic`` as ``encode_prompts`` takes them: True (the T2V suffix), False or
+        "" (none), or the suffix itself (the TI2V one), which keys apart from True."""
         fields = dict(format=CACHE_FORMAT, identity=identity, prompt=prompt, negative_prompt=negative_prompt or "",
-                      positive_magic=bool(positive_magic), negative_magic=bool(negative_magic), dtype=str(dtype))
+                      positive_magic=_magic_key(positive_magic), negative_magic=_magic_key(negative_magic),
+                      dtype=str(dtype))
         return hashlib.sha256(json.dumps(fields, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
     def path(self, key: str) -> Path:
@@ -123,6 +128,23 @@ class TextEmbeddingCache:
             p.unlink(missing_ok=True)
 
 
+def _magic_key(magic: bool | str) -> bool | str:
+    return magic if isinstance(magic, str) and magic else bool(magic)
+
+
+def default_folder() -> Path:
+    """The CLI's text cache: ``$STEPVIDEO_CACHE_DIR/text_cache`` when set, else ``stepvideo/text_cache`` in the
+    user's cache folder (``%LOCALAPPDATA%`` on Windows, ``$XDG_CACHE_HOME`` or ``~/.cache`` elsewhere)."""
+    root = os.environ.get("STEPVIDEO_CACHE_DIR")
+    if root:
+        return Path(root) / "text_cache"
+    if os.name == "nt" and os.environ.get("LOCALAPPDATA"):
+        base = Path(os.environ["LOCALAPPDATA"])
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "stepvideo" / "text_cache"
+
+
 def encode_prompts_cached(
     cache: TextEmbeddingCache | None,
     identity: str,
@@ -130,8 +152,8 @@ def encode_prompts_cached(
     prompt: str,
     negative_prompt: str | None = None,
     *,
-    positive_magic: bool = True,
-    negative_magic: bool = True,
+    positive_magic: bool | str = True,
+    negative_magic: bool | str = True,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     after: str = "offload",

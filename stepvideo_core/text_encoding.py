@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from .hunyuan_clip import HunyuanClip, load_hunyuan_clip
+from .loading import check_device
 from .ops import FP8_DTYPES
 from .scheduler import check_finite
 from .step_llm import StepLLM, StepLLMTokenizer, load_step_llm, tokenizer_folder
@@ -26,6 +27,13 @@ NEGATIVE_MAGIC = "画面暗、低分辨率、不良手、文本、缺少手指�
 TI2V_POSITIVE_MAGIC = ("画面中的主体动作表现生动自然、画面流畅、生动细节、光线统一柔和、超真实动态捕捉、大师级运镜、整体不变形、"
                        "超高清、画面稳定、逼真的细节、专业级构图、超细节、清晰。")
 TI2V_NEGATIVE_MAGIC = "动画、模糊、变形、毁容、低质量、拼贴、粒状、标志、抽象、插图、计算机生成、扭曲、动作不流畅、面部有褶皱、表情僵硬、畸形手指"
+# The suffix sets by name (the text node's choice; the CLI picks t2v or ti2v from the model): True is the T2V pair
+# (the key the text cache has always used for it), a string the suffix itself, False none.
+MAGIC_SETS: dict[str, tuple[bool | str, bool | str]] = {
+    "t2v": (True, True),
+    "ti2v": (TI2V_POSITIVE_MAGIC, TI2V_NEGATIVE_MAGIC),
+    "none": (False, False),
+}
 CLIP_TOKENS = 77
 
 
@@ -102,6 +110,15 @@ def _free_accelerator_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def magic_suffixes(suffix_set: str, positive: bool = True, negative: bool = True) -> tuple[bool | str, bool | str]:
+    """(positive_magic, negative_magic) for ``encode_prompts``: the named set of ``MAGIC_SETS``, each side only when
+    its switch is on. An unknown name raises ``ValueError`` listing the sets."""
+    if suffix_set not in MAGIC_SETS:
+        raise ValueError(f"unknown suffix set {suffix_set!r}; choose one of {', '.join(MAGIC_SETS)}")
+    pos, neg = MAGIC_SETS[suffix_set]
+    return (pos if positive else False), (neg if negative else False)
+
+
 def build_prompts(prompts: str | Sequence[str], negative_prompt: str | None = None, *,
                   positive_magic: bool | str = True, negative_magic: bool | str = True) -> tuple[list[str], list[str]]:
     """Return (positive texts, negative texts), one negative per prompt.
@@ -159,8 +176,7 @@ def encode_texts(encoders: TextEncoders, texts: Sequence[str], device: torch.dev
     if encoders.step_llm is None or encoders.clip is None:
         raise RuntimeError("the text encoders were released; load them again to encode new prompts")
     llm = encoders.step_llm
-    if device is None:
-        device = next(llm.parameters()).device
+    device = next(llm.parameters()).device if device is None else check_device(device)
     ids, llm_mask = encoders.tokenizer(list(texts))
     if prepare is not None:
         prepare("step_llm")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stepvideo_core.compile import CompiledBlocks, CompileSettings
-from tests.test_dit import small_dit, text_inputs
+from tests.builders import small_dit, text_inputs
 
 
 def call(dit):
@@ -51,10 +51,32 @@ def test_cancel_is_not_taken_for_a_compiler_failure():
 def test_inductor_compiled_blocks_match_eager():
     """fp32 on the CPU: inductor reorders reductions; bench/bench_compile.py measured a max difference of 3.0e-7 of
     the output's magnitude (512 wide, 4 blocks, 768 tokens), so 1e-5 is allowed."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.compile_fx import compile_fx
+
+    graphs, runs = [], []
+
+    def inductor(graph_module, example_inputs):  # inductor itself, counting what it compiles and each run of it
+        graphs.append(graph_module)
+        compiled_fn = compile_fx(graph_module, example_inputs)
+
+        def run(*args):
+            runs.append(1)
+            return compiled_fn(*args)
+
+        return run
+
     torch._dynamo.reset()
+    counters.clear()
     dit = small_dit(layers=3)
     eager = call(dit)
-    compiled = CompiledBlocks(dit)
+    compiled = CompiledBlocks(dit, CompileSettings(backend=inductor))
     out = compiled.run(lambda: call(dit))
     assert compiled.failed is None
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    # compile.py's promise: one graph, compiled once, serves every block (parameters are graph inputs) ...
+    assert len(graphs) == 1 and counters["stats"]["unique_graphs"] == 1
+    # ... and each of the 3 blocks ran through it, twice over for a second call without compiling again
+    assert len(runs) == 3
+    compiled.run(lambda: call(dit))
+    assert len(runs) == 6 and len(graphs) == 1

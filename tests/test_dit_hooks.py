@@ -4,7 +4,7 @@ replacement at ``patches_replace["dit"][("double_block", i)]`` runs instead of b
 import torch
 
 from stepvideo_core.attention import sdpa_attention
-from tests.test_dit import small_dit, text_inputs
+from tests.builders import small_dit, text_inputs
 
 
 def inputs(b=2):

@@ -21,6 +21,7 @@ from stepvideo_core.hunyuan_clip import load_hunyuan_clip
 from stepvideo_core.loading import CheckpointError
 from stepvideo_core.lora import LoraError, LoraPartialMatchWarning, attach, load_lora
 from stepvideo_core.step_llm import StepLLMTokenizer, load_step_llm
+from stepvideo_core.text_encoding import encode_prompts
 from stepvideo_core.tiny import model as tiny_model
 from stepvideo_core.vae import load_vae
 from tests.fault_fixtures import copy_part, tiny_fixture
@@ -118,10 +119,23 @@ def test_damaged_header_offsets(tiny, tmp_path, dit_state):
         entry["data_offsets"][1] = entry["data_offsets"][0] + 4
 
     rewrite_header(path, shrink)
-    with pytest.raises(CheckpointError, match="dit.safetensors is not a safetensors file, or its header is corrupt "
-                                              ".*Download it again") as e:
+    with pytest.raises(CheckpointError, match=r"dit.safetensors has a corrupt header: tensor 'proj_out.bias' has "
+                                              r"data_offsets \[\d+, \d+\] \(4 bytes\) but its F16 shape \(16,\) "
+                                              r"needs 32 bytes. Download it again") as e:
         load_dit(path)
     assert "is invalid for input of size" not in str(e.value)
+
+
+def test_header_offset_that_leaves_a_gap_names_the_tensor_after_it(tiny, tmp_path, dit_state):
+    path = save(tmp_path, dit_state)
+
+    def move(header):
+        entry = header["proj_out.bias"]
+        entry["data_offsets"] = [entry["data_offsets"][0] + 4, entry["data_offsets"][1] + 4]
+
+    rewrite_header(path, move)
+    with pytest.raises(CheckpointError, match=r"corrupt header: tensor 'proj_out.bias' (starts at byte|ends at byte)"):
+        load_dit(path)
 
 
 # ---- wrong tensors -------------------------------------------------------------------------------------------------
@@ -142,6 +156,32 @@ def test_one_extra_tensor_is_reported_as_one_extra(tiny, tmp_path, dit_state, ex
     with pytest.raises(CheckpointError, match=rf"Unexpected 1 key\(s\): {extra}\.") as e:
         load_dit(save(tmp_path, dit_state))
     assert "Missing" not in str(e.value)
+
+
+def test_stray_block_weight_far_past_the_last_block_is_one_extra(tiny, tmp_path, dit_state):
+    stray = f"transformer_blocks.{tiny_model.DIT_CONFIG.num_layers + 3}.attn1.wqkv.weight"
+    dit_state[stray] = dit_state["transformer_blocks.0.attn1.wqkv.weight"].clone()
+    with pytest.raises(CheckpointError, match=rf"Unexpected 1 key\(s\): {stray}\.") as e:
+        load_dit(save(tmp_path, dit_state))
+    assert "Missing" not in str(e.value)
+
+
+def test_extra_tensor_in_a_shard_that_its_index_does_not_list(tiny, transformer, dit_state):
+    dit_state["transformer_blocks.1.attn1.stray"] = torch.zeros(2)
+    save_file(dit_state, str(transformer / SHARD))  # the index is left as downloaded
+    with pytest.raises(CheckpointError, match=rf"the shards hold 1 tensor\(s\) that {INDEX} does not list: "
+                                              rf"transformer_blocks.1.attn1.stray \(in {SHARD}\)"):
+        load_dit(transformer)
+
+
+def test_damaged_tensor_that_sets_the_head_size_is_named(tiny, tmp_path, dit_state):
+    key = "transformer_blocks.0.attn1.q_norm.weight"
+    dit_state[key] = dit_state[key][:16].clone()
+    others = 4 * tiny_model.DIT_CONFIG.num_layers - 1
+    with pytest.raises(CheckpointError, match=rf"'{key}' has shape \(16,\) but the {others} other QK-norm weights "
+                                              r"have \(\d+,\): the head size is read from this tensor") as e:
+        load_dit(save(tmp_path, dit_state))
+    assert "differ from the Step-Video DiT model" not in str(e.value)
 
 
 def test_reshaped_tensor(tiny, tmp_path, dit_state):
@@ -334,6 +374,12 @@ def test_cuda_device_that_is_not_there(tiny):
     with pytest.raises(ValueError, match="device 'cuda:7': (this PyTorch build has no CUDA support|no CUDA GPU is "
                                          r"visible|only \d+ CUDA device\(s\) are visible)"):
         load_dit(tiny_model.paths()["transformer"], weight_dtype=torch.float32, device="cuda:7")
+
+
+def test_encoding_on_a_cuda_device_that_is_not_there(tiny):
+    with pytest.raises(ValueError, match="device 'cuda:7': (this PyTorch build has no CUDA support|no CUDA GPU is "
+                                         r"visible|only \d+ CUDA device\(s\) are visible)"):
+        encode_prompts(tiny.text, "a red circle", device="cuda:7", after="keep")
 
 
 def test_device_name_that_is_not_a_device(tiny):

@@ -115,7 +115,7 @@ def test_batch_past_the_limit(tiny):
     ("shift", 0.0, "shift 0 is out of range: use a number from 0.01 to 100"),
     ("shift", math.inf, "shift is inf"),
     ("denoise", 0.0, "denoise 0 would run no step"),
-    ("denoise", 1.5, "denoise 1.5 is out of range: use a number from 0 to 1"),
+    ("denoise", 1.5, "denoise 1.5 is out of range: use a number from 0.01 to 1"),
     ("denoise", math.nan, "denoise is nan"),
 ])
 def test_sampler_setting(tiny, text, field, value, message):

@@ -7,9 +7,9 @@ from the formula and fails here.
 import pytest
 import torch
 
-from bench.measure import allocation_peak
 from stepvideo_core import memory
 from stepvideo_core.dit import DiTConfig, StepVideoDiT
+from stepvideo_core.memory import allocation_peak
 from stepvideo_core.step_llm import StepLLM, StepLLMConfig
 from stepvideo_core.vae import Decoder, VAEConfig
 

@@ -26,8 +26,7 @@ from stepvideo_core.image_condition import ImageCondition
 from stepvideo_core.pipeline import GenerationSettings, sample_latents
 from stepvideo_core.step_cache import StepCache, StepCacheSettings
 from stepvideo_core.text_encoding import TextConditioning
-from tests.builders import small_dit, small_vae, text_inputs
-from tests.test_vae import latents as vae_latents
+from tests.builders import small_dit, small_vae, text_inputs, vae_latents
 
 CAPTION = (24, 12)
 HAS_YUNCHANG = importlib.util.find_spec("yunchang") is not None

@@ -21,15 +21,12 @@ from stepvideo_core.vae import (
     tile_starts,
 )
 from tests.builders import SMALL_VAE, small_vae
+from tests.builders import vae_latents as latents
 
 
 @pytest.fixture(scope="module")
 def vae() -> VideoVAE:
     return small_vae()
-
-
-def latents(b=1, n=6, h=2, w=3, z=8, seed=1) -> torch.Tensor:
-    return torch.randn(b, n, z, h, w, generator=torch.Generator().manual_seed(seed))
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 2.0) -> float:

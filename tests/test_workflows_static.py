@@ -1,8 +1,8 @@
 """Static checks of the shipped workflows and locales (no ComfyUI needed; runs on CI).
 
-The node contract below is the pack's public interface as the workflows, the frontend extension and the locales use
-it: node id -> socket inputs, widget inputs (in order, with ranges) and outputs. ``tests/host/test_frontend.py``
-compares it with the live ``/object_info`` of a real ComfyUI.
+They follow the node contract in ``tests/builders.py``: the pack's public interface as the workflows, the frontend
+extension and the locales use it (node id -> socket inputs, widget inputs in order with ranges, outputs).
+``tests/host/test_frontend.py`` compares it with the live ``/object_info`` of a real ComfyUI.
 """
 
 from __future__ import annotations
@@ -15,179 +15,22 @@ from pathlib import Path
 import pytest
 
 from stepvideo_core.tiny import model as tiny
+from tests.builders import (
+    CONTRACT,
+    CORE_CONTRACT,
+    TI2V_START_IMAGE,
+    VIRTUAL_NODES,
+    WORKFLOW_DIR,
+    WORKFLOWS,
+    spec,
+    widget_names_with_control,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW_DIR = ROOT / "workflows"
 LOCALES = ROOT / "locales"
-WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
-DTYPES_DIT = ["default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]
-DTYPES_DIT_LOADER = [*DTYPES_DIT, "fp8_e4m3fn_fast"]
-DTYPES_LLM = ["bf16", "fp16", "fp32", "fp8_e4m3fn", "fp8_e5m2"]
-
-
-def combo(name, options=None, upload=False):
-    """options None: the choices are files/folders on the user's disk (any non-empty string). ``upload``: the
-    frontend adds an upload button after it whose value ("image") is saved in widgets_values but never sent."""
-    return {"name": name, "kind": "combo", "options": options, "upload": upload}
-
-
-def int_(name, lo, hi, step=None, control=False):
-    return {"name": name, "kind": "int", "min": lo, "max": hi, "step": step, "control": control}
-
-
-def float_(name, lo, hi):
-    return {"name": name, "kind": "float", "min": lo, "max": hi}
-
-
-def bool_(name):
-    return {"name": name, "kind": "bool"}
-
-
-def str_(name):
-    return {"name": name, "kind": "string"}
-
-
-# node id -> sockets (name, type) in order, widgets in order, outputs (name, type) in order
-CONTRACT: dict[str, dict] = {
-    "StepVideoDiTLoader": {
-        "sockets": [],
-        "widgets": [combo("model_name"), combo("weight_dtype", DTYPES_DIT_LOADER),
-                    combo("attention", ["comfy", "sdpa", "sageattention", "flash-attn"])],
-        "outputs": [("MODEL", "MODEL")],
-    },
-    "StepVideoTextEncoderLoader": {
-        "sockets": [],
-        "widgets": [combo("step_llm"), combo("hunyuan_clip"), combo("llm_dtype", DTYPES_LLM),
-                    combo("device", ["default", "cpu"])],
-        "outputs": [("STEPVIDEO_TEXT_ENCODERS", "STEPVIDEO_TEXT_ENCODERS")],
-    },
-    "StepVideoTextEncode": {
-        "sockets": [("text_encoders", "STEPVIDEO_TEXT_ENCODERS")],
-        "widgets": [str_("prompt"), str_("negative_prompt"), bool_("positive_magic"), bool_("negative_magic"),
-                    bool_("cache")],
-        "outputs": [("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
-    },
-    "StepVideoVAELoader": {
-        "sockets": [],
-        "widgets": [combo("vae_name"), combo("dtype", ["bf16", "fp16", "fp32"])],
-        "outputs": [("STEPVIDEO_VAE", "STEPVIDEO_VAE")],
-    },
-    "StepVideoVAEDecode": {
-        "sockets": [("vae", "STEPVIDEO_VAE"), ("samples", "LATENT")],
-        "widgets": [int_("tile_size", 0, 512), int_("tile_overlap", 0, 256)],
-        "outputs": [("IMAGE", "IMAGE")],
-    },
-    "StepVideoVAEEncode": {
-        "sockets": [("vae", "STEPVIDEO_VAE"), ("image", "IMAGE")],
-        "widgets": [],
-        "outputs": [("LATENT", "LATENT")],
-    },
-    "StepVideoEmptyLatent": {
-        "sockets": [],
-        "widgets": [int_("width", 16, 4096, 16), int_("height", 16, 4096, 16), int_("frames", 17, 1700, 17),
-                    int_("batch_size", 1, 64)],
-        "outputs": [("LATENT", "LATENT")],
-    },
-    "StepVideoImageToVideo": {
-        "sockets": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "STEPVIDEO_VAE"),
-                    ("start_image", "IMAGE")],
-        "widgets": [int_("width", 16, 4096, 16), int_("height", 16, 4096, 16), int_("frames", 17, 1700, 17),
-                    float_("motion_score", 0.0, 100.0), int_("batch_size", 1, 64)],
-        "outputs": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")],
-    },
-    "StepVideoSampler": {
-        "sockets": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                    ("latent_image", "LATENT")],
-        "widgets": [combo("preset", ["standard", "turbo", "tiny", "custom"]), int_("steps", 1, 1000),
-                    float_("cfg", 0.0, 100.0), float_("shift", 0.01, 100.0), int_("seed", 0, SEED_MAX, control=True),
-                    float_("denoise", 0.01, 1.0)],
-        "outputs": [("LATENT", "LATENT")],
-    },
-    "StepVideoSigmas": {
-        "sockets": [],
-        "widgets": [int_("steps", 1, 1000), float_("shift", 0.01, 100.0), float_("denoise", 0.01, 1.0)],
-        "outputs": [("SIGMAS", "SIGMAS")],
-    },
-    "StepVideoNoise": {
-        "sockets": [],
-        "widgets": [int_("noise_seed", 0, SEED_MAX, control=True)],
-        "outputs": [("NOISE", "NOISE")],
-    },
-    "StepVideoStepCache": {
-        "sockets": [("model", "MODEL")],
-        "widgets": [float_("threshold", 0.0, 3.0), float_("start_percent", 0.0, 1.0), float_("end_percent", 0.0, 1.0)],
-        "outputs": [("MODEL", "MODEL")],
-    },
-    "StepVideoCompileBlocks": {
-        "sockets": [("model", "MODEL")],
-        "widgets": [combo("backend", ["inductor", "cudagraphs"]),
-                    combo("mode", ["default", "max-autotune-no-cudagraphs", "reduce-overhead"])],
-        "outputs": [("MODEL", "MODEL")],
-    },
-    "StepVideoLoraLoader": {
-        "sockets": [("model", "MODEL")],
-        "widgets": [combo("lora_name"), float_("strength", -4.0, 4.0)],
-        "outputs": [("MODEL", "MODEL")],
-    },
-    "StepVideoParallelDiTLoader": {
-        "sockets": [],
-        "widgets": [combo("model_name"), combo("weight_dtype", DTYPES_DIT),
-                    combo("attention", ["sdpa", "sageattention", "flash-attn"]), str_("devices"), int_("workers", 0, 64),
-                    combo("guidance_parallel", ["auto", "on", "off"]), bool_("shard_weights"),
-                    int_("ff_chunk_size", 0, 1_000_000, 1024), str_("cluster")],
-        "outputs": [("MODEL", "MODEL")],
-    },
-    # deprecated (kept so that saved graphs open): they do what StepVideoLoraLoader / StepVideoSampler do
-    "StepVideoParallelLoraLoader": {
-        "sockets": [("parallel_dit", "MODEL")],
-        "widgets": [combo("lora_name"), float_("strength", -4.0, 4.0)],
-        "outputs": [("parallel_dit", "MODEL")],
-    },
-    "StepVideoParallelSampler": {
-        "sockets": [("parallel_dit", "MODEL"), ("positive", "CONDITIONING"),
-                    ("negative", "CONDITIONING"), ("latent_image", "LATENT")],
-        "widgets": [combo("preset", ["standard", "turbo", "tiny", "custom"]), int_("steps", 1, 1000),
-                    float_("cfg", 0.0, 100.0), float_("shift", 0.01, 100.0), int_("seed", 0, SEED_MAX, control=True),
-                    float_("denoise", 0.01, 1.0)],
-        "outputs": [("LATENT", "LATENT")],
-    },
-}
 PACK_NODES = sorted(CONTRACT)
 
-# Core nodes the workflows may use, with the same contract shape (0.3.64).
-CORE_CONTRACT: dict[str, dict] = {
-    "CreateVideo": {
-        "sockets": [("images", "IMAGE"), ("audio", "AUDIO")],
-        "widgets": [float_("fps", 1.0, 120.0)],
-        "outputs": [("VIDEO", "VIDEO")],
-    },
-    "SaveVideo": {
-        "sockets": [("video", "VIDEO")],
-        "widgets": [str_("filename_prefix"), combo("format", ["auto", "mp4"]), combo("codec", ["auto", "h264"])],
-        "outputs": [],
-    },
-    "LoraLoaderModelOnly": {
-        "sockets": [("model", "MODEL")],
-        "widgets": [combo("lora_name"), float_("strength_model", -100.0, 100.0)],
-        "outputs": [("MODEL", "MODEL")],
-    },
-    "ImageStitch": {
-        "sockets": [("image1", "IMAGE"), ("image2", "IMAGE")],
-        "widgets": [combo("direction", ["right", "down", "left", "up"]), bool_("match_image_size"),
-                    int_("spacing_width", 0, 1024, 2), combo("spacing_color", ["white", "black", "red", "green", "blue"])],
-        "outputs": [("IMAGE", "IMAGE")],
-    },
-    "LoadImage": {
-        "sockets": [],
-        "widgets": [combo("image", upload=True)],
-        "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
-    },
-    "MarkdownNote": {"sockets": [], "widgets": [str_("text")], "outputs": []},
-    "Note": {"sockets": [], "widgets": [str_("text")], "outputs": []},
-}
-VIRTUAL_NODES = {"MarkdownNote", "Note"}
 LOADERS_WITH_MODELS = {"StepVideoDiTLoader", "StepVideoTextEncoderLoader", "StepVideoVAELoader"}
 MODEL_DIRECTORIES = {"stepvideo", "diffusion_models", "text_encoders", "vae", "loras"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
@@ -197,27 +40,9 @@ EXPECTED_WORKFLOWS = {"stepvideo_t2v_standard", "stepvideo_t2v_turbo", "stepvide
                       "stepvideo_t2v_multi_gpu", "step_video_tiny_ti2v"}
 BUILTIN_PREFIX = f"{OFFICIAL_PREFIX}{tiny.NAME}/"  # Step-Video-Tiny ships in the pack's models/: nothing to download
 BUILTIN_TI2V_PREFIX = f"{OFFICIAL_PREFIX}{tiny.NAME}-ti2v/"  # and its image-to-video DiT beside it
-TI2V_START_IMAGE = WORKFLOW_DIR / "inputs" / "step_video_tiny_ti2v_start.png"  # copied to input/ when the pack loads
 # The Video-DPO LoRA for Step-Video-Tiny ships at models/loras/ (where `python -m stepvideo_core.tiny.dpo` writes it);
 # nodes/registered_folders.py adds that folder to ComfyUI's "loras", so the LoRA loaders list it by its bare file name.
 DPO_LORA = tiny.TINY_DIR.parent / "loras" / "step-video-tiny-dpo.safetensors"
-
-
-def spec(node_type: str) -> dict:
-    return CONTRACT.get(node_type) or CORE_CONTRACT[node_type]
-
-
-def widget_names_with_control(node_type: str) -> list[str]:
-    """widgets_values layout: a seed-like INT with control_after_generate is followed by its control value, an image
-    combo by its upload button's value."""
-    names = []
-    for w in spec(node_type)["widgets"]:
-        names.append(w["name"])
-        if w.get("control"):
-            names.append(w["name"] + ".control_after_generate")
-        if w.get("upload"):
-            names.append(w["name"] + ".upload")
-    return names
 
 
 def load(path: Path) -> dict:
@@ -539,8 +364,11 @@ def test_ti2v_workflow_animates_the_shipped_start_image():
         ("StepVideoImageToVideo", 0), ("StepVideoImageToVideo", 1), ("StepVideoImageToVideo", 2)]
     s = named_widgets(sampler)
     assert s["preset"] == "tiny" and s["seed"] == 0 and s["seed.control_after_generate"] == "fixed"
+    # Step-Video-Tiny TI2V learnt the T2V suffixes; the note points the official TI2V model at the ti2v set
+    assert named_widgets(of("StepVideoTextEncode"))["suffixes"] == "t2v"
     note = named_widgets(of("MarkdownNote"))["text"]
     assert "motion_score" in note and "Nothing is downloaded" in note and "102 frames" in note
+    assert "**suffixes** to **ti2v**" in note
     assert not re.search(r"</?[a-zA-Z]", note), "plain Markdown only, no HTML"
 
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from ..dit import StepVideoDiT
 from ..image_condition import ImageCondition
 from ..pipeline import GenerationSettings, check_sampling_inputs, latent_shape, sampling_oom_advice
-from ..scheduler import StepCallback, denoise_sigmas, make_noise, sample_euler
+from ..scheduler import StepCallback, denoise_sigmas, guidance_on, make_noise, sample_euler
 from ..text_encoding import TextConditioning
 from .plan import ParallelContext, ParallelError
 from .sequence import branch_forward
@@ -22,7 +22,7 @@ def parallel_velocity(dit: StepVideoDiT, ctx: ParallelContext, positive: TextCon
     only its own branch (positive on guidance rank 0, negative on 1) and the branches are exchanged. An image
     condition (TI2V) goes to both branches and ``transformer_options`` to every call with ``"sigmas"`` set,
     as in ``pipeline.dit_velocity``."""
-    guided = negative is not None and cfg != 1.0
+    guided = guidance_on(cfg, negative is not None)
     if ctx.plan.guidance == 2 and not guided:
         raise ParallelError("the plan splits guidance over ranks but sampling is unguided; choose the plan with "
                             "guided=False")
@@ -68,7 +68,7 @@ def sample_latents(dit: StepVideoDiT, ctx: ParallelContext, positive: TextCondit
     check_sampling_inputs(dit, positive, negative, settings, latents, image)
     shape = latent_shape(settings, dit.config.in_channels, positive.mask.shape[0]) if latents is None else latents.shape
     noise = make_noise(shape, settings.seed) if noise is None else noise
-    guided = negative is not None and settings.cfg != 1.0
+    guided = guidance_on(settings.cfg, negative is not None)
     sigmas = denoise_sigmas(settings.steps, settings.shift, settings.denoise)
     if transformer_options is not None:
         transformer_options = {**transformer_options, "sample_sigmas": 1 - sigmas}

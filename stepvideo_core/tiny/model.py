@@ -18,8 +18,17 @@ from ..step_llm import StepLLMConfig
 from ..text_encoding import TextEncoders, load_text_encoders
 from ..vae import VAEConfig, VideoVAE, load_vae
 
-TINY_DIR = Path(__file__).resolve().parents[2] / "models" / "step-video-tiny"
 NAME = "step-video-tiny"
+
+
+def builtin_models() -> Path:
+    """The folder of the built-in models: the pack's ``models/`` in a checkout (where ComfyUI finds them), else the
+    copy that ``pip install .`` puts beside the package (``stepvideo_core/builtin_models``, see pyproject.toml)."""
+    checkout = Path(__file__).resolve().parents[2] / "models"
+    return checkout if (checkout / NAME).is_dir() else Path(__file__).resolve().parents[1] / "builtin_models"
+
+
+TINY_DIR = builtin_models() / NAME
 # Image to video: only the DiT differs (fine-tuned by ``tiny.ti2v``); it shares the VAE and encoders in TINY_DIR.
 TI2V_DIR = TINY_DIR.parent / "step-video-tiny-ti2v"
 

@@ -96,6 +96,9 @@ def host(base_dir):
     return pack
 
 
+CLIENT_ID = "stepvideo-tests"  # the server sends this client's progress messages to its websocket
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -121,7 +124,7 @@ class Server:
             return e.code, json.loads(e.read() or b"null")
 
     def queue(self, prompt: dict) -> str:
-        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "stepvideo-tests"})
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": CLIENT_ID})
         assert status == 200, body
         return body["prompt_id"]
 
@@ -143,6 +146,28 @@ class Server:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def queue_and_wait_for_progress(self, prompt: dict, node: str, timeout: float = 120) -> str:
+        """Queue ``prompt`` and return its id once node ``node`` reports progress (a sampler: its first step done),
+        read from the server's websocket messages to this client rather than guessed with a sleep."""
+        import aiohttp
+
+        async def listen() -> str:
+            url = self.url.replace("http://", "ws://", 1) + "/ws?clientId=" + CLIENT_ID
+            async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+                prompt_id = await asyncio.to_thread(self.queue, prompt)
+                async with asyncio.timeout(timeout):
+                    async for message in ws:
+                        if message.type != aiohttp.WSMsgType.TEXT:
+                            continue
+                        event = json.loads(message.data)
+                        data = event.get("data") or {}
+                        if (event.get("type") == "progress" and data.get("node") == node
+                                and data.get("prompt_id") == prompt_id):
+                            return prompt_id
+            raise RuntimeError(f"the server closed its websocket before node {node} reported progress")
+
+        return asyncio.run(listen())
 
 
 @pytest.fixture(scope="session")
@@ -174,3 +199,76 @@ def server(base_dir, tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# ---- helpers the host tests share -------------------------------------------------------------------------------
+
+
+def run(cls, **kw):
+    """A V3 node's outputs, called as ComfyUI calls it."""
+    out = cls.execute(**kw)
+    return out.result if hasattr(out, "result") else out
+
+
+def builtin(part: str) -> str:
+    """The loaders' name for a part of the built-in Step-Video-Tiny (``stepvideo/step-video-tiny/<part>``)."""
+    from stepvideo_core.tiny import model as tiny
+
+    return f"stepvideo/{tiny.NAME}/{part}"
+
+
+def video_frames(path: Path):
+    """The frames of a saved video as uint8 ``[T, H, W, 3]``."""
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+@pytest.fixture(scope="module")
+def demo(host, tiny_demo):
+    """The built-in Step-Video-Tiny loaded through the pack's nodes, with the demo prompt encoded and an empty
+    latent of its trained size."""
+    from stepvideo_core.tiny import model as tiny
+
+    c = host.classes
+    (enc,) = run(c["StepVideoTextEncoderLoader"], step_llm=builtin("step_llm"), hunyuan_clip=builtin("hunyuan_clip"),
+                 llm_dtype="fp32", device="default")
+    pos, neg = run(c["StepVideoTextEncode"], text_encoders=enc, prompt="a blue square moves right", negative_prompt="",
+                   positive_magic=True, negative_magic=True)
+    (model,) = run(c["StepVideoDiTLoader"], model_name=builtin("transformer"), weight_dtype="fp32", attention="comfy")
+    s = tiny.SETTINGS
+    (latent,) = run(c["StepVideoEmptyLatent"], width=s.width, height=s.height, frames=s.num_frames, batch_size=1)
+    return dict(pos=pos, neg=neg, model=model, latent=latent)
+
+
+def sample_tiny(host, demo, model, steps: int):
+    """``steps`` steps of Step-Video Sampler (custom, the tiny preset's cfg and shift, seed 0) from ``demo``."""
+    from stepvideo_core.tiny import model as tiny
+
+    s = tiny.SETTINGS
+    (out,) = run(host.classes["StepVideoSampler"], model=model, positive=demo["pos"], negative=demo["neg"],
+                 latent_image=demo["latent"], preset="custom", steps=steps, cfg=s.cfg, shift=s.shift, seed=0, denoise=1.0)
+    return out["samples"]
+
+
+def api_prompt(workflow: dict) -> dict:
+    """The API prompt of a flat UI workflow: widget values by the node contract, links as [node id, slot].
+    (tests/host/test_frontend.py checks that the real frontend converts the shipped workflows the same way.)"""
+    from tests.builders import CONTRACT, CORE_CONTRACT, VIRTUAL_NODES, widget_names_with_control
+
+    links = {lk[0]: lk for lk in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in VIRTUAL_NODES:
+            continue
+        spec = CONTRACT.get(node["type"]) or CORE_CONTRACT[node["type"]]
+        values = dict(zip(widget_names_with_control(node["type"]), node["widgets_values"], strict=True))
+        inputs = {w["name"]: values[w["name"]] for w in spec["widgets"]}
+        for sock in node["inputs"]:
+            if sock.get("link") is not None:
+                src = links[sock["link"]]
+                inputs[sock["name"]] = [str(src[1]), src[2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt

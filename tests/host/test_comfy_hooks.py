@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 
 import pytest
 import torch
@@ -15,29 +16,13 @@ import torch
 from stepvideo_core.step_cache import StepCacheSettings
 from stepvideo_core.tiny import model as tiny
 
-from .test_tiny_demo import builtin, run
+from .conftest import run, sample_tiny
 
 STEPS = 30  # the tiny demo's count in the issue's report (core EasyCache then skipped 0 of 30)
 
 
-@pytest.fixture(scope="module")
-def demo(host, tiny_demo):
-    c = host.classes
-    (enc,) = run(c["StepVideoTextEncoderLoader"], step_llm=builtin("step_llm"), hunyuan_clip=builtin("hunyuan_clip"),
-                 llm_dtype="fp32", device="default")
-    pos, neg = run(c["StepVideoTextEncode"], text_encoders=enc, prompt="a blue square moves right", negative_prompt="",
-                   positive_magic=True, negative_magic=True)
-    (model,) = run(c["StepVideoDiTLoader"], model_name=builtin("transformer"), weight_dtype="fp32", attention="comfy")
-    s = tiny.SETTINGS
-    (latent,) = run(c["StepVideoEmptyLatent"], width=s.width, height=s.height, frames=s.num_frames, batch_size=1)
-    return dict(pos=pos, neg=neg, model=model, latent=latent)
-
-
 def sample(host, demo, model, steps=STEPS):
-    s = tiny.SETTINGS
-    (out,) = run(host.classes["StepVideoSampler"], model=model, positive=demo["pos"], negative=demo["neg"],
-                 latent_image=demo["latent"], preset="custom", steps=steps, cfg=s.cfg, shift=s.shift, seed=0, denoise=1.0)
-    return out["samples"]
+    return sample_tiny(host, demo, model, steps)
 
 
 def count_dit_forwards(model, monkeypatch) -> dict:
@@ -58,9 +43,35 @@ def baseline(host, demo):
     return sample(host, demo, demo["model"])
 
 
+def per_row_cache_diff(holder_class) -> bool:
+    """Whether core EasyCache adds each cond's cached change to that cond's rows only. ComfyUI 0.3.64 adds every
+    cond's change to the whole batch when cond and uncond run as one call (fixed upstream by slicing per cond)."""
+    import uuid
+
+    holder = holder_class.__new__(holder_class)
+    holder.first_cond_uuid, holder.total_steps_skipped, holder.allow_mismatch = None, 0, False
+    ids = [uuid.uuid4(), uuid.uuid4()]
+    holder.uuid_cache_diffs = {ids[0]: torch.ones(1, 1), ids[1]: 2 * torch.ones(1, 1)}
+    return torch.equal(holder.apply_cache_diff(torch.zeros(2, 1), ids), torch.tensor([[1.0], [2.0]]))
+
+
+def apply_cache_diff_per_row(self, x, uuids):
+    """Upstream's EasyCache step reuse: in place, each cond's change on its own rows."""
+    if self.first_cond_uuid in uuids:
+        self.total_steps_skipped += 1
+    rows = x.shape[0] // len(uuids)
+    for i, cond in enumerate(uuids):
+        x[i * rows:(i + 1) * rows] += self.uuid_cache_diffs[cond].to(x.device)
+    return x
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("node", ["EasyCache", "LazyCache"])
 def test_core_step_caches_skip_steps(host, demo, baseline, node, caplog, monkeypatch):
+    module = sys.modules[host.nodes.NODE_CLASS_MAPPINGS[node].__module__]
+    if node == "EasyCache" and not per_row_cache_diff(module.EasyCacheHolder):
+        # The host's own fault, not the pack's: check the pack's side under upstream's corrected step reuse.
+        monkeypatch.setattr(module.EasyCacheHolder, "apply_cache_diff", apply_cache_diff_per_row)
     (cached,) = run(host.nodes.NODE_CLASS_MAPPINGS[node], model=demo["model"], reuse_threshold=0.2, start_percent=0.15,
                     end_percent=0.95, verbose=False)
     calls = count_dit_forwards(demo["model"], monkeypatch)
@@ -71,7 +82,13 @@ def test_core_step_caches_skip_steps(host, demo, baseline, node, caplog, monkeyp
     print(line)
     assert total == STEPS and skipped >= 3, line
     assert calls["n"] == STEPS - skipped  # one batched [cond; uncond] forward per step that ran
-    assert torch.isfinite(out).all() and not torch.equal(out, baseline)
+    # A skipped step reuses the model's last change (EasyCache) or output (LazyCache): the samples move, but stay
+    # near the full run's (measured on the CPU: EasyCache 0.10 with 15 of 30 skipped, LazyCache 0.07 with 13). A
+    # cache fed the wrong latents (the pack's model once let EasyCache's in-place update reach the latents it
+    # denoises: 0.48) or another cond's change lands far away.
+    error = float((out - baseline).norm() / baseline.norm())
+    print(f"{node}: relative error {error:.4f} against the uncached samples")
+    assert 0 < error < 0.15, error
 
 
 def test_passthrough_hooks_leave_the_output_bit_for_bit(host, demo, baseline):

@@ -38,7 +38,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from tests.test_workflows_static import (  # noqa: E402
+from tests.builders import (  # noqa: E402
     CONTRACT,
     CORE_CONTRACT,
     VIRTUAL_NODES,

@@ -7,13 +7,10 @@ import torch
 
 from stepvideo_core import memory
 
+from .conftest import run
+
 PROMPT = "一只狐狸在雪地里奔跑, a fox runs through snow"
 LLM, CLIP = "stepvideo/tiny/step_llm", "stepvideo/tiny/hunyuan_clip"
-
-
-def run(cls, **kw):
-    out = cls.execute(**kw)
-    return out.result if hasattr(out, "result") else out
 
 
 def loader(host, dtype="fp32"):

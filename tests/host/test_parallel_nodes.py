@@ -20,7 +20,7 @@ import torch
 from stepvideo_core.tiny import model as tiny
 from stepvideo_core.tiny import ti2v
 
-from .test_tiny_demo import builtin, run
+from .conftest import builtin, run
 from .tiny_models import tiny_ti2v as find_or_write_ti2v
 
 pytestmark = pytest.mark.slow
@@ -309,7 +309,7 @@ def test_builtin_ti2v_graph_with_the_parallel_loader_gives_the_same_frames(serve
     from safetensors.torch import load_file
 
     from ..test_workflows_static import WORKFLOW_DIR
-    from .test_tiny_demo import api_prompt
+    from .conftest import api_prompt
 
     find_or_write_ti2v(base_dir / "models", tiny_demo.root)
     prompt = api_prompt(json.loads((WORKFLOW_DIR / "step_video_tiny_ti2v.json").read_text(encoding="utf-8")))

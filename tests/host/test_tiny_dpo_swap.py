@@ -20,8 +20,8 @@ import pytest
 from stepvideo_core.lora import TARGET_MODULES
 from stepvideo_core.tiny import model as tiny
 
-from ..test_workflows_static import WORKFLOW_DIR
-from .test_tiny_demo import api_prompt
+from ..builders import WORKFLOW_DIR
+from .conftest import api_prompt
 from .tiny_models import DPO_LORA_NAME, dpo_lora
 
 SWAP = WORKFLOW_DIR / "step_video_tiny_dpo_swap.json"
