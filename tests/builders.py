@@ -3,8 +3,11 @@ layout, DiT text inputs, and checkpoints written as the official sharded files."
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -280,3 +283,24 @@ def widget_names_with_control(node_type: str) -> list[str]:
         if w.get("upload"):
             names.append(w["name"] + ".upload")
     return names
+
+
+PACK = "stepvideo_pack_under_test"
+
+
+def load_pack():
+    """The repository root imported as a package, the way ComfyUI loads the pack, so the nodes' relative imports of
+    the core resolve (no ComfyUI needed for the modules that do not import it)."""
+    if PACK not in sys.modules:
+        root = Path(__file__).resolve().parents[1]
+        spec = importlib.util.spec_from_file_location(PACK, root / "__init__.py", submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK] = module
+        spec.loader.exec_module(module)
+    return sys.modules[PACK]
+
+
+def pack_nodes_module(name: str):
+    """``nodes.<name>`` of the pack imported by ``load_pack``."""
+    load_pack()
+    return importlib.import_module(f"{PACK}.nodes.{name}")

@@ -243,7 +243,9 @@ def test_converter_refuses_what_it_cannot_write(tmp_path):
 def test_node_lists_offer_gguf_files(tmp_path):
     """The loaders' lists (pure functions of the nodes, no ComfyUI needed): a .gguf in an official part folder, in
     diffusion_models (any depth), and in a text_encoders folder only where the Step-LLM tokenizer is beside it."""
-    from tests.test_nodes_no_comfy import model_folders
+    from tests.builders import pack_nodes_module
+
+    model_folders = pack_nodes_module("model_folders")
 
     root = tmp_path / "stepvideo"
     (root / "t2v" / "transformer").mkdir(parents=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import inspect
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,25 +13,14 @@ import torch
 
 from stepvideo_core.scheduler import PRESETS, make_noise, sample_euler, step_video_sigmas
 from stepvideo_core.tiny import model as tiny
+from tests.builders import load_pack, pack_nodes_module
 
 ROOT = Path(__file__).resolve().parents[1]
-PACK = "stepvideo_pack_under_test"
-
-
-def _load_pack():
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = module
-        spec.loader.exec_module(module)
-    return sys.modules[PACK]
-
-
-pack = _load_pack()
-conversions = importlib.import_module(f"{PACK}.nodes.conversions")
-model_folders = importlib.import_module(f"{PACK}.nodes.model_folders")
-previews = importlib.import_module(f"{PACK}.nodes.previews")
-validation = importlib.import_module(f"{PACK}.nodes.validation")
+pack = load_pack()
+conversions = pack_nodes_module("conversions")
+model_folders = pack_nodes_module("model_folders")
+previews = pack_nodes_module("previews")
+validation = pack_nodes_module("validation")
 
 
 def test_pack_root_imports_without_comfyui():

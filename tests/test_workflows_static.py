@@ -498,10 +498,9 @@ def test_the_previous_release_multi_gpu_template_still_opens():
         names = widget_names_with_control(node["type"])
         saved = node.get("widgets_values", [])
         assert len(saved) <= len(names), node["type"]
-        if node["type"] == "StepVideoParallelDiTLoader":
-            assert names[len(saved):] == ["cluster"]  # the one new input, appended; its default is "local"
-        else:
-            assert len(saved) == len(names), node["type"]
+        # inputs added since only at the end: "cluster" (default "local") and the text suffix set (default "t2v")
+        appended = {"StepVideoParallelDiTLoader": ["cluster"], "StepVideoTextEncode": ["suffixes"]}
+        assert names[len(saved):] == appended.get(node["type"], []), node["type"]
     old = {n["id"]: n["type"] for n in wf["nodes"]}
     (link,) = [lk for lk in wf["links"] if old[lk[1]] == "StepVideoParallelDiTLoader"]
     assert old[link[3]] == "StepVideoParallelSampler"

@@ -272,3 +272,47 @@ def api_prompt(workflow: dict) -> dict:
                 inputs[sock["name"]] = [str(src[1]), src[2]]
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
+
+
+# The small in-process sampling setup that several host tests share.
+SAMPLER_PROMPT = "一只猫在窗台上睡觉, a cat sleeps on a windowsill"
+STEPS, CFG, SHIFT, SEED = 4, 5.0, 13.0, 7
+
+
+@pytest.fixture(scope="module")
+def parts(host):
+    c = host.classes
+    (enc,) = run(c["StepVideoTextEncoderLoader"], step_llm="stepvideo/tiny/step_llm", hunyuan_clip="stepvideo/tiny/hunyuan_clip",
+                 llm_dtype="fp32", device="default")
+    pos, neg = run(c["StepVideoTextEncode"], text_encoders=enc, prompt=SAMPLER_PROMPT, negative_prompt="", positive_magic=True,
+                   negative_magic=True)
+    (model,) = run(c["StepVideoDiTLoader"], model_name="stepvideo/tiny/transformer", weight_dtype="fp32", attention="sdpa")
+    (latent,) = run(c["StepVideoEmptyLatent"], width=64, height=32, frames=17, batch_size=1)
+    return dict(pos=pos, neg=neg, model=model, latent=latent)
+
+
+def our_sampler(host, model, parts, **kw):
+    args = dict(model=model, positive=parts["pos"], negative=parts["neg"], latent_image=parts["latent"], preset="custom",
+                steps=STEPS, cfg=CFG, shift=SHIFT, seed=SEED, denoise=1.0)
+    args.update(kw)
+    return run(host.classes["StepVideoSampler"], **args)[0]["samples"]
+
+
+# ComfyUI-managed text encoders of the built-in tiny model, as the memory-plan and GGUF tests load them.
+ENCODE_PROMPT = "一只狐狸在雪地里奔跑, a fox runs through snow"
+LLM, CLIP = "stepvideo/tiny/step_llm", "stepvideo/tiny/hunyuan_clip"
+
+
+def loader(host, dtype="fp32"):
+    (enc,) = run(host.classes["StepVideoTextEncoderLoader"], step_llm=LLM, hunyuan_clip=CLIP, llm_dtype=dtype,
+                 device="default")
+    return enc
+
+
+def encode(host, enc, prompt=ENCODE_PROMPT, cache=False):
+    return run(host.classes["StepVideoTextEncode"], text_encoders=enc, prompt=prompt, negative_prompt="",
+               positive_magic=True, negative_magic=True, cache=cache)
+
+
+def states(cond):
+    return cond[0][0], cond[0][1]["stepvideo_mask"], cond[0][1]["stepvideo_clip"]

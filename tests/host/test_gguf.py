@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ..gguf_support import require_gguf
-from .test_inprocess import our_sampler, parts, run  # noqa: F401  (parts: the fixture)
+from .conftest import our_sampler, run
 
 require_gguf()
 
@@ -109,7 +109,7 @@ def test_gguf_step_llm_in_its_folder_encodes_like_the_safetensors(host, base_dir
     not the safetensors folder's."""
     import shutil
 
-    from .test_memory_plan import CLIP, encode, loader, states
+    from .conftest import CLIP, encode, loader, states
 
     source = host.tiny / "step_llm"
     folder = base_dir / "models" / "text_encoders" / "step_llm_gguf"

@@ -10,29 +10,9 @@ from stepvideo_core.lora import attach, load_lora
 from stepvideo_core.pipeline import GenerationSettings, sample_latents
 from stepvideo_core.text_encoding import TextConditioning
 
-from .conftest import run
+from .conftest import CFG, SAMPLER_PROMPT, SEED, SHIFT, STEPS, our_sampler, run
 
-PROMPT = "一只猫在窗台上睡觉, a cat sleeps on a windowsill"
-STEPS, CFG, SHIFT, SEED = 4, 5.0, 13.0, 7
-
-
-@pytest.fixture(scope="module")
-def parts(host):
-    c = host.classes
-    (enc,) = run(c["StepVideoTextEncoderLoader"], step_llm="stepvideo/tiny/step_llm", hunyuan_clip="stepvideo/tiny/hunyuan_clip",
-                 llm_dtype="fp32", device="default")
-    pos, neg = run(c["StepVideoTextEncode"], text_encoders=enc, prompt=PROMPT, negative_prompt="", positive_magic=True,
-                   negative_magic=True)
-    (model,) = run(c["StepVideoDiTLoader"], model_name="stepvideo/tiny/transformer", weight_dtype="fp32", attention="sdpa")
-    (latent,) = run(c["StepVideoEmptyLatent"], width=64, height=32, frames=17, batch_size=1)
-    return dict(pos=pos, neg=neg, model=model, latent=latent)
-
-
-def our_sampler(host, model, parts, **kw):
-    args = dict(model=model, positive=parts["pos"], negative=parts["neg"], latent_image=parts["latent"], preset="custom",
-                steps=STEPS, cfg=CFG, shift=SHIFT, seed=SEED, denoise=1.0)
-    args.update(kw)
-    return run(host.classes["StepVideoSampler"], **args)[0]["samples"]
+PROMPT = SAMPLER_PROMPT
 
 
 def core_reference(host, parts, lora=None, strength=1.0, denoise=1.0):

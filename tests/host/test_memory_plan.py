@@ -7,25 +7,9 @@ import torch
 
 from stepvideo_core import memory
 
-from .conftest import run
+from .conftest import ENCODE_PROMPT, encode, loader, run, states
 
-PROMPT = "一只狐狸在雪地里奔跑, a fox runs through snow"
-LLM, CLIP = "stepvideo/tiny/step_llm", "stepvideo/tiny/hunyuan_clip"
-
-
-def loader(host, dtype="fp32"):
-    (enc,) = run(host.classes["StepVideoTextEncoderLoader"], step_llm=LLM, hunyuan_clip=CLIP, llm_dtype=dtype,
-                 device="default")
-    return enc
-
-
-def encode(host, enc, prompt=PROMPT, cache=False):
-    return run(host.classes["StepVideoTextEncode"], text_encoders=enc, prompt=prompt, negative_prompt="",
-               positive_magic=True, negative_magic=True, cache=cache)
-
-
-def states(cond):
-    return cond[0][0], cond[0][1]["stepvideo_mask"], cond[0][1]["stepvideo_clip"]
+PROMPT = ENCODE_PROMPT
 
 
 def assert_same(a, b, tol=0.0):
