@@ -8,7 +8,8 @@ import torch
 from stepvideo_core.lora import attach, load_lora
 from stepvideo_core.tiny import evaluate
 from stepvideo_core.tiny import model as tiny
-from stepvideo_core.tiny.dpo import LORA_FILE, dpo_loss
+from stepvideo_core.tiny.dpo import LORA_FILE
+from stepvideo_core.training.losses import dpo_loss
 
 
 def test_dpo_loss_is_log2_when_the_lora_equals_the_reference():
