@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=TrainConfig.steps)
     t.add_argument("--rank", type=int, default=TrainConfig.rank)
     t.add_argument("--alpha", type=float, help="adapter scale alpha / rank (default: alpha = rank)")
-    t.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3 tiny, 1e-4 otherwise)")
+    t.add_argument("--lr", type=float, help="AdamW learning rate (default 3e-3 tiny, 1e-4 otherwise)")
     t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     t.add_argument("--seed", type=int, default=TrainConfig.seed)
     t.add_argument("--resume", action="store_true", help="go on from the checkpoint beside --out")
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
     height = args.height or (tiny.SETTINGS.height if is_tiny else 320)
     buckets = BucketSettings(frames, width, height)
     config = TrainConfig(
-        method=method, steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr or (1e-3 if is_tiny else 1e-4),
+        method=method, steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr or (3e-3 if is_tiny else 1e-4),
         batch_size=args.batch_size, seed=args.seed, targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
         shift=args.shift or PRESETS["tiny" if is_tiny else "standard"].shift, caption_dropout=args.caption_dropout,
         beta=args.beta, checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing)

@@ -18,8 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from ..video_io import save_mp4
+from ..video_io import save_mp4, to_uint8
 from . import synthetic
 from .oracle import FOREGROUND_DISTANCE, background_colour
 
@@ -61,12 +62,47 @@ def object_colour(frames: np.ndarray) -> np.ndarray | None:
     return pixels[foreground].mean(0)
 
 
-def nearest_named_colour(rgb: np.ndarray) -> tuple[str, dict[str, float]]:
-    """The name of the colour (cyan or a palette colour) nearest ``rgb``, and every distance."""
-    named = {"cyan": CYAN, **{name: c for name, (c, _) in synthetic.COLOURS.items()}}
-    distances = {name: float(np.linalg.norm(np.asarray(rgb, np.float32) - np.array(c, np.float32)))
+def named_colours() -> dict[str, tuple[int, int, int]]:
+    return {"cyan": CYAN, **{name: c for name, (c, _) in synthetic.COLOURS.items()}}
+
+
+def nearest_named_colour(rgb, references: dict[str, np.ndarray] | None = None) -> tuple[str, dict[str, float]]:
+    """The name of the colour (cyan or a palette colour) nearest ``rgb``, and every distance; ``references``
+    replaces the colours' RGB values (``vae_references``)."""
+    named = references or {k: np.array(v, np.float32) for k, v in named_colours().items()}
+    distances = {name: float(np.linalg.norm(np.asarray(rgb, np.float32) - np.asarray(c, np.float32)))
                  for name, c in named.items()}
     return min(distances, key=distances.get), distances
+
+
+@torch.no_grad()
+def vae_references(vae, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Each named colour as the VAE draws it, per background: a square of that colour rendered, encoded and
+    decoded, then measured by ``object_colour``. The tiny VAE learnt the world's six colours only and draws
+    cyan darker and bluer (measured: (30, 215, 225) on black comes back about (32, 100, 147)), so no DiT can
+    make it draw true cyan; what a LoRA can teach is the VAE's cyan, and the lesson is judged against that."""
+    refs: dict[str, dict[str, np.ndarray]] = {}
+    rng = random.Random(seed)
+    for background in synthetic.BACKGROUNDS:
+        placed = synthetic.scene_for("blue", "square", "still", rng, background)
+        refs[background] = {}
+        for name in named_colours():
+            scene = synthetic.Scene(tuple(replace(o, colour=name) for o in placed.objects), background)
+            video = torch.from_numpy(synthetic.to_model_range(synthetic.render(scene, {"cyan": CYAN})))
+            decoded = to_uint8(vae.decode(vae.encode(video.permute(1, 0, 2, 3)[None], sample=False))[0])
+            refs[background][name] = object_colour(decoded)
+    return refs
+
+
+def judge(frames: np.ndarray, references: dict[str, dict[str, np.ndarray]]) -> str | None:
+    """The named colour a generated clip's object is nearest, against the VAE's references for the clip's
+    background (the world background nearest its border colour); None when the clip shows no object."""
+    rgb = object_colour(frames)
+    if rgb is None:
+        return None
+    border = background_colour(frames)
+    background = min(synthetic.BACKGROUNDS, key=lambda b: np.linalg.norm(border - np.array(synthetic.BACKGROUNDS[b][0])))
+    return nearest_named_colour(rgb, references[background])[0]
 
 
 def main(argv=None) -> None:
