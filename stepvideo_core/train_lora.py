@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float, help="adapter scale alpha / rank (default: alpha = rank)")
     t.add_argument("--lr", type=float, help="AdamW learning rate (default 3e-3 tiny, 1e-4 otherwise)")
     t.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    t.add_argument("--micro-batch", type=int, default=TrainConfig.micro_batch,
+                   help="samples per forward pass, gradients accumulated over the batch (less memory; 0 = a "
+                        "process's whole share of the batch at once)")
     t.add_argument("--seed", type=int, default=TrainConfig.seed)
     t.add_argument("--resume", action="store_true", help="go on from the checkpoint beside --out")
     t.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
     buckets = BucketSettings(frames, width, height)
     config = TrainConfig(
         method=method, steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr or (3e-3 if is_tiny else 1e-4),
-        batch_size=args.batch_size, seed=args.seed, targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+        batch_size=args.batch_size, micro_batch=args.micro_batch, seed=args.seed, targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
         shift=args.shift or PRESETS["tiny" if is_tiny else "standard"].shift, caption_dropout=args.caption_dropout,
         beta=args.beta, checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing)
 

@@ -50,6 +50,7 @@ class TrainConfig:
     alpha: float | None = None  # the adapters add alpha / rank * up @ down; None = rank (scale 1)
     lr: float = 1e-3
     batch_size: int = 1
+    micro_batch: int = 0  # samples per forward pass (gradients accumulate over them); 0 = a process's whole share
     seed: int = 0
     targets: tuple[str, ...] = TARGET_MODULES
     shift: float = 3.0  # the sampler's time shift, used by every other time draw (see losses)
@@ -62,7 +63,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r} must be one of {', '.join(METHODS)}")
-        for name, low in (("steps", 1), ("rank", 1), ("batch_size", 1), ("checkpoint_every", 1)):
+        for name, low in (("steps", 1), ("rank", 1), ("batch_size", 1), ("micro_batch", 0), ("checkpoint_every", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be a whole number of at least {low}, got {value!r}")
@@ -237,6 +238,34 @@ def plot_loss(path: Path, history: list[dict], width: int = 640, height: int = 3
     save_png(img, path)
 
 
+def _forward_backward(model, adapters, data: TrainingSet, config: TrainConfig, step: int, indices: list[int],
+                      positions: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss of the samples at ``positions`` of the step's batch, scaled to their share of the whole batch, and
+    its gradients accumulated into the adapters; returns (that loss, pairs ranked right / batch size)."""
+    latents, losers, texts, times, noises = [], [], [], [], []
+    for j in positions:
+        sample_latents, text, loser = data.samples[indices[j]].load()
+        t, noise, dropped = sample_draws(config, step * config.batch_size + j, tuple(sample_latents.shape))
+        latents.append(sample_latents)
+        losers.append(loser)
+        texts.append(data.negative if dropped else text)
+        times.append(t)
+        noises.append(noise)
+    x = torch.stack(latents).to(device)
+    cond = TextConditioning.cat(texts).to(device=device).dit_kwargs()
+    t, noise = torch.cat(times).to(device), torch.cat(noises).to(device)
+    right = torch.zeros(())
+    if config.method == "sft":
+        loss = flow_matching_loss(model, x, cond, t, noise, reduce=False).sum() / config.batch_size
+    else:
+        w, rw, lw, rl = preference_errors(model, adapters, x, torch.stack(losers).to(device), cond, t, noise)
+        losses, ranked = dpo_loss(w, rw, lw, rl, config.beta, reduce=False)
+        loss = losses.sum() / config.batch_size
+        right = ranked.detach().sum().cpu() / config.batch_size
+    loss.backward()
+    return loss.detach().float().cpu(), right
+
+
 def train(dit, data: TrainingSet, config: TrainConfig, out: str | Path, *, resume: bool = False,
           metadata: dict[str, str] | None = None, group=None, device: torch.device | str = "cpu",
           progress: bool = True, on_step: Callable[[int, int, float], None] | None = None,
@@ -283,30 +312,14 @@ def train(dit, data: TrainingSet, config: TrainConfig, out: str | Path, *, resum
             indices = step_indices(data, config, step)
             rows = {"loss": torch.zeros(()), "ranked_right": torch.zeros(())}
             mine = procs.mine(len(indices))
-            latents, losers, texts, times, noises = [], [], [], [], []
-            for j in mine:
-                sample_latents, text, loser = data.samples[indices[j]].load()
-                t, noise, dropped = sample_draws(config, step * config.batch_size + j, tuple(sample_latents.shape))
-                latents.append(sample_latents)
-                losers.append(loser)
-                texts.append(data.negative if dropped else text)
-                times.append(t)
-                noises.append(noise)
-            x = torch.stack(latents).to(device)
-            cond = TextConditioning.cat(texts).to(device=device).dit_kwargs()
-            t, noise = torch.cat(times).to(device), torch.cat(noises).to(device)
-            if config.method == "sft":
-                errors = flow_matching_loss(model, x, cond, t, noise, reduce=False)
-                loss = errors.sum() / config.batch_size
-            else:
-                w, rw, lw, rl = preference_errors(model, adapters, x, torch.stack(losers).to(device), cond, t, noise)
-                losses, right = dpo_loss(w, rw, lw, rl, config.beta, reduce=False)
-                loss = losses.sum() / config.batch_size
-                rows["ranked_right"] = right.detach().sum().cpu() / config.batch_size
+            chunk = config.micro_batch or len(mine)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for first in range(0, len(mine), chunk):
+                loss, right = _forward_backward(model, adapters, data, config, step, indices,
+                                                mine[first:first + chunk], device)
+                rows["loss"] += loss
+                rows["ranked_right"] += right
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            rows["loss"] = loss.detach().float().cpu()
             procs.sum_(grads + [rows["loss"], rows["ranked_right"]])
             for p, g in zip(params, grads):
                 p.grad = g
