@@ -41,12 +41,16 @@ def _digest(*parts: str) -> str:
 
 @dataclass(frozen=True)
 class Encoders:
-    """Where the encoding models are, and how to load them (called only when something is missing)."""
+    """Where the encoding models are, and how to load them (called only when something is missing). ``owned``:
+    the loaders make new models, which are dropped after use; False when they hand out a host's models (ComfyUI's
+    loaders), which stay. ``prepare`` is ``text_encoding.PrepareHook``, for a host that moves models itself."""
 
     text_id: str
     vae_id: str
     load_text: Callable[[], object]
     load_vae: Callable[[], object]
+    owned: bool = True
+    prepare: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -126,15 +130,16 @@ def build_cache(clips: Sequence[Clip] | Sequence[Pair], folder: str | Path, enco
     negative_file = folder / "text" / f"negative-{_digest(encoders.text_id)}.safetensors"
     todo = [c for c in captions if not text_file[c].exists()]
     if todo or not negative_file.exists():
-        log(f"cache: encoding {len(todo)} caption(s) (Step-LLM and CLIP, then freed)")
+        log(f"cache: encoding {len(todo)} caption(s) with Step-LLM and CLIP")
         text = encoders.load_text()
         with torch.no_grad():
             for caption in todo or captions[:1]:
-                pos, neg = encode_prompts(text, caption, after="keep", device=device)
+                pos, neg = encode_prompts(text, caption, after="keep", device=device, prepare=encoders.prepare)
                 _save_text(pos.to("cpu"), text_file[caption])
                 if not negative_file.exists():
                     _save_text(neg.to("cpu"), negative_file)
-        text.release()
+        if encoders.owned:
+            text.release()
         del text
         _collect()
 
@@ -143,7 +148,7 @@ def build_cache(clips: Sequence[Clip] | Sequence[Pair], folder: str | Path, enco
                    for m in media}
     todo_media = [m for m in media if not latent_file[m].exists()]
     if todo_media:
-        log(f"cache: encoding {len(todo_media)} clip(s) with the VAE (then freed)")
+        log(f"cache: encoding {len(todo_media)} clip(s) with the VAE")
         vae = encoders.load_vae()
         for i, m in enumerate(todo_media):
             frames = read_frames(m.path, m.bucket)
