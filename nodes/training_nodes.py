@@ -51,6 +51,21 @@ def lora_output_path(lora_name: str) -> Path:
     return Path(folder_paths.get_folder_paths("loras")[0]) / f"{stem}.safetensors"
 
 
+def release_inference_tensors(module: torch.nn.Module) -> int:
+    """ComfyUI builds and loads models under ``torch.inference_mode``, and autograd cannot keep such tensors for
+    the backward pass (a frozen weight is still needed for the gradient of the activations). Swap each for a
+    normal copy, one tensor at a time; returns how many were swapped."""
+    swapped = 0
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):
+            for name, tensor in list(store.items()):
+                if tensor is not None and tensor.is_inference():
+                    copy = tensor.clone()
+                    store[name] = torch.nn.Parameter(copy, requires_grad=False) if store is sub._parameters else copy
+                    swapped += 1
+    return swapped
+
+
 class StepVideoTrainLora(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -120,6 +135,7 @@ class StepVideoTrainLora(io.ComfyNode):
         with torch.inference_mode(False), torch.enable_grad():
             data = build_cache(report.clips, cache, encoders, log=log.info, device=text_encoders.load_device)
             mm.load_models_gpu([model], force_full_load=True)
+            release_inference_tensors(dit)
             result = train(dit, data, config, out, resume=True, device=model.load_device, progress=False,
                            on_step=on_step, log=log.info,
                            metadata={"base_model": f"Step-Video DiT ({dit.config.num_layers} blocks, "
