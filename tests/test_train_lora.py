@@ -244,3 +244,19 @@ def test_pairs_name_the_missing_file_and_the_line(tmp_path):
     jsonl.write_text(json.dumps(lines[0]))
     (pair,) = read_pairs(jsonl, BUCKETS)
     assert pair.chosen.bucket == pair.rejected.bucket and pair.prompt == "p"
+
+
+def test_cli_reports_bad_data_before_loading_any_model(tmp_path, capsys):
+    from stepvideo_core import train_lora
+
+    with pytest.raises(SystemExit) as e:
+        train_lora.main(["--data", str(tmp_path), "--out", str(tmp_path / "x.safetensors")])
+    assert e.value.code == 2 and f"training data folder {tmp_path} holds no video" in capsys.readouterr().err
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "p", "chosen": "a.mp4", "rejected": "b.mp4"}))
+    with pytest.raises(SystemExit) as e:
+        train_lora.main(["--pairs", str(jsonl), "--out", str(tmp_path / "x.safetensors")])
+    assert e.value.code == 2 and "line 1: the chosen video" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        train_lora.main(["--data", str(tmp_path), "--out", str(tmp_path / "x.safetensors"), "--frames", "20"])
+    assert e.value.code == 2 and "frames 20 must be a multiple of 17" in capsys.readouterr().err
