@@ -33,13 +33,15 @@ from .dit import load_dit
 from .generate import WEIGHT_DTYPES, ModelPaths
 from .lora import TARGET_MODULES
 from .parallel import ParallelContext, ParallelPlan, init_from_environment, load_dit_sharded
+from .pipeline import GenerationSettings, sample_latents
 from .scheduler import PRESETS
-from .text_encoding import load_text_encoders
+from .text_encoding import encode_prompts, load_text_encoders
 from .tiny import model as tiny
 from .training.cache import Encoders, build_cache, identity
 from .training.data import BucketSettings, read_pairs, scan_folder
 from .training.trainer import METHODS, TrainConfig, train
 from .vae import load_vae
+from .video_io import save_mp4, to_uint8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,8 +97,39 @@ def build_parser() -> argparse.ArgumentParser:
                         "code's beta_dpo is twice this)")
     t.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each DiT block's activations in the backward pass (far less memory, ~1/3 slower)")
+    t.add_argument("--sample-every", type=int, default=0, metavar="N",
+                   help="every N steps, render each --sample-prompt with the LoRA so far (seed 0, the model's "
+                        "sampler preset, the first bucket's size) to NAME.samples/; 0 = never")
+    t.add_argument("--sample-prompt", action="append", default=[],
+                   help="a prompt for --sample-every (repeatable; default: the first clip's caption)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def sample_every(every: int, prompts: list[str], settings: GenerationSettings, encoders: Encoders, dit, device,
+                 out: Path, rank: int, say):
+    """An ``on_step`` for the trainer that renders ``prompts`` with the adapters so far every ``every`` steps. The
+    prompts are encoded now (the text encoders loaded once more, then dropped); the VAE is loaded for each round
+    of decoding and dropped after. Every process samples (a sharded DiT needs them all); rank 0 writes the MP4s."""
+    text = encoders.load_text()
+    with torch.no_grad():
+        positive, negative = encode_prompts(text, prompts, after="release", device=device)
+    del text
+    folder = Path(f"{out.with_suffix('')}.samples")
+
+    def on_step(done: int, total: int, loss: float) -> None:
+        if done % every and done != total:
+            return
+        with torch.no_grad():
+            latents = sample_latents(dit, positive, negative, settings)
+            if rank == 0:
+                vae = encoders.load_vae()
+                for i, video in enumerate(vae.decode(latents.to(vae.compute_dtype))):
+                    save_mp4(to_uint8(video.float()), folder / f"step{done:06d}_{i}.mp4")
+                del vae
+                say(f"samples at step {done}: {folder}")
+
+    return on_step
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -165,8 +198,16 @@ def run(args: argparse.Namespace) -> dict:
         dit = load_dit(paths.dit, weight_dtype=weight_dtype, device=device)
     metadata = {"base_model": tiny.NAME if is_tiny else str(paths.dit), "data": str(args.pairs or args.data),
                 "frames": str(frames), "width": str(width), "height": str(height)}
+    on_step = None
+    if args.sample_every > 0:
+        prompts = args.sample_prompt or [items[0].prompt if args.pairs else items[0].caption]
+        preset = PRESETS["tiny" if is_tiny else "standard"]
+        first = items[0].chosen.bucket if args.pairs else items[0].bucket
+        settings = GenerationSettings(num_frames=first.frames, height=first.height, width=first.width,
+                                      steps=preset.steps, cfg=preset.cfg, shift=preset.shift, seed=0)
+        on_step = sample_every(args.sample_every, prompts, settings, encoders, dit, device, Path(args.out), rank, say)
     result = train(dit, data, config, args.out, resume=args.resume, metadata=metadata, group=group, device=device,
-                   progress=not args.quiet, log=say)
+                   progress=not args.quiet, log=say, on_step=on_step)
     say(f"saved {result.paths['lora']} ({len(result.lora.pairs)} adapted layers; loss {result.paths['csv']}, "
         f"{result.paths['plot']})")
     return {"result": result, "config": config}

@@ -4,6 +4,7 @@ train_lora CLI, and draws it only with the LoRA."""
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from stepvideo_core import train_lora
 from stepvideo_core.lora import attach, load_lora
@@ -52,3 +53,15 @@ def test_frozen_base_in_bf16_and_fp8_with_checkpointing_trains_like_fp32(tmp_pat
     # step 1 is the base model's loss on the same draws: the stored dtype changes it by rounding only
     assert abs(first["bf16"] - first["fp32"]) < 0.03 * first["fp32"], first
     assert abs(first["fp8"] - first["fp32"]) < 0.08 * first["fp32"], first
+
+
+@pytest.mark.slow  # loads the tiny model and samples twice: about 15 s
+def test_samples_every_n_steps_do_not_change_the_training(tmp_path):
+    write_clips(tmp_path / "clips", count=2, seed=4)
+    base = ["--data", str(tmp_path / "clips"), "--steps", "2", "--quiet"]
+    train_lora.main(base + ["--out", str(tmp_path / "plain.safetensors")])
+    train_lora.main(base + ["--out", str(tmp_path / "sampled.safetensors"), "--sample-every", "1",
+                            "--sample-prompt", "a cyan square moves down"])
+    assert sorted(p.name for p in (tmp_path / "sampled.samples").iterdir()) == ["step000001_0.mp4", "step000002_0.mp4"]
+    plain, sampled = (load_file(str(tmp_path / f"{n}.safetensors")) for n in ("plain", "sampled"))
+    assert all(torch.equal(plain[k], sampled[k]) for k in plain)
