@@ -40,7 +40,17 @@ def trained(server, tiny_demo):
     first = _run(server, prompt, "20")
     prompt[train]["inputs"]["steps"] = 30
     longer = _run(server, prompt, "30")
-    return {"first": first, "longer": longer, "lora": server.base / "models" / "loras" / "host_test_cyan.safetensors"}
+    # the same file through core LoraLoaderModelOnly in place of the node's MODEL output
+    core = copy.deepcopy(prompt)
+    (dit,) = _ids(prompt, "StepVideoDiTLoader")
+    core["core_lora"] = {"class_type": "LoraLoaderModelOnly",
+                         "inputs": {"model": [dit, 0], "lora_name": "host_test_cyan.safetensors", "strength_model": 1.0}}
+    for nid in _ids(prompt, "StepVideoSampler"):
+        if core[nid]["inputs"]["model"] == [train, 0]:
+            core[nid]["inputs"]["model"] = ["core_lora", 0]
+    core_run = _run(server, core, "core")
+    return {"first": first, "longer": longer, "core": core_run,
+            "lora": server.base / "models" / "loras" / "host_test_cyan.safetensors"}
 
 
 def test_the_node_writes_a_lora_that_the_loaders_read(trained):
@@ -52,6 +62,11 @@ def test_the_node_writes_a_lora_that_the_loaders_read(trained):
     assert "skipped" in trained["first"]["report"] and "6 clip(s)" in trained["first"]["report"]
     assert "resumed from 20" in trained["longer"]["report"], trained["longer"]["report"]
     assert (trained["lora"].parent / "host_test_cyan.loss.png").is_file()
+
+
+def test_core_lora_loader_reads_the_trained_file_to_the_same_clip(trained):
+    ours, core = trained["longer"]["frames"][:, :, HALF:], trained["core"]["frames"][:, :, HALF:]
+    assert _mean_abs(ours, core) < 0.5, _mean_abs(ours, core)  # float rounding of two patch paths, in uint8 frames
 
 
 def test_the_video_shows_base_and_trained_side_by_side(trained):
