@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--beta", type=float, default=TrainConfig.beta,
                    help="DPO: -logsigmoid(-beta * margin) on per-element mean errors (the official Diffusion-DPO "
                         "code's beta_dpo is twice this)")
+    t.add_argument("--motion-score", type=float, default=TrainConfig.motion_score,
+                   help="TI2V DiTs: the motion score the clips train with (the clip's first frame is the image "
+                        "condition); 2 = stable, 5 = the release's default")
     t.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each DiT block's activations in the backward pass (far less memory, ~1/3 slower)")
     t.add_argument("--sample-every", type=int, default=0, metavar="N",
@@ -143,7 +146,7 @@ def run(args: argparse.Namespace) -> dict:
     if paths.missing():
         raise FileNotFoundError(f"model part(s) not found: {', '.join(paths.missing())}. Point --model at a folder in "
                                 "the official layout or give each part with --dit/--step-llm/--clip/--vae.")
-    is_tiny = paths.dit.resolve() == (tiny.TINY_DIR / "transformer").resolve()
+    is_tiny = paths.dit.resolve() in ((tiny.TINY_DIR / "transformer").resolve(), (tiny.TI2V_DIR / "transformer").resolve())
     frames = args.frames or (tiny.SETTINGS.num_frames if is_tiny else 51)
     width = args.width or (tiny.SETTINGS.width if is_tiny else 544)
     height = args.height or (tiny.SETTINGS.height if is_tiny else 320)
@@ -152,7 +155,8 @@ def run(args: argparse.Namespace) -> dict:
         method=method, steps=args.steps, rank=args.rank, alpha=args.alpha, lr=args.lr or (3e-3 if is_tiny else 1e-4),
         batch_size=args.batch_size, micro_batch=args.micro_batch, seed=args.seed, targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
         shift=args.shift or PRESETS["tiny" if is_tiny else "standard"].shift, caption_dropout=args.caption_dropout,
-        beta=args.beta, checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing)
+        beta=args.beta, checkpoint_every=args.checkpoint_every, gradient_checkpointing=args.gradient_checkpointing,
+        motion_score=args.motion_score)
 
     group = init_from_environment(device=args.device)
     rank = group.rank if group else 0

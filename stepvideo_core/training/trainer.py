@@ -59,6 +59,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 50
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    motion_score: float = 5.0  # TI2V DiTs: the motion score every clip trains with (the release's default)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -239,9 +240,11 @@ def plot_loss(path: Path, history: list[dict], width: int = 640, height: int = 3
 
 
 def _forward_backward(model, adapters, data: TrainingSet, config: TrainConfig, step: int, indices: list[int],
-                      positions: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+                      positions: list[int], device, ti2v: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of the samples at ``positions`` of the step's batch, scaled to their share of the whole batch, and
-    its gradients accumulated into the adapters; returns (that loss, pairs ranked right / batch size)."""
+    its gradients accumulated into the adapters; returns (that loss, pairs ranked right / batch size). ``ti2v``:
+    the DiT takes an image condition, which is the clip's own first latent frame (the VAE is causal, so that frame
+    is the first video frame encoded alone, as a start image is at inference) and zeros after it."""
     latents, losers, texts, times, noises = [], [], [], [], []
     for j in positions:
         sample_latents, text, loser = data.samples[indices[j]].load()
@@ -254,6 +257,11 @@ def _forward_backward(model, adapters, data: TrainingSet, config: TrainConfig, s
     x = torch.stack(latents).to(device)
     cond = TextConditioning.cat(texts).to(device=device).dit_kwargs()
     t, noise = torch.cat(times).to(device), torch.cat(noises).to(device)
+    if ti2v:
+        condition = torch.zeros_like(x)
+        condition[:, :1] = x[:, :1]
+        cond = {**cond, "condition_hidden_states": condition,
+                "motion_score": torch.full((len(x),), float(config.motion_score), device=device)}
     right = torch.zeros(())
     if config.method == "sft":
         loss = flow_matching_loss(model, x, cond, t, noise, reduce=False).sum() / config.batch_size
@@ -282,6 +290,10 @@ def train(dit, data: TrainingSet, config: TrainConfig, out: str | Path, *, resum
         raise ValueError(f"batch size {config.batch_size} must be a multiple of the {procs.world} processes")
     if config.method == "dpo" and not data.is_pairs:
         raise ValueError("DPO trains on preference pairs; give --pairs FILE.jsonl")
+    ti2v = bool(getattr(dit.config, "use_additional_conditions", False))
+    if ti2v and config.method == "dpo":
+        raise ValueError("Video-DPO on a TI2V DiT is not supported yet (each clip of a pair would need its own start "
+                         "image); train DPO on the T2V DiT, or SFT on the TI2V one")
     dit.requires_grad_(False)
     lora = new_trainable_lora(dit, config.rank, config.targets, config.alpha, seed=config.seed)
     params = [t for pair in lora.pairs.values() for t in (pair.up, pair.down)]
@@ -316,7 +328,7 @@ def train(dit, data: TrainingSet, config: TrainConfig, out: str | Path, *, resum
             opt.zero_grad(set_to_none=True)
             for first in range(0, len(mine), chunk):
                 loss, right = _forward_backward(model, adapters, data, config, step, indices,
-                                                mine[first:first + chunk], device)
+                                                mine[first:first + chunk], device, ti2v)
                 rows["loss"] += loss
                 rows["ranked_right"] += right
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
