@@ -18,6 +18,7 @@ def _node_list() -> list:
     from .nodes.registered_folders import register_folders
     from .nodes.sampler_nodes import StepVideoNoise, StepVideoSampler, StepVideoSigmas
     from .nodes.text_nodes import StepVideoTextEncode, StepVideoTextEncoderLoader
+    from .nodes.training_nodes import StepVideoTrainLora
     from .nodes.vae_nodes import StepVideoVAEDecode, StepVideoVAEEncode, StepVideoVAELoader
 
     register_folders()
@@ -40,6 +41,7 @@ def _node_list() -> list:
         StepVideoParallelSampler,
         StepVideoStepCache,
         StepVideoCompileBlocks,
+        StepVideoTrainLora,
     ]
 
 

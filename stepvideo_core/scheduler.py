@@ -198,12 +198,13 @@ def model_nan_message(where: str, compute_dtype: torch.dtype | None) -> str:
 # ---- training in the same convention --------------------------------------------------------------------------
 
 
-def sample_training_times(batch: int, generator: torch.Generator, shift: float) -> torch.Tensor:
-    """Times for a training batch: even rows uniform, odd rows with the sampler's shift (``1 - time_shift(u)``,
-    dense near noise, where inference spends its steps)."""
+def sample_training_times(batch: int, generator: torch.Generator, shift: float, first: int = 0) -> torch.Tensor:
+    """Times for a training batch: even draws uniform, odd draws with the sampler's shift (``1 - time_shift(u)``,
+    dense near noise, where inference spends its steps). Draws are counted from ``first``, so a trainer that draws
+    one sample at a time (``first`` = the draw's number in the run) still alternates."""
     u = torch.rand(batch, generator=generator)
     shifted = 1 - time_shift(u, shift)
-    return torch.where(torch.arange(batch) % 2 == 0, u, shifted)
+    return torch.where((torch.arange(batch) + first) % 2 == 0, u, shifted)
 
 
 def flow_matching_loss(model, latents: torch.Tensor, text: dict, t: torch.Tensor, noise: torch.Tensor,

@@ -8,7 +8,8 @@ import torch
 from stepvideo_core.lora import attach, load_lora
 from stepvideo_core.tiny import evaluate
 from stepvideo_core.tiny import model as tiny
-from stepvideo_core.tiny.dpo import LORA_FILE, dpo_loss
+from stepvideo_core.tiny.dpo import LORA_FILE
+from stepvideo_core.training.losses import dpo_loss
 
 
 def test_dpo_loss_is_log2_when_the_lora_equals_the_reference():
@@ -63,3 +64,20 @@ def test_shipped_dpo_lora_improves_shape_on_held_out_prompts_and_strength_zero_i
     assert mean(tuned, "shape") > mean(base, "shape") + 0.02, (base, tuned)
     for check in ("colour", "motion"):
         assert mean(tuned, check) >= mean(base, check) - 0.06, (check, base, tuned)
+
+
+@pytest.mark.slow  # loads the shipped tiny model: a few seconds
+def test_the_lab_trains_its_dpo_lora_with_the_pack_trainer(tmp_path):
+    from stepvideo_core.tiny.dpo import DPOConfig, train_dpo
+
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 3, tiny.DIT_CONFIG.in_channels, 8, 8)
+    pairs = {"winners": torch.randn(shape, generator=g), "losers": torch.randn(shape, generator=g),
+             "texts": ["a red circle moves left", "一个蓝色的正方形向右移动"]}
+    model = tiny.load_tiny()
+    config = DPOConfig(steps=3, batch=2)
+    result = train_dpo(model, pairs, tmp_path / "dpo.safetensors", config, metadata={"base_model": tiny.NAME})
+    assert [r["step"] for r in result.history] == [1, 2, 3]
+    assert math.isclose(result.history[0]["loss"], math.log(2), rel_tol=1e-5)  # the adapters start at the base
+    lora = load_lora(tmp_path / "dpo.safetensors", model.dit)
+    assert lora.matched_modules == 7 * tiny.DIT_CONFIG.num_layers

@@ -37,7 +37,7 @@ CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 OFFICIAL_PREFIX = "stepvideo/"  # combo values of the official layout: stepvideo/<download>/<part> (nodes/model_folders.py)
 EXPECTED_WORKFLOWS = {"stepvideo_t2v_standard", "stepvideo_t2v_turbo", "stepvideo_t2v_low_memory",
                       "stepvideo_t2v_lora_swap", "step_video_tiny_demo", "step_video_tiny_dpo_swap",
-                      "stepvideo_t2v_multi_gpu", "step_video_tiny_ti2v"}
+                      "stepvideo_t2v_multi_gpu", "step_video_tiny_ti2v", "step_video_tiny_train_lora"}
 BUILTIN_PREFIX = f"{OFFICIAL_PREFIX}{tiny.NAME}/"  # Step-Video-Tiny ships in the pack's models/: nothing to download
 BUILTIN_TI2V_PREFIX = f"{OFFICIAL_PREFIX}{tiny.NAME}-ti2v/"  # and its image-to-video DiT beside it
 # The Video-DPO LoRA for Step-Video-Tiny ships at models/loras/ (where `python -m stepvideo_core.tiny.dpo` writes it);
@@ -264,6 +264,26 @@ def test_each_workflow_has_its_purpose():
     assert s["seed"] == 0  # the seed `python -m stepvideo_core.generate` uses, so both give the same video
     (note,) = [n["widgets_values"][0] for n in by["step_video_tiny_demo"]["nodes"] if n["type"] == "MarkdownNote"]
     assert "install" in note and "Nothing is downloaded" in note
+
+
+def test_train_lora_workflow_trains_on_the_shipped_clips_and_compares():
+    wf = load(WORKFLOW_DIR / "step_video_tiny_train_lora.json")
+    (train,) = [n for n in wf["nodes"] if n["type"] == "StepVideoTrainLora"]
+    w = named_widgets(train)
+    clips = ROOT / w["data_folder"]
+    videos = sorted(clips.glob("*.mp4"))
+    assert len(videos) >= 4 and all(v.with_suffix(".txt").read_text(encoding="utf-8").strip() for v in videos)
+    assert sum(f.stat().st_size for f in clips.iterdir()) < 300_000  # the pack ships them: keep them small
+    t = tiny.SETTINGS
+    assert (w["width"], w["height"], w["frames"], w["shift"]) == (t.width, t.height, t.num_frames, t.shift)
+    links = {lk[0]: lk for lk in wf["links"]}
+    samplers = [n for n in wf["nodes"] if n["type"] == "StepVideoSampler"]
+    sources = {wf_node["type"] for n in samplers for i in n["inputs"] if i["name"] == "model"
+               for wf_node in wf["nodes"] if wf_node["id"] == links[i["link"]][1]}
+    assert sources == {"StepVideoDiTLoader", "StepVideoTrainLora"}  # base and trained, same seed and settings
+    assert len({json.dumps(n["widgets_values"]) for n in samplers}) == 1
+    (enc,) = [named_widgets(n) for n in wf["nodes"] if n["type"] == "StepVideoTextEncode"]
+    assert enc["prompt"] == videos[0].with_suffix(".txt").read_text(encoding="utf-8").strip()
 
 
 def test_dpo_swap_workflow_renders_base_and_lora_side_by_side():

@@ -3,17 +3,10 @@
     python -m stepvideo_core.tiny.dpo --work runs/dpo                 # pairs, training, LoRA file
     python -m stepvideo_core.tiny.dpo --work runs/dpo --stage pairs
 
-The objective is Diffusion-DPO (Wallace et al., 2023) in Step-Video's flow-matching convention. For a prompt c
-with a preferred clip x_w and a rejected one x_l (latents), one time t and one noise draw e shared by both:
-
-    x_t       = t * x + (1 - t) * e                      (t = 0 is noise, as the sampler runs)
-    err(m, x) = mean over elements of (v_m(x_t, t, c) - (x - e))^2
-    margin    = [err(lora, x_w) - err(ref, x_w)] - [err(lora, x_l) - err(ref, x_l)]
-    loss      = -log sigmoid(-beta * margin)
-
-``ref`` is the frozen base model (the same DiT with the adapters at strength 0), so the LoRA is rewarded for
-fitting the winner better than the base does, relative to the loser. ``beta`` multiplies a per-element mean
-error, so it is large (the paper's 5000 is on the same per-element scale).
+The objective is Diffusion-DPO in Step-Video's flow-matching convention, and the training loop is the pack's
+LoRA trainer (``stepvideo_core.training``: formula and beta convention in ``training/losses.py``); this module
+makes the oracle-ranked pairs and hands them to it. The reference is the frozen base model (the same DiT with
+the adapters at strength 0).
 """
 
 from __future__ import annotations
@@ -21,18 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..lora import TARGET_MODULES, LoraSet, attach, new_trainable_lora, save_lora
-from ..scheduler import flow_matching_loss, sample_training_times
+from ..lora import TARGET_MODULES
 from ..text_encoding import TextConditioning, encode_prompts
+from ..training.cache import Sample, TrainingSet
+from ..training.trainer import TrainConfig, TrainResult, train
 from . import model as tiny
 from . import oracle, synthetic
 from .evaluate import sample_clips
@@ -51,13 +45,6 @@ class DPOConfig:
     steps: int = 400
     batch: int = 8
     lr: float = 1e-3
-
-
-def dpo_loss(lora_w: torch.Tensor, ref_w: torch.Tensor, lora_l: torch.Tensor, ref_l: torch.Tensor,
-             beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample flow-matching errors in; (mean loss, share of pairs the LoRA already ranks right) out."""
-    margin = (lora_w - ref_w) - (lora_l - ref_l)
-    return -F.logsigmoid(-beta * margin).mean(), (margin < 0).float().mean()
 
 
 # ---- preference data ------------------------------------------------------------------------------------------
@@ -120,47 +107,24 @@ def load_pairs(work: Path) -> dict:
 # ---- training -------------------------------------------------------------------------------------------------
 
 
-def train_dpo(model: tiny.TinyModel, pairs: dict, config: DPOConfig | None = None, seed: int = SEED,
-              log_every: int = 25) -> tuple[LoraSet, list[dict]]:
-    """Train a LoRA on the DiT with the DPO loss; the text encoders and the base DiT stay frozen."""
-    config = config or DPOConfig()
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    dit = model.dit.requires_grad_(False)
+def training_set(model: tiny.TinyModel, pairs: dict) -> TrainingSet:
+    """The pairs as the LoRA trainer's samples, in memory: winner and loser latents with their prompt's states."""
     with torch.no_grad():
-        pos, _ = encode_prompts(model.text, pairs["texts"], after="keep")
-    lora = new_trainable_lora(dit, config.rank, config.targets, config.alpha, seed=seed)
-    params = [t for pair in lora.pairs.values() for t in (pair.up, pair.down)]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    hooks = attach(dit, lora, 1.0)
-    winners, losers = pairs["winners"].float(), pairs["losers"].float()
-    history, start = [], time.time()
-    try:
-        for step in range(config.steps):
-            idx = torch.randint(0, len(winners), (config.batch,), generator=gen)
-            text = TextConditioning(pos.llm_states[idx], pos.mask[idx], pos.clip_states[idx]).dit_kwargs()
-            t = sample_training_times(config.batch, gen, tiny.SETTINGS.shift)
-            both = torch.cat([winners[idx], losers[idx]])
-            noise = torch.randn(both[:config.batch].shape, generator=gen)
-            text2 = {k: torch.cat([v, v]) for k, v in text.items()}
-            t2, noise2 = torch.cat([t, t]), torch.cat([noise, noise])
-            with torch.no_grad():
-                hooks.set_strength(0.0)
-                ref = flow_matching_loss(dit, both, text2, t2, noise2, reduce=False)
-                hooks.set_strength(1.0)
-            err = flow_matching_loss(dit, both, text2, t2, noise2, reduce=False)
-            n = config.batch
-            loss, acc = dpo_loss(err[:n], ref[:n], err[n:], ref[n:], config.beta)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step % log_every == 0 or step == config.steps - 1:
-                history.append({"step": step, "loss": round(loss.item(), 4), "ranked_right": round(acc.item(), 3)})
-                print(f"dpo step {step}/{config.steps} loss {loss.item():.4f} ranked right {acc.item():.2f} "
-                      f"({time.time() - start:.0f} s)", flush=True)
-    finally:
-        hooks.detach()
-    return lora, history
+        pos, neg = encode_prompts(model.text, pairs["texts"], after="keep")
+    samples = [Sample(w.float(), TextConditioning(pos.llm_states[i:i + 1], pos.mask[i:i + 1], pos.clip_states[i:i + 1]),
+                      loser.float()) for i, (w, loser) in enumerate(zip(pairs["winners"], pairs["losers"]))]
+    return TrainingSet(samples, TextConditioning(neg.llm_states[:1], neg.mask[:1], neg.clip_states[:1]))
+
+
+def train_dpo(model: tiny.TinyModel, pairs: dict, out: Path, config: DPOConfig | None = None, seed: int = SEED,
+              metadata: dict[str, str] | None = None) -> TrainResult:
+    """Train a LoRA on the DiT with the DPO loss by the pack's LoRA trainer (``training.trainer``), saved to
+    ``out``; the text encoders and the base DiT stay frozen."""
+    config = config or DPOConfig()
+    train_config = TrainConfig(method="dpo", steps=config.steps, rank=config.rank, alpha=config.alpha, lr=config.lr,
+                               batch_size=config.batch, seed=seed, targets=config.targets, shift=tiny.SETTINGS.shift,
+                               beta=config.beta, grad_clip=0.0, checkpoint_every=config.steps)
+    return train(model.dit, training_set(model, pairs), train_config, out, resume=True, metadata=metadata)
 
 
 def main(argv=None) -> None:
@@ -185,16 +149,14 @@ def main(argv=None) -> None:
         pairs = load_pairs(work)
         config = replace(DPOConfig(), steps=args.steps, beta=args.beta, lr=args.lr)
         start = time.time()
-        lora, history = train_dpo(model, pairs, config)
-        meta = {"beta": str(config.beta), "lr": str(config.lr), "rank": str(config.rank), "alpha": str(config.alpha),
-                "steps": str(config.steps), "pairs": str(len(pairs["texts"])), "seconds": str(round(time.time() - start)),
-                "base_model": tiny.NAME}
+        meta = {"pairs": str(len(pairs["texts"])), "base_model": tiny.NAME}
+        result = train_dpo(model, pairs, work / "dpo.safetensors", config, metadata=meta)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_lora(lora, out, metadata=meta)
-        (work / "train.json").write_text(json.dumps({"meta": meta, "history": history}, indent=1))
+        shutil.copyfile(result.paths["lora"], out)
+        (work / "train.json").write_text(json.dumps({"seconds": round(time.time() - start), "config": asdict(config),
+                                                      "history": result.history[::25]}, indent=1))
         print(f"saved {out}")
-
 
 if __name__ == "__main__":
     main()

@@ -209,8 +209,10 @@ def _coverage(shape: str, px: np.ndarray, py: np.ndarray, x: float, y: float, ha
     return np.clip(0.5 - d, 0.0, 1.0)
 
 
-def render(scene: Scene) -> np.ndarray:
-    """The clip as uint8 frames [T, H, W, 3]."""
+def render(scene: Scene, colours: dict[str, tuple[int, int, int]] | None = None) -> np.ndarray:
+    """The clip as uint8 frames [T, H, W, 3]. ``colours`` adds RGB colours by name beyond the world's palette
+    (the LoRA lesson's cyan, which the tiny model never saw)."""
+    palette = {name: rgb for name, (rgb, _) in COLOURS.items()} | (colours or {})
     size = scene.size
     py, px = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     bg = np.array(BACKGROUNDS[scene.background][0], np.float32)
@@ -220,7 +222,7 @@ def render(scene: Scene) -> np.ndarray:
         for obj in scene.objects:
             x, y, half = obj.at(t / max(scene.num_frames - 1, 1))
             a = _coverage(obj.shape, px, py, x, y, half)[..., None]
-            img = img * (1 - a) + np.array(COLOURS[obj.colour][0], np.float32) * a
+            img = img * (1 - a) + np.array(palette[obj.colour], np.float32) * a
         frames[t] = np.clip(img + 0.5, 0, 255).astype(np.uint8)
     return frames
 
