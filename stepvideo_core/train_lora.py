@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 
-from .dit import load_dit
-from .generate import WEIGHT_DTYPES, ModelPaths
-from .lora import TARGET_MODULES
 from .distributed import ParallelContext, ParallelPlan, init_from_environment, load_dit_sharded
+from .dit import load_dit
+from .generate import ModelPaths
+from .lora import TARGET_MODULES
+from .ops import WEIGHT_DTYPE_ALIASES, WEIGHT_DTYPES, weight_dtype_named
 from .pipeline import GenerationSettings, sample_latents
 from .scheduler import PRESETS
 from .text_encoding import encode_prompts, load_text_encoders
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--step-llm", help="Step-LLM folder (overrides --model's step_llm/)")
     m.add_argument("--clip", help="Hunyuan-CLIP folder (overrides --model's hunyuan_clip/)")
     m.add_argument("--vae", help="VAE file (overrides --model's vae/vae_v2.safetensors)")
-    m.add_argument("--weight-dtype", choices=("auto", *WEIGHT_DTYPES), default="auto",
+    m.add_argument("--weight-dtype", choices=("auto", *WEIGHT_DTYPES, *WEIGHT_DTYPE_ALIASES), default="auto",
                    help="storage dtype of the frozen DiT and Step-LLM; fp8 computes in bf16 (auto: fp32 on the CPU, "
                         "bf16 on a GPU)")
     m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU if there is one)")
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
     group = init_from_environment(device=args.device)
     rank = group.rank if group else 0
     device = group.device if group else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    weight_dtype = WEIGHT_DTYPES[args.weight_dtype] if args.weight_dtype != "auto" else (
+    weight_dtype = weight_dtype_named(args.weight_dtype) if args.weight_dtype != "auto" else (
         torch.float32 if device.type == "cpu" else torch.bfloat16)
 
     def say(msg: str) -> None:
