@@ -170,7 +170,8 @@ def test_cancel_does_not_wait_for_a_hung_collective_and_the_next_call_recovers(d
 
 
 class AddDiff:
-    """A weight patcher for tests: each key's patch list holds one tensor added to the weight."""
+    """A weight patcher for tests: each key's patch list holds one tensor added to the weight. The actors import it
+    as ``tests.test_ray_engine`` (the repository is on their path), so tests elsewhere import it by that name."""
 
     def load(self, blob: bytes) -> dict:
         import pickle
@@ -179,6 +180,10 @@ class AddDiff:
 
     def __call__(self, weight_fp32, patches, key, like):
         return (weight_fp32 + patches[0]).to(like.dtype)
+
+    def at_forward(self, patches, key):
+        """For a GGUF layer: the tensor added to the dequantized weight in each forward."""
+        return lambda weight: weight + patches[0].to(weight)
 
 
 @needs_ray
