@@ -14,7 +14,8 @@ from stepvideo_core.distributed.engine import EngineConfig, RayEngine, RemoteDiT
 from stepvideo_core.dit import load_dit
 from tests.builders import text_inputs
 from tests.gguf_support import require_gguf
-from tests.test_ray_engine import AddDiff, assert_matches, local_call, needs_ray
+from tests.test_ray_engine import assert_matches, local_call, needs_ray
+from tests.weight_patchers import AddDiff
 
 require_gguf()
 
