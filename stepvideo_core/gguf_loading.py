@@ -137,13 +137,14 @@ class GGUFCheckpoint:
             return {}
         return values if isinstance(values, dict) else {}
 
-    def raw(self, key: str) -> torch.Tensor:
-        """The tensor's bytes as a uint8 tensor of its own (no longer tied to the file mapping)."""
+    def raw(self, key: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor's bytes as a uint8 tensor of its own (no longer tied to the file mapping); ``rows``: only
+        those rows of ``raw_shape`` (a shard: the rest of the tensor is never read)."""
         t = self.tensors[key]
-        data = np.ascontiguousarray(t.data).reshape(-1).view(np.uint8)
-        if data.size != t.n_bytes:
-            raise CheckpointError(f"{self.file}: tensor {key} has {data.size} of its {t.n_bytes} bytes; the file is "
-                                  "truncated. Download or convert it again.")
+        if t.data.nbytes != t.n_bytes:
+            raise CheckpointError(f"{self.file}: tensor {key} has {t.data.nbytes} of its {t.n_bytes} bytes; the file "
+                                  "is truncated. Download or convert it again.")
+        data = np.ascontiguousarray(t.data if rows is None else t.data[rows]).reshape(-1).view(np.uint8)
         out = torch.empty(data.size, dtype=torch.uint8)
         out.numpy()[:] = data
         return out

@@ -36,7 +36,7 @@ from ..step_cache import GROUP_MEAN_KEY, StepCache, StepCacheSettings
 from ..text_encoding import TextConditioning
 from .plan import DistributedGroup, ParallelContext, ParallelPlan
 from .sequence import branch_forward
-from .sharding import load_dit_sharded
+from .sharding import load_dit_sharded, shard_rows
 
 
 class WeightPatcher(Protocol):
@@ -319,11 +319,10 @@ def _full(param: torch.Tensor) -> torch.Tensor:
 
 
 def _rows_of(full: torch.Tensor, param: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """This rank's rows of a whole weight, as FSDP2's Shard(0) split it (torch.chunk, empty at the end)."""
+    """This rank's rows of a whole weight, as FSDP2's Shard(0) split it."""
     if not hasattr(param, "to_local"):
         return full
-    chunks = list(torch.chunk(full, world, dim=0))
-    return chunks[rank] if rank < len(chunks) else full[:0]
+    return full[shard_rows(full.shape[0], rank, world)]
 
 
 def _node_ip() -> str:

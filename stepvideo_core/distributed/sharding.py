@@ -12,7 +12,8 @@ from .plan import ParallelContext
 def load_dit_sharded(path, ctx: ParallelContext, weight_dtype: torch.dtype = torch.bfloat16,
                      compute_dtype: torch.dtype | None = None, operations=None, **config_overrides) -> StepVideoDiT:
     """``load_dit`` straight into sharded blocks: the model is built and sharded on the meta device, then each
-    rank reads the checkpoint one tensor at a time and keeps only its own rows of the block weights.
+    rank reads the checkpoint one tensor at a time and keeps only its own rows of the block weights (of a GGUF, it
+    reads only those rows from the file).
 
     Every transformer block is wrapped with FSDP2's ``fully_shard`` over all ranks (dim 0 of each tensor); the
     rest of the DiT (embeddings, projections: about 1% of it) is whole on every rank. A block gathers its
@@ -38,7 +39,7 @@ def load_dit_sharded(path, ctx: ParallelContext, weight_dtype: torch.dtype = tor
     if gguf_file is not None:  # the gguf package is imported only for a GGUF file
         from ..gguf_loading import stays_quantized
         from ..gguf_ops import set_quantized_weight
-    readers = {}  # parameter name -> the tensor as stored (quantized bytes, or the storage dtype)
+    readers = {}  # parameter name -> (rows -> those rows of the tensor as stored: quantized bytes or storage dtype)
     for name, param in list(model.named_parameters()):  # storage first: FSDP2 shards what it is given
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
@@ -48,13 +49,13 @@ def load_dit_sharded(path, ctx: ParallelContext, weight_dtype: torch.dtype = tor
                 shape = ckpt.raw_shape(key)
                 set_quantized_weight(owner, torch.empty(shape, dtype=torch.uint8, device="meta"), ckpt.qtype(key),
                                      expected[name])
-                readers[name] = lambda key=key, shape=shape: ckpt.raw(key).view(shape)
+                readers[name] = lambda rows, key=key, shape=shape: ckpt.raw(key, rows).view(-1, *shape[1:])
                 continue
             dtype = compute_dtype  # as load_dit stores a GGUF's unquantized tensors
-            readers[name] = lambda key=key: ckpt.read(key, compute_dtype)
+            readers[name] = lambda rows, key=key: ckpt.read(key, compute_dtype)[rows]
         else:
             dtype = storage_dtype(owner, attr, weight_dtype, compute_dtype)
-            readers[name] = lambda key=key, dtype=dtype: to_storage_dtype(ckpt.read(key), dtype)
+            readers[name] = lambda rows, key=key, dtype=dtype: to_storage_dtype(ckpt.read(key), dtype)[rows]
         owner._parameters[attr] = torch.nn.Parameter(param.to(dtype), requires_grad=False)
     mesh = init_device_mesh(ctx.device.type, (ctx.plan.world_size,))
     for block in model.transformer_blocks:
@@ -63,14 +64,19 @@ def load_dit_sharded(path, ctx: ParallelContext, weight_dtype: torch.dtype = tor
     world, rank = ctx.plan.world_size, ctx.rank
     with torch.no_grad():
         for name, param in model.named_parameters():
-            full = readers[name]()
             if isinstance(param, DTensor):
-                rows = list(torch.chunk(full, world, dim=0))  # FSDP2's Shard(0): torch.chunk, empty at the end
-                mine = rows[rank] if rank < len(rows) else full[:0]
-                param.to_local().copy_(mine)
+                param.to_local().copy_(readers[name](shard_rows(param.shape[0], rank, world)))
             else:
-                param.copy_(full)
+                param.copy_(readers[name](slice(None)))
     model.compute_dtype = compute_dtype
     if gguf_file is not None:
         model.weight_format, model.gguf_file = ckpt.dominant_type(), gguf_file
     return model.eval()
+
+
+def shard_rows(rows: int, rank: int, world: int) -> slice:
+    """The rows of dim 0 that FSDP2's Shard(0) gives ``rank``: ``torch.chunk``'s split (chunks of ceil(rows / world),
+    none left for the last ranks when rows are few)."""
+    size = -(-rows // world)
+    start = min(rank * size, rows)
+    return slice(start, min(start + size, rows))
