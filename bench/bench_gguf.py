@@ -111,21 +111,27 @@ def _child_convert(src: str, out: str) -> None:
     emit({"peak_delta": peak.peak_delta, "bytes": report.bytes, "source": report.source_bytes})
 
 
-def bench_convert(args) -> None:
+def write_full_width_dit(path: Path, width: int, layers: int) -> tuple:
+    """A bf16 DiT checkpoint of the release's width and ``layers`` blocks (random weights) at ``path``; returns
+    (name, shape) of its largest tensor."""
     import torch
     from safetensors.torch import save_file
 
     from stepvideo_core.dit import DiTConfig, StepVideoDiT
 
-    config = DiTConfig(num_attention_heads=args.width // 128, attention_head_dim=128, num_layers=args.layers,
-                       caption_channels=(args.width, 1024))
+    config = DiTConfig(num_attention_heads=width // 128, attention_head_dim=128, num_layers=layers,
+                       caption_channels=(width, 1024))
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in StepVideoDiT(config).state_dict().items()}
-    largest = max(shapes.items(), key=lambda kv: kv[1].numel())
+    g = torch.Generator().manual_seed(0)
+    save_file({k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}, str(path))
+    return max(shapes.items(), key=lambda kv: kv[1].numel())
+
+
+def bench_convert(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "dit.safetensors"
-        g = torch.Generator().manual_seed(0)
-        save_file({k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}, str(src))
+        largest = write_full_width_dit(src, args.width, args.layers)
         result = run_variant(SCRIPT, "convert-child", str(src), str(Path(tmp) / "dit.gguf"))
     print(f"width {args.width}, {args.layers} block(s): bf16 {mib(result['source'])} -> Q8_0 {mib(result['bytes'])}; "
           f"converter peak RSS over the interpreter {mib(result['peak_delta'])}; largest tensor {largest[0]} "

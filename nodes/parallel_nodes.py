@@ -99,14 +99,15 @@ class StepVideoParallelDiTLoader(io.ComfyNode):
             category="StepVideo/loaders",
             description="The Step-Video DiT on several GPUs, of this machine or of a Ray cluster, as a MODEL for any "
                         "sampler: one Ray actor per GPU holds it between runs and each step is split over them "
-                        "(guidance parallel, sequence parallel, optionally sharded weights). Needs Ray "
-                        '(pip install "ray>=2.40").',
+                        "(guidance parallel, sequence parallel, optionally sharded weights). A .gguf stays quantized "
+                        'in every actor. Needs Ray (pip install "ray>=2.40").',
             inputs=[
                 io.Combo.Input("model_name", options=registered_folders.dit_choices(),
                                tooltip=f"From {registered_folders.DIT_WHERE}; every machine of a cluster needs it at "
                                        "the same path."),
                 io.Combo.Input("weight_dtype", options=list(validation.WEIGHT_DTYPES), default="default",
-                               tooltip="Storage dtype on each GPU; default: bf16 on GPUs, fp32 on the CPU."),
+                               tooltip="Storage dtype on each GPU; default: bf16 on GPUs, fp32 on the CPU. For a "
+                                       ".gguf: the dtype it computes in (its weights stay quantized; fp8: bf16)."),
                 io.Combo.Input("attention", options=list(WORKER_ATTENTION), default="sdpa",
                                tooltip="Attention inside the actors (they run without ComfyUI's attention)."),
                 io.String.Input("devices", default="all",
@@ -119,7 +120,8 @@ class StepVideoParallelDiTLoader(io.ComfyNode):
                                        "and cfg != 1."),
                 io.Boolean.Input("shard_weights", default=False,
                                  tooltip="Split the DiT blocks' weights over the GPUs (FSDP2) so that each holds 1/N "
-                                         "of them: for GPUs too small for a whole copy."),
+                                         "of them: for GPUs too small for a whole copy. A .gguf is split as its "
+                                         "quantized bytes."),
                 io.Int.Input("ff_chunk_size", default=0, min=0, max=1_000_000, step=1024,
                              tooltip="Run the feed-forward over at most this many tokens at a time (0: all at once): "
                                      "less activation memory, the same result."),
@@ -170,11 +172,12 @@ class StepVideoParallelDiTLoader(io.ComfyNode):
         spec = DiTSpec(str(path), weight_dtype=dtype, attention=attention, ff_chunk_size=int(ff_chunk_size),
                        shard_weights=bool(shard_weights), guidance_parallel=GUIDANCE_PARALLEL[guidance_parallel])
         engine = ENGINE_OWNER.engine_for(config, spec, actor_paths())
-        skeleton, _, _ = open_dit_checkpoint(path)  # names and shapes for LoRA keys and the step cache; no memory
+        skeleton, ckpt, _ = open_dit_checkpoint(path)  # names and shapes for LoRA keys and the step cache; no memory
+        compute_dtype = resolve_compute_dtype(dtype, None)
+        held = dtype if getattr(ckpt, "file", None) is None else f"GGUF kept quantized, compute {compute_dtype}"
         log.info("StepVideo: parallel DiT %s on %s (cluster %s, %s); the actors start on the first run", model_name,
-                 ", ".join(config.devices) or "every GPU of the cluster", cluster, dtype)
-        return io.NodeOutput(build_parallel_model(engine, skeleton, resolve_compute_dtype(dtype, None),
-                                                  release=ENGINE_OWNER.release))
+                 ", ".join(config.devices) or "every GPU of the cluster", cluster, held)
+        return io.NodeOutput(build_parallel_model(engine, skeleton, compute_dtype, release=ENGINE_OWNER.release))
 
 
 def engine_config(devices: str, workers: int, cluster: str, guidance_parallel: str) -> EngineConfig:

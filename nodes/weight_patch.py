@@ -6,7 +6,9 @@ ComfyUI for the actor's device: ``comfy.model_management`` picks a device when f
 not get ComfyUI's command line (a CPU actor must say --cpu itself). A LoRA then changes an actor's weight exactly as
 ``ModelPatcher.patch_weight_to_device`` changes a local one: the patches combined in fp32 by
 ``comfy.lora.calculate_weight`` (every adapter kind ComfyUI knows), then stochastically rounded to the storage
-dtype with the key's seed.
+dtype with the key's seed. A GGUF layer's weight stays quantized, so it gets ``at_forward``: ComfyUI's
+``LowVramPatch``, which runs the same ``calculate_weight`` on the dequantized weight in every forward, exactly as
+the pack's ``GGUFModelPatcher`` does for a GGUF DiT on one device.
 """
 
 from __future__ import annotations
@@ -31,3 +33,8 @@ class ComfyWeightPatcher:
 
         out = comfy.lora.calculate_weight(patches, weight_fp32, key)
         return comfy.float.stochastic_rounding(out, like.dtype, seed=string_to_seed(key))
+
+    def at_forward(self, patches: list, key: str):
+        from comfy.model_patcher import LowVramPatch
+
+        return LowVramPatch(key, {key: patches})

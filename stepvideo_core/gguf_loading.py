@@ -137,16 +137,22 @@ class GGUFCheckpoint:
             return {}
         return values if isinstance(values, dict) else {}
 
-    def raw(self, key: str) -> torch.Tensor:
-        """The tensor's bytes as a uint8 tensor of its own (no longer tied to the file mapping)."""
+    def raw(self, key: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor's bytes as a uint8 tensor of its own (no longer tied to the file mapping); ``rows``: only
+        those rows of ``raw_shape`` (a shard: the rest of the tensor is never read)."""
         t = self.tensors[key]
-        data = np.ascontiguousarray(t.data).reshape(-1).view(np.uint8)
-        if data.size != t.n_bytes:
-            raise CheckpointError(f"{self.file}: tensor {key} has {data.size} of its {t.n_bytes} bytes; the file is "
-                                  "truncated. Download or convert it again.")
+        if t.data.nbytes != t.n_bytes:
+            raise CheckpointError(f"{self.file}: tensor {key} has {t.data.nbytes} of its {t.n_bytes} bytes; the file "
+                                  "is truncated. Download or convert it again.")
+        data = np.ascontiguousarray(t.data if rows is None else t.data[rows]).reshape(-1).view(np.uint8)
         out = torch.empty(data.size, dtype=torch.uint8)
         out.numpy()[:] = data
         return out
+
+    def raw_shape(self, key: str) -> tuple[int, ...]:
+        """The shape of the tensor's bytes as the file lays them out: rows of whole blocks (the last dimension in
+        bytes), so splitting dim 0 splits whole rows, as FSDP2's sharding does."""
+        return tuple(self.tensors[key].data.shape)
 
     def read(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tensor dequantized to ``dtype`` with its logical shape."""
@@ -173,6 +179,12 @@ class GGUFCheckpoint:
         return f"GGUF architecture {self.architecture!r}" if self.architecture else "a GGUF without an architecture"
 
 
+def stays_quantized(owner: nn.Module, attr: str, qtype: gguf.GGMLQuantizationType) -> bool:
+    """Whether a tensor is held as its GGUF bytes: the weight of a Linear, convolution or embedding stored in a block
+    type. Everything else (norms, biases, tables, float-typed weights) is dequantized once to the compute dtype."""
+    return attr == "weight" and can_quantize(owner) and qtype not in gguf_quant.FLOAT_TYPES
+
+
 def load_gguf_streaming(
     model: nn.Module,
     ckpt: GGUFCheckpoint,
@@ -190,9 +202,8 @@ def load_gguf_streaming(
         owner = model.get_submodule(owner_name)
         key = mapping[name]
         qtype = ckpt.qtype(key)
-        if attr == "weight" and can_quantize(owner) and qtype not in gguf_quant.FLOAT_TYPES:
-            set_quantized_weight(owner, ckpt.raw(key).view(ckpt.tensors[key].data.shape).to(device), qtype,
-                                 expected[name])
+        if stays_quantized(owner, attr, qtype):
+            set_quantized_weight(owner, ckpt.raw(key).view(ckpt.raw_shape(key)).to(device), qtype, expected[name])
             continue
         tensor = ckpt.read(key, compute_dtype).to(device)
         if attr in owner._parameters:

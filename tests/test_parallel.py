@@ -219,3 +219,16 @@ def test_lse_merge_of_key_blocks_is_full_attention():
     lse = torch.logaddexp(l1, l2)
     merged = o1 * torch.exp(l1 - lse) + o2 * torch.exp(l2 - lse)
     torch.testing.assert_close(merged, math_attention(q, k, v), atol=1e-6, rtol=1e-5)
+
+
+def test_shard_rows_are_fsdp2s_split():
+    """The rows a rank loads (and a sharded weight patch writes) are torch.chunk's, which FSDP2's Shard(0) uses."""
+    from stepvideo_core.distributed.sharding import shard_rows
+
+    for rows in (1, 3, 4, 5, 7, 64):
+        for world in (1, 2, 3, 4):
+            full = torch.arange(rows)
+            chunks = list(torch.chunk(full, world))
+            for rank in range(world):
+                want = chunks[rank] if rank < len(chunks) else full[:0]
+                assert torch.equal(full[shard_rows(rows, rank, world)], want), (rows, world, rank)

@@ -28,6 +28,7 @@ from stepvideo_core.distributed.engine import (
     require_ray,
 )
 from tests.builders import small_dit, text_inputs
+from tests.weight_patchers import AddDiff
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAS_RAY and os.environ.get("CI") != "true",
@@ -167,18 +168,6 @@ def test_cancel_does_not_wait_for_a_hung_collective_and_the_next_call_recovers(d
     finally:
         engine.close()
         ray.shutdown()
-
-
-class AddDiff:
-    """A weight patcher for tests: each key's patch list holds one tensor added to the weight."""
-
-    def load(self, blob: bytes) -> dict:
-        import pickle
-
-        return pickle.loads(blob)
-
-    def __call__(self, weight_fp32, patches, key, like):
-        return (weight_fp32 + patches[0]).to(like.dtype)
 
 
 @needs_ray

@@ -7,6 +7,8 @@ as they do under ``torchrun``. What lives here across calls:
 
 - the conditioning bundles (text states, TI2V image latents, motion score), sent once per run under a content key;
 - the weight patches (LoRAs from ComfyUI's loaders): applied to the weights in place, originals kept to undo them;
+  a GGUF layer's quantized bytes cannot take a patch, so it gets the patch as a function of its dequantized weight,
+  run in every forward (what the pack's ``GGUFModelPatcher`` does on one device);
 - the step cache of the current run (``step_cache.StepCache``): its state has to survive from one step to the
   next, so it is created here when a new run's token arrives, never shipped with each call.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -33,7 +36,7 @@ from ..step_cache import GROUP_MEAN_KEY, StepCache, StepCacheSettings
 from ..text_encoding import TextConditioning
 from .plan import DistributedGroup, ParallelContext, ParallelPlan
 from .sequence import branch_forward
-from .sharding import load_dit_sharded
+from .sharding import load_dit_sharded, shard_rows
 
 
 class WeightPatcher(Protocol):
@@ -44,6 +47,9 @@ class WeightPatcher(Protocol):
 
     def __call__(self, weight_fp32: torch.Tensor, patches: list, key: str, like: torch.Tensor) -> torch.Tensor:
         """One weight (an fp32 copy) with its key's patches applied, in the storage dtype of ``like``."""
+
+    def at_forward(self, patches: list, key: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The key's patches as a function of a GGUF layer's dequantized weight (compute dtype), run per forward."""
 
 
 CONDITIONING_KEPT = 4  # bundles kept per actor: a run needs one; a few more serve re-runs and batch variants
@@ -80,6 +86,7 @@ class DiTRank:
         self.conditioning: dict[str, dict] = {}
         self.patch_version: str | None = None
         self.originals: dict[str, torch.Tensor] = {}  # weight key -> the unpatched weight (or this rank's shard)
+        self.forward_patched: list[torch.nn.Module] = []  # GGUF layers whose patches run on the dequantized weight
         self.cache_token: str | None = None
         self.cache: StepCache | None = None
         self.timeout: timedelta | None = None  # of every collective, subgroups included
@@ -122,7 +129,7 @@ class DiTRank:
 
     def load(self, spec: dict) -> dict:
         """Load the DiT of ``spec`` (``DiTSpec``'s fields: the host may know this module by another name)."""
-        self.dit, self.originals, self.patch_version = None, {}, None  # release the previous model first
+        self.dit, self.originals, self.forward_patched, self.patch_version = None, {}, [], None  # release it first
         self.spec = spec = DiTSpec(**spec)
         options = {"weight_dtype": spec.weight_dtype, "compute_dtype": spec.compute_dtype,
                    "ff_chunk_size": spec.ff_chunk_size}
@@ -134,8 +141,11 @@ class DiTRank:
             dit = load_dit(spec.path, device=self.device, **options)
         dit.set_attention(get_attention(spec.attention))
         self.dit = dit
+        gguf_type = getattr(dit, "weight_format", None)
         return {"in_channels": dit.config.in_channels, "heads": dit.config.num_attention_heads,
-                "layers": dit.config.num_layers}
+                "layers": dit.config.num_layers, "gguf_type": None if gguf_type is None else gguf_type.name,
+                "quantized_layers": sum(self._is_quantized(m) for m in dit.modules()),
+                "stored_bytes": sum(_local(p).numel() * _local(p).element_size() for p in dit.parameters())}
 
     def set_weight_patches(self, update: tuple[str, bytes, WeightPatcher | None]) -> int:
         """``(version, patches as bytes, patcher)``: make the weights the originals plus the patches; returns how
@@ -148,24 +158,46 @@ class DiTRank:
         with torch.no_grad():
             for key in sorted(self.originals):
                 _local(self._param(key)).copy_(self.originals[key])
-            self.originals = {}
+            for layer in self.forward_patched:
+                layer.weight_patches = ()
+            self.originals, self.forward_patched = {}, []
             for key in sorted(patches):
-                param = self._param(key)
+                owner, attr = self._owner(key)
+                if attr == "weight" and self._is_quantized(owner):
+                    # No collective here: in a sharded block the forward applies it to the gathered weight.
+                    owner.weight_patches = (patcher.at_forward(patches[key], key),)
+                    self.forward_patched.append(owner)
+                    continue
+                param = getattr(owner, attr)
                 local = _local(param)
                 self.originals[key] = local.detach().to("cpu", copy=True)
                 full = _full(param)
                 patched = patcher(full.float(), patches[key], key, full)
                 local.copy_(_rows_of(patched.to(local.dtype), param, self.rank, self.world_size))
         self.patch_version = version
-        return len(self.originals)
+        return len(self.originals) + len(self.forward_patched)
 
-    def _param(self, key: str) -> torch.Tensor:
-        name = key.removeprefix("diffusion_model.")
-        owner, _, attr = name.rpartition(".")
+    def _owner(self, key: str) -> tuple[torch.nn.Module, str]:
+        """(module, attribute) of a patch key "diffusion_model.<official name>"."""
+        owner, _, attr = key.removeprefix("diffusion_model.").rpartition(".")
         try:
-            return getattr(self.dit.get_submodule(owner), attr)
+            module = self.dit.get_submodule(owner)
+            getattr(module, attr)
         except AttributeError:
             raise KeyError(f"weight patch for {key!r}: the DiT has no such weight") from None
+        return module, attr
+
+    def _param(self, key: str) -> torch.Tensor:
+        owner, attr = self._owner(key)
+        return getattr(owner, attr)
+
+    def _is_quantized(self, module: torch.nn.Module) -> bool:
+        """A layer holding GGUF bytes; a DiT from safetensors has none (and may run without the gguf package)."""
+        if getattr(self.dit, "gguf_file", None) is None:
+            return False
+        from ..gguf_ops import is_quantized
+
+        return is_quantized(module)
 
     # -- one DiT call ----------------------------------------------------------------------------------------------
 
@@ -287,11 +319,10 @@ def _full(param: torch.Tensor) -> torch.Tensor:
 
 
 def _rows_of(full: torch.Tensor, param: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """This rank's rows of a whole weight, as FSDP2's Shard(0) split it (torch.chunk, empty at the end)."""
+    """This rank's rows of a whole weight, as FSDP2's Shard(0) split it."""
     if not hasattr(param, "to_local"):
         return full
-    chunks = list(torch.chunk(full, world, dim=0))
-    return chunks[rank] if rank < len(chunks) else full[:0]
+    return full[shard_rows(full.shape[0], rank, world)]
 
 
 def _node_ip() -> str:

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from stepvideo_core.tiny import model as tiny
-from stepvideo_core.tiny import ti2v
 
 from .conftest import builtin, run
 from .tiny_models import tiny_ti2v as find_or_write_ti2v
@@ -209,6 +208,8 @@ def test_core_easycache_runs_in_comfyui_and_skips_the_same_steps(host, text, sin
 
 @pytest.fixture(scope="module")
 def ti2v_parts(host, base_dir, tiny_demo, text):
+    from stepvideo_core.tiny import ti2v  # here: it needs OpenCV (the lab extra), which the other tests do not
+
     find_or_write_ti2v(base_dir / "models", tiny_demo.root)
     c = host.classes
     (vae,) = run(c["StepVideoVAELoader"], vae_name=builtin("vae/vae_v2.safetensors"), dtype="fp32")
@@ -336,3 +337,41 @@ def test_builtin_ti2v_graph_with_the_parallel_loader_gives_the_same_frames(serve
     while "shut down the local Ray" not in server.log_text():
         assert time.monotonic() < deadline, server.log_text()[-3000:]
         time.sleep(0.2)  # waits for the server's log line (an event), not for a duration
+
+
+@pytest.mark.parametrize("shard_weights", [False, True], ids=["replicated", "sharded"])
+def test_gguf_dit_on_the_actors_gives_the_single_gguf_loaders_frames(host, base_dir, tiny_demo, text, shard_weights):
+    """The built-in tiny DiT converted to Q8_0: the parallel loader lists it (the single loader's list), its actors
+    hold the quantized bytes (whole or sharded), and the Step-Video Sampler gives the single GGUF loader's latents,
+    also with a core LoRA, which the actors apply to the dequantized weights as GGUFModelPatcher does here."""
+    if os.environ.get("CI") != "true":
+        pytest.importorskip("gguf")
+    import nodes
+    from stepvideo_core.quantize import convert
+
+    from .tiny_models import DPO_LORA_NAME, dpo_lora
+
+    name = "tiny_q8_parallel.gguf"
+    path = base_dir / "models" / "diffusion_models" / name
+    if not path.exists():
+        convert(tiny.TINY_DIR / "transformer", "Q8_0", path)
+    (choices,) = [i.options for i in host.classes["StepVideoParallelDiTLoader"].define_schema().inputs
+                  if i.id == "model_name"]
+    assert name in choices and choices == host.registered_folders.dit_choices()
+    dpo_lora(base_dir / "models", tiny_demo.root)
+    (single,) = run(host.classes["StepVideoDiTLoader"], model_name=name, weight_dtype="fp32", attention="sdpa")
+    (par,) = run(host.classes["StepVideoParallelDiTLoader"], **{**loader_inputs(name), "shard_weights": shard_weights})
+    try:
+        want = sample(host, single, text)
+        assert_matches(sample(host, par, text), want)
+        info = par.model.engine.model_info
+        assert info["gguf_type"] == "Q8_0" and info["quantized_layers"] > 0
+        lora = nodes.LoraLoaderModelOnly()
+        (single_lora,) = lora.load_lora_model_only(single, DPO_LORA_NAME, 0.8)
+        (par_lora,) = lora.load_lora_model_only(par, DPO_LORA_NAME, 0.8)
+        want_lora = sample(host, single_lora, text)
+        assert not torch.allclose(want_lora, want, atol=1e-3)
+        assert_matches(sample(host, par_lora, text), want_lora)
+        assert_matches(sample(host, par, text), want)  # the LoRA came off again
+    finally:
+        par.model.engine.close()
