@@ -9,9 +9,10 @@ class AddDiff:
     """Each key's patch list holds one tensor added to the weight."""
 
     def load(self, blob: bytes) -> dict:
-        import pickle
+        """The engine's own serialisation (Ray's, between ComfyUI and its actors), as nodes/weight_patch.py reads it."""
+        import ray.cloudpickle
 
-        return pickle.loads(blob)
+        return ray.cloudpickle.loads(blob)
 
     def __call__(self, weight_fp32, patches, key, like):
         return (weight_fp32 + patches[0]).to(like.dtype)
