@@ -79,6 +79,23 @@ class ModelPaths:
         return [f"{name} ({path})" for name, path in vars(self).items() if not path.exists()]
 
 
+
+def add_model_arguments(parser: argparse.ArgumentParser, dtype_help: str):
+    """The model-part options every command shares (``ModelPaths.from_args`` reads them); returns the group so a
+    command can add its own."""
+    m = parser.add_argument_group("model")
+    m.add_argument("--model", default=str(tiny.TINY_DIR),
+                   help="folder in the official layout: transformer/, step_llm/, hunyuan_clip/, vae/vae_v2.safetensors "
+                        "(default: the built-in Step-Video-Tiny)")
+    m.add_argument("--dit", help="DiT folder, .safetensors or .gguf file (overrides --model's transformer/)")
+    m.add_argument("--step-llm", help="Step-LLM folder or .gguf file (tokenizer beside it; overrides --model's step_llm/)")
+    m.add_argument("--clip", help="Hunyuan-CLIP folder (overrides --model's hunyuan_clip/)")
+    m.add_argument("--vae", help="VAE file (overrides --model's vae/vae_v2.safetensors)")
+    m.add_argument("--weight-dtype", choices=("auto", *WEIGHT_DTYPES, *WEIGHT_DTYPE_ALIASES), default="auto",
+                   help=f"{dtype_help}; for a .gguf, the compute dtype (its weights stay quantized) (auto: fp32 on the "
+                        "CPU, bf16 on a GPU)")
+    return m
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m stepvideo_core.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,17 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the prompts already rendered with the same settings")
     p.add_argument("--negative", default=None, help="negative prompt (the official negative suffix is appended)")
 
-    m = p.add_argument_group("model")
-    m.add_argument("--model", default=str(tiny.TINY_DIR),
-                   help="folder in the official layout: transformer/, step_llm/, hunyuan_clip/, vae/vae_v2.safetensors "
-                        "(default: the built-in Step-Video-Tiny)")
-    m.add_argument("--dit", help="DiT folder, .safetensors or .gguf file (overrides --model's transformer/)")
-    m.add_argument("--step-llm", help="Step-LLM folder or .gguf file (tokenizer beside it; overrides --model's step_llm/)")
-    m.add_argument("--clip", help="Hunyuan-CLIP folder (overrides --model's hunyuan_clip/)")
-    m.add_argument("--vae", help="VAE file (overrides --model's vae/vae_v2.safetensors)")
-    m.add_argument("--weight-dtype", choices=("auto", *WEIGHT_DTYPES, *WEIGHT_DTYPE_ALIASES), default="auto",
-                   help="DiT and Step-LLM storage dtype; fp8 (= fp8_e4m3fn) stores e4m3 and computes in bf16; for a "
-                        ".gguf, the compute dtype (its weights stay quantized) (auto: fp32 on the CPU, bf16 on a GPU)")
+    m = add_model_arguments(p, "DiT and Step-LLM storage dtype; fp8 (= fp8_e4m3fn) stores e4m3 and computes in bf16")
     m.add_argument("--attention", choices=BACKENDS, default="sdpa", help="attention back-end of the DiT")
     m.add_argument("--ff-chunk-size", type=int, default=0,
                    help="low-memory path: run the DiT's feed-forward over at most this many tokens at a time "

@@ -31,9 +31,9 @@ import torch
 
 from .distributed import ParallelContext, ParallelPlan, init_from_environment, load_dit_sharded
 from .dit import load_dit
-from .generate import ModelPaths
+from .generate import ModelPaths, add_model_arguments
 from .lora import TARGET_MODULES
-from .ops import WEIGHT_DTYPE_ALIASES, WEIGHT_DTYPES, weight_dtype_named
+from .ops import weight_dtype_named
 from .pipeline import GenerationSettings, sample_latents
 from .scheduler import PRESETS
 from .text_encoding import encode_prompts, load_text_encoders
@@ -55,16 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where latents and text embeddings are cached (default: .stepvideo_cache "
                                        "in the data folder)")
 
-    m = p.add_argument_group("model")
-    m.add_argument("--model", default=str(tiny.TINY_DIR), help="folder in the official layout (default: the "
-                                                                "built-in Step-Video-Tiny)")
-    m.add_argument("--dit", help="DiT folder or .safetensors file (overrides --model's transformer/)")
-    m.add_argument("--step-llm", help="Step-LLM folder (overrides --model's step_llm/)")
-    m.add_argument("--clip", help="Hunyuan-CLIP folder (overrides --model's hunyuan_clip/)")
-    m.add_argument("--vae", help="VAE file (overrides --model's vae/vae_v2.safetensors)")
-    m.add_argument("--weight-dtype", choices=("auto", *WEIGHT_DTYPES, *WEIGHT_DTYPE_ALIASES), default="auto",
-                   help="storage dtype of the frozen DiT and Step-LLM; fp8 computes in bf16 (auto: fp32 on the CPU, "
-                        "bf16 on a GPU)")
+    m = add_model_arguments(p, "storage dtype of the frozen DiT and Step-LLM; fp8 computes in bf16")
     m.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU if there is one)")
     m.add_argument("--no-shard-weights", action="store_true", help="under torchrun: keep a whole DiT per process")
 

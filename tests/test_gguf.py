@@ -358,3 +358,23 @@ def test_cli_generates_from_gguf_dit_and_step_llm(tiny_files, tmp_path):
     written = run(args)
     assert written["mp4"].is_file() and written["png"].is_file()
     assert written["latents"].shape[1:] == (3, 16, 8, 8) and torch.isfinite(written["latents"]).all()
+
+
+@pytest.mark.slow
+def test_lora_trains_on_a_gguf_base(tiny_files, tmp_path):
+    """``train_lora --dit x.gguf``: the frozen base stays quantized and the adapters learn (their up matrices start
+    at zero); the file loads on the fp32 DiT, every target layer adapted."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    clips = Path(__file__).resolve().parents[1] / "workflows" / "inputs" / "step_video_tiny_lora_clips"
+    out = tmp_path / "gguf_lora.safetensors"
+    subprocess.run([sys.executable, "-m", "stepvideo_core.train_lora", "--data", str(clips), "--out", str(out),
+                    "--steps", "2", "--seed", "0", "--dit", str(tiny_files["Q8_0"]), "--cache-dir",
+                    str(tmp_path / "cache")], check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    dit = load_dit(TINY_DIT, weight_dtype=torch.float32)
+    adapters = lora.load_lora(out, dit)
+    assert adapters.matched_modules == len(lora.TARGET_MODULES) * dit.config.num_layers
+    assert all(pair.up.abs().max() > 0 for pair in adapters.pairs.values())
