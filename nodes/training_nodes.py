@@ -25,6 +25,7 @@ from ..stepvideo_core.training.cache import Encoders, build_cache
 from ..stepvideo_core.training.data import BucketSettings, DataError, scan_folder
 from ..stepvideo_core.training.trainer import TrainConfig, train
 from . import conversions
+from .sampler_nodes import seed_input
 from .text_nodes import StepVideoTextEncoders, TextEncodersType
 from .vae_nodes import StepVideoVAEHandle, VAEType
 
@@ -88,7 +89,7 @@ class StepVideoTrainLora(io.ComfyNode):
                 io.Int.Input("rank", default=16, min=1, max=256),
                 io.Float.Input("learning_rate", default=0.003, min=1e-7, max=1.0, step=1e-5),
                 io.Int.Input("batch_size", default=1, min=1, max=64),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF),
+                seed_input("seed"),
                 io.Int.Input("width", default=128, min=16, max=4096, step=16),
                 io.Int.Input("height", default=128, min=16, max=4096, step=16),
                 io.Int.Input("frames", default=17, min=17, max=1700, step=17),

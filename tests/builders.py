@@ -213,7 +213,7 @@ CONTRACT: dict[str, dict] = {
     "StepVideoTrainLora": {
         "sockets": [("model", "MODEL"), ("text_encoders", "STEPVIDEO_TEXT_ENCODERS"), ("vae", "STEPVIDEO_VAE")],
         "widgets": [str_("data_folder"), str_("lora_name"), int_("steps", 1, 100_000), int_("rank", 1, 256),
-                    float_("learning_rate", 1e-7, 1.0), int_("batch_size", 1, 64), int_("seed", 0, SEED_MAX),
+                    float_("learning_rate", 1e-7, 1.0), int_("batch_size", 1, 64), int_("seed", 0, SEED_MAX, control=True),
                     int_("width", 16, 4096, 16), int_("height", 16, 4096, 16), int_("frames", 17, 1700, 17),
                     float_("shift", 0.01, 100.0), float_("caption_dropout", 0.0, 0.99), bool_("gradient_checkpointing")],
         "outputs": [("MODEL", "MODEL"), ("lora_file", "STRING")],

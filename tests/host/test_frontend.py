@@ -491,7 +491,7 @@ def test_converted_workflow_runs_end_to_end(browser, server, path):
                                                          server["log"].read_text()[-3000:])
     saves = sorted(nid for nid, n in prompt.items() if n["class_type"] == "SaveVideo")
     assert saves
-    stitched = path.stem == "step_video_tiny_dpo_swap"  # one video: base | LoRA side by side
+    stitched = path.stem in ("step_video_tiny_dpo_swap", "step_video_tiny_train_lora")  # base | LoRA side by side
     videos = {}
     for nid in saves:
         items = [i for v in entry["outputs"][nid].values() if isinstance(v, list) for i in v if isinstance(i, dict)]

@@ -10,7 +10,8 @@ from safetensors.numpy import load_file
 NODE_INPUTS = {
     "StepVideoDiTLoader": ["model_name", "weight_dtype", "attention"],
     "StepVideoTextEncoderLoader": ["step_llm", "hunyuan_clip", "llm_dtype", "device"],
-    "StepVideoTextEncode": ["text_encoders", "prompt", "negative_prompt", "positive_magic", "negative_magic", "cache"],
+    "StepVideoTextEncode": ["text_encoders", "prompt", "negative_prompt", "positive_magic", "negative_magic", "cache",
+                            "suffixes"],
     "StepVideoVAELoader": ["vae_name", "dtype"],
     "StepVideoVAEDecode": ["vae", "samples", "tile_size", "tile_overlap"],
     "StepVideoVAEEncode": ["vae", "image"],
