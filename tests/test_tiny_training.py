@@ -224,7 +224,10 @@ def test_a_work_folder_seeded_from_the_shipped_model_exports_it_again_unchanged(
     phase = train_tiny.seed_from_export(work)
     records = json.loads((tiny.TINY_DIR / "training.json").read_text())
     assert phase == train_tiny.last_dit_phase(work) == max(int(k[9:]) for k in records if k.startswith("dit_phase"))
-    assert all((work / f"{p.name}.json").exists() for p in train_tiny.VAE_PHASES if p.name in records)
+    vae_phases = [p.name for p in train_tiny.VAE_PHASES if p.name in records]
+    assert all((work / f"{name}.json").exists() for name in vae_phases)
+    assert (work / f"{vae_phases[-1]}.safetensors").exists()  # where a later VAE phase starts
+    assert not any((work / f"{p.name}.json").exists() for p in train_tiny.VAE_PHASES if p.name not in records)
     train_tiny.export(work, out)
     for shipped in tiny.TINY_DIR.rglob("*.safetensors"):
         exported = out / shipped.relative_to(tiny.TINY_DIR)
@@ -240,3 +243,18 @@ def test_a_work_folder_seeded_from_the_shipped_model_exports_it_again_unchanged(
     (used / "dit_phase1.json").write_text("{}")
     with pytest.raises(SystemExit, match="empty --work"):
         train_tiny.main(["--work", str(used), "--resume-from-shipped", "--stage", "export"])
+
+
+def test_a_deepened_decoder_decodes_what_the_shallow_one_did_and_its_new_blocks_learn():
+    torch.manual_seed(3)
+    shallow = train_tiny.VideoVAE(MINI_VAE).eval()
+    deep = train_tiny.deepen_decoder(shallow, 2).eval()
+    assert all(len(stage.block) == 2 for stage in deep.decoder.up)
+    z = torch.randn(1, MINI_VAE.z_channels, 2, 2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(deep.decoder(z), shallow.decoder(z), rtol=0, atol=1e-6)
+    deep.decoder(z).square().mean().backward()
+    for stage in deep.decoder.up:  # the zeroed convolutions get gradients, so the new blocks train
+        assert stage.block[1].conv2.conv.weight.grad.abs().sum() > 0
+    reloaded = VAEConfig.from_shapes({k: tuple(v.shape) for k, v in deep.state_dict().items()})
+    assert reloaded.decoder_num_res_blocks == 2 and reloaded.encoder_num_res_blocks == 1

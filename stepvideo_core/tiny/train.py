@@ -188,6 +188,25 @@ class VAEPhase:
     # latents stay as they were, so a DiT trained on them stays valid.
     decoder_only: bool = False
     boundary_weight: float = 0.0  # extra weight on the pixels within a pixel of an object's outline
+    decoder_res_blocks: int = 0  # more res blocks per decoder level than ``init`` has deepen it (deepen_decoder)
+
+
+def deepen_decoder(vae: VideoVAE, blocks: int) -> VideoVAE:
+    """The VAE with ``blocks`` res blocks at every decoder level, computing exactly what ``vae`` computes: the
+    new blocks are appended after each level's last one with their second convolution at zero, and a res block
+    adds its input to that convolution's output, so each passes its input through until training moves it."""
+    torch.manual_seed(SEED)
+    deeper = VideoVAE(replace(vae.config, decoder_num_res_blocks=blocks))
+    missing, unexpected = deeper.load_state_dict(vae.state_dict(), strict=False)
+    old = vae.config.decoder_num_res_blocks
+    if unexpected or any(not k.startswith("decoder.up.") or int(k.split(".")[4]) < old for k in missing):
+        raise ValueError(f"cannot deepen this decoder: unexpected {unexpected[:3]}, missing {missing[:3]}")
+    with torch.no_grad():
+        for stage in deeper.decoder.up:
+            for block in stage.block[old:]:
+                block.conv2.conv.weight.zero_()
+                block.conv2.conv.bias.zero_()
+    return deeper
 
 
 def spatial_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +235,8 @@ def train_vae(work: Path, phase: VAEPhase, config=None, save_every: float = 240.
             vae.encoder.conv_out.conv.bias[config.z_channels:].fill_(-6.0)
     else:
         vae = load_vae(work / f"{phase.init}.safetensors", dtype=torch.float32)
+        if phase.decoder_res_blocks > vae.config.decoder_num_res_blocks:
+            vae = deepen_decoder(vae, phase.decoder_res_blocks)
     vae.train().requires_grad_(True)
     if phase.decoder_only:
         vae.encoder.eval().requires_grad_(False)
@@ -726,10 +747,10 @@ def export(work: Path, out: Path = tiny.TINY_DIR, dtype: torch.dtype = torch.flo
 
 def seed_from_export(work: Path, shipped: Path = tiny.TINY_DIR) -> int:
     """Fill ``work`` from an exported model so that the recipe goes on from it instead of from nothing: the
-    tokenizers, the VAE (``vae.safetensors``, and as ``<last VAE phase>.safetensors`` the start of any later VAE
-    phase), the DiT and both text encoders as ``*_phase<N>.safetensors`` of the export's last DiT phase N, the
-    BERT config, and every stage's record from the export's ``training.json``; ``main`` then skips what they
-    record as done. Returns N. The latents are not exported: the ``latents`` stage encodes them again.
+    tokenizers, the VAE (``vae.safetensors``, and as the file of the export's last VAE phase the start of any
+    later VAE phase), the DiT and both text encoders as ``*_phase<N>.safetensors`` of the export's last DiT
+    phase N, the BERT config, and every stage's record from the export's ``training.json``; ``main`` then skips
+    what they record as done. Returns N. The latents are not exported: the ``latents`` stage encodes them again.
 
     A deliberate deviation from a rerun from nothing: the export holds fp16 roundings of the phases' fp32
     weights, and the last VAE phase's own output convolution was replaced by the least-squares solve before
@@ -754,7 +775,8 @@ def seed_from_export(work: Path, shipped: Path = tiny.TINY_DIR) -> int:
         return {k: v.float().contiguous() if v.is_floating_point() else v for k, v in state.items()}
 
     vae = load_vae(shipped / "vae" / "vae_v2.safetensors", dtype=torch.float32)
-    for name in ("vae", VAE_PHASES[-1].name):
+    last_vae_phase = [p.name for p in VAE_PHASES if p.name in records][-1]
+    for name in ("vae", last_vae_phase):
         save_vae(vae, work / f"{name}.safetensors")
     dit = load_dit(shipped / "transformer", weight_dtype=torch.float32)
     save_file(fp32(dit.state_dict()), str(work / f"dit_phase{phase}.safetensors"))
