@@ -182,3 +182,79 @@ def test_text_pretraining_separates_the_words_of_held_out_captions(dit_work, tmp
     for part in ("llm", "bert"):
         assert same_tensors(load_file(str(work / f"{part}_text.safetensors")),
                             load_file(str(work / f"{part}_phase1.safetensors"))), part
+
+
+def test_a_decoder_only_phase_keeps_the_encoder_and_weights_objects_outlines(tmp_path):
+    phase = train_tiny.VAEPhase("vae_start", steps=1, lr=1e-3, batch=1, frames=9, crop=32, warmup=1)
+    train_tiny.train_vae(tmp_path, phase, MINI_VAE, save_every=0)
+    decoder = train_tiny.VAEPhase("vae_decoder", steps=2, lr=1e-3, batch=1, frames=9, crop=32, warmup=1,
+                                  boundary_weight=10.0, init="vae_start", decoder_only=True)
+    train_tiny.train_vae(tmp_path, decoder, MINI_VAE, save_every=0)
+    before, after = (load_file(str(tmp_path / f"{name}.safetensors")) for name in ("vae_start", "vae_decoder"))
+    for key in before:
+        changed = not torch.equal(before[key], after[key])
+        if key.startswith("encoder."):
+            assert not changed, key  # the latents a DiT learnt stay what they were
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert json.loads((tmp_path / "vae_decoder.json").read_text())["decoder_only"] is True
+
+
+def test_the_outline_band_is_the_pixels_whose_neighbourhood_holds_object_and_background():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    masks = (rng.random((2, 1, 3, 12, 12)) < 0.4).astype(np.float32)
+    masks[0, 0, 0] = 1  # a frame all object: no outline at all, not even at the frame's edge
+    band = train_tiny.outline(torch.from_numpy(masks)).numpy()
+    expected = np.zeros_like(masks)
+    for index in np.ndindex(masks.shape):
+        *lead, y, x = index
+        window = masks[tuple(lead)][max(0, y - 1):y + 2, max(0, x - 1):x + 2]
+        expected[index] = float(window.max() > window.min())
+    assert np.array_equal(band, expected) and not band[0, 0, 0].any()
+
+
+@pytest.mark.slow  # ~15 s: seeds a work folder from the shipped weights and exports it again
+def test_a_work_folder_seeded_from_the_shipped_model_exports_it_again_unchanged(tmp_path):
+    """The fp16 weights go to fp32 and back exactly, so seeding loses nothing the export had; the recipe then
+    sees every recorded stage as done and goes on at the next DiT phase."""
+    from stepvideo_core.tiny import model as tiny
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    phase = train_tiny.seed_from_export(work)
+    records = json.loads((tiny.TINY_DIR / "training.json").read_text())
+    assert phase == train_tiny.last_dit_phase(work) == max(int(k[9:]) for k in records if k.startswith("dit_phase"))
+    vae_phases = [p.name for p in train_tiny.VAE_PHASES if p.name in records]
+    assert all((work / f"{name}.json").exists() for name in vae_phases)
+    assert (work / f"{vae_phases[-1]}.safetensors").exists()  # where a later VAE phase starts
+    assert not any((work / f"{p.name}.json").exists() for p in train_tiny.VAE_PHASES if p.name not in records)
+    train_tiny.export(work, out)
+    for shipped in tiny.TINY_DIR.rglob("*.safetensors"):
+        exported = out / shipped.relative_to(tiny.TINY_DIR)
+        assert same_tensors(load_file(str(shipped)), load_file(str(exported))), shipped.name
+    for name in ("step_llm/step1_chat_tokenizer.model", "hunyuan_clip/tokenizer/vocab.txt",
+                 "hunyuan_clip/clip_text_encoder/config.json", "transformer/config.json"):
+        assert (out / name).read_bytes() == (tiny.TINY_DIR / name).read_bytes(), name
+    exported = json.loads((out / "training.json").read_text())
+    assert exported["seeded"]["dit_phase"] == phase and "latents" not in exported  # encoded again when needed
+    assert {k: exported[k] for k in records if k != "latents"} == {k: v for k, v in records.items() if k != "latents"}
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "dit_phase1.json").write_text("{}")
+    with pytest.raises(SystemExit, match="empty --work"):
+        train_tiny.main(["--work", str(used), "--resume-from-shipped", "--stage", "export"])
+
+
+def test_a_deepened_decoder_decodes_what_the_shallow_one_did_and_its_new_blocks_learn():
+    torch.manual_seed(3)
+    shallow = train_tiny.VideoVAE(MINI_VAE).eval()
+    deep = train_tiny.deepen_decoder(shallow, 2).eval()
+    assert all(len(stage.block) == 2 for stage in deep.decoder.up)
+    z = torch.randn(1, MINI_VAE.z_channels, 2, 2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(deep.decoder(z), shallow.decoder(z), rtol=0, atol=1e-6)
+    deep.decoder(z).square().mean().backward()
+    for stage in deep.decoder.up:  # the zeroed convolutions get gradients, so the new blocks train
+        assert stage.block[1].conv2.conv.weight.grad.abs().sum() > 0
+    reloaded = VAEConfig.from_shapes({k: tuple(v.shape) for k, v in deep.state_dict().items()})
+    assert reloaded.decoder_num_res_blocks == 2 and reloaded.encoder_num_res_blocks == 1
