@@ -149,6 +149,70 @@ def test_object_cell_weights_boost_exactly_the_cells_an_object_covers():
     assert torch.equal(train_tiny.object_cell_weights(latents, boost=0.0), torch.ones_like(weights))
 
 
+def test_swapping_shape_words_gives_the_captions_of_the_next_shape():
+    """A circle scene's captions with their shape words swapped are the captions the world writes for the same
+    scene with a square (and a square's for a triangle's), in both languages and every phrasing."""
+    import random
+    from dataclasses import replace
+
+    order = list(synthetic.SHAPES)
+    for colour in synthetic.COLOURS:
+        for motion in synthetic.MOTIONS:
+            for i, shape in enumerate(order):
+                scene = synthetic.scene_for(colour, shape, motion, random.Random(5))
+                following = replace(scene.objects[0], shape=order[(i + 1) % len(order)])
+                expected = synthetic.captions(replace(scene, objects=[following]))
+                for language in ("en", "zh"):
+                    swapped = [synthetic.swap_shapes(c) for c in scene.captions[language]]
+                    if language == "zh" and shape == "triangle":  # 三角形 is also the short form: it becomes 圆形
+                        swapped = [c.replace("圆形", "圆") for c in swapped]
+                        expected = {language: [c.replace("圆形", "圆") for c in expected[language]]}
+                    assert swapped == list(expected[language])
+    two = synthetic.make_scene(random.Random(2), synthetic.training_combos(), two_objects=1.0).captions["en"][0]
+    assert synthetic.swap_shapes(synthetic.swap_shapes(synthetic.swap_shapes(two))) == two != synthetic.swap_shapes(two)
+
+
+def test_the_shape_contrast_is_flow_matching_plus_a_hinge_on_swapped_captions():
+    """Checked against the two errors computed apart: the hinge asks a swapped caption's error to be
+    (1 + margin) times the true one's; a DiT that cannot read text pays exactly strength * margin per clip."""
+    from dataclasses import replace
+
+    from stepvideo_core.scheduler import flow_matching_loss
+    from stepvideo_core.tiny import model as tiny
+
+    torch.manual_seed(3)
+    dit = train_tiny.StepVideoDiT(replace(tiny.DIT_CONFIG, num_layers=1)).eval()
+    with torch.no_grad():
+        dit.proj_out.weight.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(4)
+    latents, noise = torch.randn(4, 3, 16, 8, 8, generator=g), torch.randn(4, 3, 16, 8, 8, generator=g)
+    texts = ["a red circle moves left", train_tiny.NEGATIVE_MAGIC, "a blue square grows", "a green triangle shrinks"]
+    t = torch.tensor([0.2, 0.3, 0.5, 0.9])  # clip 1 is unconditional and clip 3 too clean: neither is contrasted
+    words = {w: torch.randn(128, generator=g) for w in " ".join(texts).split()}
+
+    def encode(captions):  # a stand-in text encoder: one state per word
+        states = torch.stack([torch.stack([words.get(w, words["a"]) for w in (c.split() + ["a"] * 5)[:5]])
+                              for c in captions])
+        return dict(encoder_hidden_states=states, encoder_hidden_states_2=states.mean(1, keepdim=True).expand(-1, 77, -1),
+                    encoder_attention_mask=train_tiny.combined_mask(torch.ones(len(captions), 5, dtype=torch.long)))
+
+    words.update({w: torch.randn(128, generator=g) for w in ("square", "triangle", "circle")})
+    loss, ratio = train_tiny.shape_contrast_loss(dit, latents, texts, t, noise, encode, object_boost=0.0, strength=0.5)
+    true = flow_matching_loss(dit, latents, encode(texts), t, noise, reduce=False)
+    swapped = flow_matching_loss(dit, latents[[0, 2]], encode([synthetic.swap_shapes(texts[k]) for k in (0, 2)]),
+                                 t[[0, 2]], noise[[0, 2]], reduce=False)
+    hinge = torch.relu(1.5 * true[[0, 2]] - swapped) / true[[0, 2]]
+    torch.testing.assert_close(loss, true.mean() + 0.5 * hinge.mean() * 2 / 4)
+    assert ratio == pytest.approx((swapped / true[[0, 2]]).mean().item()) and ratio != 1.0
+    with torch.no_grad():
+        for block in dit.transformer_blocks:
+            block.attn2.wo.weight.zero_()  # the DiT no longer reads text
+    loss, ratio = train_tiny.shape_contrast_loss(dit, latents, texts, t, noise, encode, object_boost=0.0, strength=0.5)
+    true = flow_matching_loss(dit, latents, encode(texts), t, noise)
+    torch.testing.assert_close(loss, true + 0.5 * train_tiny.CONTRAST_MARGIN * 2 / 4)
+    assert ratio == pytest.approx(1.0)
+
+
 @pytest.mark.slow  # ~10 s: a short phase, then a deeper one with the text encoders frozen
 def test_a_deeper_phase_with_frozen_text_keeps_the_text_encoders(dit_work, tmp_path):
     import shutil
@@ -164,6 +228,13 @@ def test_a_deeper_phase_with_frozen_text_keeps_the_text_encoders(dit_work, tmp_p
     assert "transformer_blocks.2.attn2.wo.weight" in dit and dit["transformer_blocks.2.attn2.wo.weight"].abs().sum() > 0
     record = json.loads((work / "dit_phase2.json").read_text())
     assert record["layers"] == 3 and record["text_frozen"] is True
+    train_tiny.train_dit(work, steps=2, batch=2, warmup=1, save_every=0, phase=3, layers=3, text_frozen=True,
+                         shape_contrast=0.5)  # the shape-contrast phase trains the DiT alone, and says so
+    assert not same_tensors(dit, load_file(str(work / "dit_phase3.safetensors")))
+    assert same_tensors(*(load_file(str(work / f"llm_phase{i}.safetensors")) for i in (2, 3)))
+    assert json.loads((work / "dit_phase3.json").read_text())["shape_contrast"] == 0.5
+    with pytest.raises(ValueError, match="text_frozen"):
+        train_tiny.train_dit(work, steps=1, batch=2, phase=4, layers=3, shape_contrast=0.5)
 
 
 @pytest.mark.slow  # ~60 s: the text pretraining stage, short
@@ -237,7 +308,9 @@ def test_a_work_folder_seeded_from_the_shipped_model_exports_it_again_unchanged(
         assert (out / name).read_bytes() == (tiny.TINY_DIR / name).read_bytes(), name
     exported = json.loads((out / "training.json").read_text())
     assert exported["seeded"]["dit_phase"] == phase and "latents" not in exported  # encoded again when needed
-    assert {k: exported[k] for k in records if k != "latents"} == {k: v for k, v in records.items() if k != "latents"}
+    assert exported["seeded"].get("earlier") == records.get("seeded")  # a seeded export's own seeding is kept
+    kept = [k for k in records if k not in ("latents", "seeded")]
+    assert {k: exported[k] for k in kept} == {k: records[k] for k in kept}
     used = tmp_path / "used"
     used.mkdir()
     (used / "dit_phase1.json").write_text("{}")

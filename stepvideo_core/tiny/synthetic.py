@@ -9,6 +9,7 @@ with several phrasings each. A fixed set of (colour, shape, motion) combinations
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -174,6 +175,29 @@ def chinese_phrase(obj: SceneObject, variant: int) -> str:
 def phrase(obj: SceneObject, language: str, variant: int) -> str:
     """One caption phrase of an object, ``language`` "en" or "zh"."""
     return english_phrase(obj, variant) if language == "en" else chinese_phrase(obj, variant)
+
+
+def _shape_swaps() -> dict[str, str]:
+    """Each shape word of the captions (English, Chinese, Chinese short forms) to the next shape's word, in the
+    order circle -> square -> triangle -> circle. The short and full Chinese triangle are one word (三角形), which
+    becomes the full circle (圆形), so a short-form caption of a triangle swaps to a full-form circle."""
+    order = list(SHAPES)
+    swaps: dict[str, str] = {}
+    for table in ({s: s for s in SHAPES}, SHAPES, ZH_SHAPE_SHORT):
+        for i, shape in enumerate(order):
+            swaps.setdefault(table[shape], table[order[(i + 1) % len(order)]])
+    return swaps
+
+
+_SHAPE_SWAPS = _shape_swaps()
+_SHAPE_WORD = re.compile("|".join(sorted(map(re.escape, _SHAPE_SWAPS), key=len, reverse=True)))
+
+
+def swap_shapes(caption: str) -> str:
+    """``caption`` with every shape word replaced by the next shape's ("a red circle" -> "a red square", "红圆" ->
+    "红方块"): a caption that names the clip's colour and motion but the wrong shape (longest words first, so 圆形
+    is not read as 圆)."""
+    return _SHAPE_WORD.sub(lambda m: _SHAPE_SWAPS[m.group(0)], caption)
 
 
 def captions(scene: Scene) -> dict[str, tuple[str, ...]]:
