@@ -43,7 +43,7 @@ def test_dpo_gradient_pushes_winner_error_down_and_loser_error_up():
 
 
 @pytest.mark.slow  # samples the held-out prompts twice with the shipped model: minutes on 2 cores
-def test_shipped_dpo_lora_improves_shape_on_held_out_prompts_and_strength_zero_is_the_base():
+def test_shipped_dpo_lora_keeps_the_held_out_scores_and_strength_zero_is_the_base():
     # A floor, not the card's figures: every held-out combination, one seed, both languages together.
     model = tiny.load_tiny()
     prompts = evaluate.held_out_prompts()
@@ -58,12 +58,13 @@ def test_shipped_dpo_lora_improves_shape_on_held_out_prompts_and_strength_zero_i
     handle.detach()
     plain = evaluate.generate_frames(model, text, seed=3)
     assert all((a == b).all() for a, b in zip(at_zero, plain))
-    # The gain is shape (measured here: 0.44 -> 0.50 in each language), with colour and motion kept (colour
-    # equal, motion one clip down in each language); one clip of 18 is 0.056, so the floor is a net gain of a clip.
+    # On the DiT of phase 13 the LoRA no longer adds (the LoRA card): measured here, colour, shape and motion equal
+    # to the base's on average over the two languages (shape 0.61 -> 0.67 in English, 0.72 -> 0.67 in Chinese). One
+    # clip of 18 is 0.056, so the floor is: no check loses more than a clip on average.
     mean = lambda r, check: (r["en"][check] + r["zh"][check]) / 2  # noqa: E731
-    assert mean(tuned, "shape") > mean(base, "shape") + 0.02, (base, tuned)
-    for check in ("colour", "motion"):
+    for check in ("colour", "shape", "motion"):
         assert mean(tuned, check) >= mean(base, check) - 0.06, (check, base, tuned)
+    assert tuned != base  # the adapter changes the clips
 
 
 @pytest.mark.slow  # loads the shipped tiny model: a few seconds
