@@ -13,18 +13,18 @@ from stepvideo_core.tiny.evaluate import sample_clips
 from stepvideo_core.tiny.lora_lesson import CAPTION, judge, vae_references, write_clips
 
 
-@pytest.mark.slow  # 200 training steps and 12 sampled clips of the tiny model: about 2 minutes on one core
+@pytest.mark.slow  # 300 training steps and 12 sampled clips of the tiny model: about 2 minutes on one core
 def test_a_lora_teaches_the_tiny_model_cyan(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 3 MB model: a second intra-op thread only waits
     try:
         write_clips(tmp_path / "clips", count=6, seed=0)
         out = tmp_path / "cyan.safetensors"
-        train_lora.main(["--data", str(tmp_path / "clips"), "--out", str(out), "--steps", "200", "--seed", "0",
-                         "--quiet"])
+        train_lora.main(["--data", str(tmp_path / "clips"), "--out", str(out), "--steps", "300", "--lr", "2e-3",
+                         "--seed", "0", "--quiet"])
         with safe_open(str(out), "pt") as f:
             meta = f.metadata()
-        assert meta["base_model"] == tiny.NAME and meta["data_size"] == "6" and meta["steps"] == "200"
+        assert meta["base_model"] == tiny.NAME and meta["data_size"] == "6" and meta["steps"] == "300"
 
         model = tiny.load_tiny()
         references = vae_references(model.vae)
@@ -34,8 +34,9 @@ def test_a_lora_teaches_the_tiny_model_cyan(tmp_path):
         handle.detach()
     finally:
         torch.set_num_threads(threads)
-    # Measured here: the base draws no object for this prompt, the LoRA a cyan one in all 4 clips (colours as the
-    # VAE draws them, see vae_references); the floor leaves room for one miss.
+    # Measured here on the DiT of phase 13: the base draws no object or a green one for this prompt, the LoRA a
+    # cyan one in all 4 clips (colours as the VAE draws them, see vae_references; 3 of 4 move down); the floor
+    # leaves room for one miss. The earlier lesson, 200 steps at 3e-3, drew green objects on this DiT.
     assert sum(judge(clip, references) == "cyan" for clip in base) == 0
     assert sum(judge(clip, references) == "cyan" for clip in tuned) >= 3
 

@@ -1,7 +1,7 @@
 """The LoRA lesson of Step-Video-Tiny: a colour the model has never seen, taught by a LoRA on a few clips.
 
     python -m stepvideo_core.tiny.lora_lesson --out clips/        # writes the clips (mp4 + .txt captions)
-    python -m stepvideo_core.train_lora --data clips/ --out cyan.safetensors --steps 200 --seed 0
+    python -m stepvideo_core.train_lora --data clips/ --out cyan.safetensors --steps 300 --lr 2e-3 --seed 0
     python -m stepvideo_core.generate "a cyan square moves down" --lora cyan.safetensors
 
 The tiny world's palette is red, green, blue, yellow, purple and orange; cyan is none of them, and "cyan" is not

@@ -1,7 +1,7 @@
 """The shipped LoRA-training workflow in a real ComfyUI: Step-Video Train LoRA trains Step-Video-Tiny on the six
 cyan clips the pack ships, writes the LoRA into models/loras, and the stitched video shows base | trained.
 
-Run as the frontend converts it (``api_prompt``) with fewer steps than shipped (the shipped 200 take minutes on a
+Run as the frontend converts it (``api_prompt``) with fewer steps than shipped (the shipped 300 take minutes on a
 busy CPU); then once more with more steps, which goes on from the checkpoint of the first run."""
 
 from __future__ import annotations
