@@ -660,13 +660,14 @@ def train_dit(work: Path, steps: int = 650, batch: int = 12, lr: float = 1e-3, t
         if shape_contrast:
             t = sample_training_times(batch, gen, tiny.SETTINGS.shift)
             noise = torch.randn(latents.shape, generator=gen)
-            loss, _ = shape_contrast_loss(dit, latents, texts, t, noise, frozen_encode, object_boost, shape_contrast)
+            loss, ratio = shape_contrast_loss(dit, latents, texts, t, noise, frozen_encode, object_boost, shape_contrast)
         else:
             with torch.set_grad_enabled(not text_frozen):
                 text = encode_for_training(texts, tokenizer, llm, bert_tokenizer, bert)
             t = sample_training_times(batch, gen, tiny.SETTINGS.shift)
             weight = object_cell_weights(latents, object_boost) if object_boost else None
             loss = flow_matching_loss(dit, latents, text, t, torch.randn(latents.shape, generator=gen), weight=weight)
+            ratio = None
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -674,7 +675,8 @@ def train_dit(work: Path, steps: int = 650, batch: int = 12, lr: float = 1e-3, t
         ema.update(step)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == steps - 1:
-            log(f"dit phase {phase} step {step}/{steps} loss {running:.4f} ({time.time() - start:.0f} s)")
+            contrast = f" swapped/true {ratio:.3f}" if ratio is not None else ""
+            log(f"dit phase {phase} step {step}/{steps} loss {running:.4f}{contrast} ({time.time() - start:.0f} s)")
         if time.time() - saved > save_every:
             torch.save({**{part: m.state_dict() for part, m in modules.items()}, "optimizer": opt.state_dict(),
                         "ema": list(ema.shadow), "step": step + 1, "seconds": time.time() - start,
